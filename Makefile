@@ -1,0 +1,31 @@
+# xdpflow. `make demo` and `make test` install what is missing, then run.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup venv demo test lint typecheck unit kernel interop clean
+
+setup venv:
+	@bash tools/setup.sh
+
+demo: setup
+	@$(PY) -m tools.demo
+
+lint: setup
+	$(VENV)/bin/ruff check exporter xdp collectors tools tests
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+test: setup lint typecheck
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+kernel: setup
+	$(PY) -m pytest tests/kernel $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""xdpflow's user-space pipeline: drain -> merge -> flow table -> IPFIX -> transport."""

@@ -1,0 +1,47 @@
+"""numpy mirror of xdp/flow.h: the kernel's structs as structured dtypes.
+
+The drain reads raw map memory into arrays of these dtypes; nothing else in
+user space knows a byte offset. tests/unit/test_layout.py compiles flow.h and
+checks every size and offset against these definitions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOW_KEY = np.dtype([
+    ("src_addr", "u1", (16,)),
+    ("dst_addr", "u1", (16,)),
+    ("src_port", "<u2"),
+    ("dst_port", "<u2"),
+    ("ifindex", "<u4"),
+    ("vlan_id", "<u2"),
+    ("protocol", "u1"),
+    ("ip_version", "u1"),
+])
+
+FLOW_VALUE = np.dtype([
+    ("packets", "<u8"),
+    ("octets", "<u8"),
+    ("first_seen_ns", "<u8"),
+    ("last_seen_ns", "<u8"),
+    ("tcp_flags", "<u2"),
+    ("tos", "u1"),
+    ("min_ttl", "u1"),
+    ("max_ttl", "u1"),
+    ("pad", "u1", (3,)),
+])
+
+FLOW_STATS = np.dtype([
+    ("frames", "<u8"),
+    ("packets", "<u8"),
+    ("octets", "<u8"),
+    ("flows_created", "<u8"),
+    ("parse_failures", "<u8"),
+    ("non_ip", "<u8"),
+    ("insert_failures", "<u8"),
+    ("insert_failure_octets", "<u8"),
+])
+
+# C struct name -> dtype, for the layout test.
+STRUCTS = {"flow_key": FLOW_KEY, "flow_value": FLOW_VALUE, "flow_stats": FLOW_STATS}

@@ -1,0 +1,56 @@
+"""The flow record: what merge produces, the flow table keeps and the encoder sends.
+
+One numpy structured dtype, so every stage works on whole arrays. The first
+44 bytes are exactly a FLOW_KEY (see exporter/layout.py), so `key_view()`
+gives a fixed-width byte string per record to sort, search and join on.
+Times are epoch milliseconds (IEs 152/153).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from exporter.layout import FLOW_KEY
+
+# flowEndReason (IE 136)
+END_IDLE = 1
+END_ACTIVE = 2
+END_OF_FLOW = 3
+END_FORCED = 4
+END_LACK_OF_RESOURCES = 5
+
+TCP_FIN = 0x01
+TCP_RST = 0x04
+
+FLOW_RECORD = np.dtype(list(FLOW_KEY.descr) + [
+    ("packets", "<u8"),       # IE 2 packetDeltaCount
+    ("octets", "<u8"),        # IE 1 octetDeltaCount
+    ("first_ms", "<u8"),      # IE 152 flowStartMilliseconds
+    ("last_ms", "<u8"),       # IE 153 flowEndMilliseconds
+    ("tcp_flags", "<u2"),     # IE 6 tcpControlBits
+    ("tos", "u1"),            # IE 5 ipClassOfService
+    ("min_ttl", "u1"),        # IE 52 minimumTTL
+    ("max_ttl", "u1"),        # IE 53 maximumTTL
+    ("end_reason", "u1"),     # IE 136 flowEndReason (0 while the flow is active)
+])
+
+KEY_SIZE = FLOW_KEY.itemsize
+KEY_VIEW = np.dtype(f"V{KEY_SIZE}")
+
+Records = npt.NDArray[np.void]
+
+
+def empty(n: int = 0) -> Records:
+    return np.zeros(n, dtype=FLOW_RECORD)
+
+
+def key_view(records: Records) -> npt.NDArray[np.void]:
+    """One opaque KEY_SIZE-byte value per record (a view, no copy when contiguous)."""
+    raw = np.ascontiguousarray(records).view(np.uint8).reshape(len(records), FLOW_RECORD.itemsize)
+    return np.ascontiguousarray(raw[:, :KEY_SIZE]).view(KEY_VIEW).reshape(len(records))
+
+
+def ipv4_of(addr16: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """The last 4 bytes of IPv4-mapped addresses."""
+    return addr16[..., 12:16]

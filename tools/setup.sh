@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Install what xdpflow needs on a fresh Debian/Ubuntu machine, then build .venv.
+# Idempotent: each step checks before it installs. Needs root for apt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PKGS=(python3-bpfcc linux-headers-amd64 netsniff-ng nfdump tshark pmacct softflowd iproute2 libcap2-bin gcc libc6-dev)
+case "$(uname -m)" in
+  aarch64) PKGS[1]=linux-headers-arm64 ;;
+esac
+if grep -qi ubuntu /etc/os-release 2>/dev/null; then PKGS[1]=linux-headers-generic; fi
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "setup: missing Debian packages ${missing[*]}; run as root (or apt-get install them)" >&2
+    exit 1
+  fi
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+stamp=.venv/.xdpflow-deps
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+
+# bcc lives in Debian's dist-packages (it is not on PyPI). Link just that one
+# package into the venv instead of exposing all of Debian's site-packages.
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+bcc_dir=$(/usr/bin/python3 -c 'import bcc, os; print(os.path.dirname(bcc.__file__))' 2>/dev/null || true)
+[ -n "$bcc_dir" ] || bcc_dir=/usr/lib/python3/dist-packages/bcc
+if [ ! -d "$bcc_dir" ]; then
+  echo "setup: bcc Python package not found; apt-get install python3-bpfcc" >&2
+  exit 1
+fi
+ln -sfn "$bcc_dir" "$site/bcc"
+.venv/bin/python -c 'import bcc' || { echo "setup: bcc does not import in .venv" >&2; exit 1; }

@@ -1,0 +1,148 @@
+"""The bpf(2) commands bcc's Python binding does not offer, through ctypes.
+
+- BPF_MAP_LOOKUP_BATCH / BPF_MAP_LOOKUP_AND_DELETE_BATCH straight into caller
+  buffers (numpy arrays), so a drain of 500K flows costs two syscalls, not a
+  million ctypes objects;
+- BPF_MAP_UPDATE_ELEM for the page flip (on an array-of-maps the kernel waits
+  an RCU grace period before returning);
+- BPF_PROG_TEST_RUN for parser tests and ns/packet benchmarks.
+
+bpf_attr is built with struct.pack_into at the offsets of include/uapi/linux/bpf.h.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import struct
+from dataclasses import dataclass
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "armv7l": 386}
+
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_PROG_TEST_RUN = 10
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_ATTR_SIZE = 128
+
+
+class BpfError(OSError):
+    pass
+
+
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> int:
+    nr = _SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise BpfError(errno.ENOSYS, f"bpf(2) syscall number unknown on {platform.machine()}")
+    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr, ctypes.c_uint(_ATTR_SIZE))
+    if ret < 0:
+        e = ctypes.get_errno()
+        raise BpfError(e, os.strerror(e))
+    return int(ret)
+
+
+def _addr(buf: object) -> int:
+    if buf is None:
+        return 0
+    if isinstance(buf, int):
+        return buf
+    iface = getattr(buf, "__array_interface__", None)
+    if iface is not None:
+        return int(iface["data"][0])
+    return ctypes.addressof(buf)  # type: ignore[arg-type]
+
+
+def map_update(map_fd: int, key: object, value: object, flags: int = BPF_ANY) -> None:
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("=IIQQQ", attr, 0, map_fd, 0, _addr(key), _addr(value), flags)
+    _bpf(BPF_MAP_UPDATE_ELEM, attr)
+
+
+def map_lookup(map_fd: int, key: object, value: object) -> bool:
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("=IIQQQ", attr, 0, map_fd, 0, _addr(key), _addr(value), 0)
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, attr)
+    except BpfError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_batch(map_fd: int, keys: object, values: object, capacity: int, delete: bool) -> int:
+    """Read (and delete) up to `capacity` entries into `keys`/`values`; return the count.
+
+    The kernel walks hash buckets; it stops with ENOENT once the whole map has
+    been visited. A bucket never splits across calls, so a buffer smaller than
+    one bucket would fail with ENOSPC: callers size buffers to max_entries.
+    """
+    cmd = BPF_MAP_LOOKUP_AND_DELETE_BATCH if delete else BPF_MAP_LOOKUP_BATCH
+    keys_base, values_base = _addr(keys), _addr(values)
+    key_size = getattr(keys, "itemsize", 0)
+    value_stride = values.strides[0] if hasattr(values, "strides") else 0  # type: ignore[attr-defined]
+    token = ctypes.create_string_buffer(8)
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    got = 0
+    first = True
+    while got < capacity:
+        struct.pack_into("=QQQQIIQQ", attr, 0,
+                         0 if first else ctypes.addressof(token), ctypes.addressof(token),
+                         keys_base + got * key_size, values_base + got * value_stride,
+                         capacity - got, map_fd, 0, 0)
+        try:
+            _bpf(cmd, attr)
+            done = False
+        except BpfError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            done = True
+        got += struct.unpack_from("=I", attr, 32)[0]
+        first = False
+        if done:
+            break
+    return got
+
+
+@dataclass(frozen=True)
+class TestRun:
+    retval: int
+    duration_ns: int
+    data_out: bytes
+
+
+def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, out_size: int | None = None) -> TestRun:
+    """Run a loaded XDP program on `data` `repeat` times (BPF_PROG_TEST_RUN).
+
+    duration_ns is the kernel's mean per run. Without a context the frame
+    arrives on the loopback device of the caller's network namespace.
+    """
+    din = ctypes.create_string_buffer(data, len(data))
+    size_out = out_size if out_size is not None else len(data) + 256
+    dout = ctypes.create_string_buffer(max(size_out, 1))
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("=IIIIQQII", attr, 0, prog_fd, 0, len(data), size_out,
+                     ctypes.addressof(din), ctypes.addressof(dout), repeat, 0)
+    _bpf(BPF_PROG_TEST_RUN, attr)
+    retval, _, _, data_size_out = struct.unpack_from("=IIII", attr, 0)
+    duration = struct.unpack_from("=I", attr, 36)[0]
+    return TestRun(retval, duration, dout.raw[: min(data_size_out, size_out)])
+
+
+def prog_id(prog_fd: int) -> int:
+    """The kernel's id of a loaded program (bpf_prog_info.id)."""
+    info = ctypes.create_string_buffer(256)
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("=IIQ", attr, 0, prog_fd, len(info), ctypes.addressof(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    return int(struct.unpack_from("=I", info, 4)[0])

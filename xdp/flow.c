@@ -1,0 +1,289 @@
+/* xdpflow: XDP flow metering.
+ *
+ * Theory of operation. For every frame: parse Ethernet, up to two VLAN tags,
+ * IPv4 or IPv6 (skipping a bounded chain of extension headers) and the ports
+ * of TCP, UDP and SCTP (or ICMP type/code); build a struct flow_key and add
+ * the packet to the per-CPU LRU flow map that the one-slot array-of-maps
+ * `active_page` points at. The exporter owns two such maps ("pages") and
+ * flips the slot every scan; the map-in-map update makes the kernel wait an
+ * RCU grace period (synchronize_rcu), so when the flip returns no program is
+ * still writing to the old page and it can be drained exactly.
+ *
+ * The program never drops or modifies a packet: every path returns XDP_PASS.
+ * Frames it can't parse are counted (parse_failures) and passed; so are
+ * frames that are not IP (non_ip).
+ *
+ * Parsing rules (tests/kernel/refparser.py implements the same rules in
+ * Python and the differential fuzz test holds the two equal):
+ * - Ethernet needs 14 bytes. Up to XDPFLOW_VLAN_MAX_DEPTH tags of 0x8100 or
+ *   0x88a8, 4 bytes each; the outer tag's VID is the key's vlan_id. A deeper
+ *   stack is a parse failure.
+ * - IPv4: 20 bytes, version 4, IHL >= 5, the header within the frame,
+ *   total length >= header and within the frame. Octets = total length.
+ *   A non-first fragment (offset != 0) is metered with ports 0.
+ * - IPv6: 40 bytes, version 6, 40 + payload length within the frame; octets
+ *   = 40 + payload length. Hop-by-hop (0), routing (43), destination options
+ *   (60) and fragment (44) headers are skipped, at most XDPFLOW_IPV6_MAX_EXT of
+ *   them, each within the packet; a longer chain is a parse failure. A
+ *   non-first fragment stops the walk and is metered with ports 0.
+ * - Transport headers must lie within the IP packet: TCP 20 bytes (ports,
+ *   flags), UDP 8, SCTP 12 (ports), ICMP over IPv4 / ICMPv6 over IPv6 4
+ *   (type, code). Any other protocol is metered with ports 0.
+ */
+#include <uapi/linux/bpf.h>
+#include "flow.h"
+
+#ifndef XDPFLOW_MAX_ENTRIES
+#define XDPFLOW_MAX_ENTRIES 500000
+#endif
+
+BPF_TABLE("lru_percpu_hash", struct flow_key, struct flow_value, flows0, XDPFLOW_MAX_ENTRIES);
+BPF_TABLE("lru_percpu_hash", struct flow_key, struct flow_value, flows1, XDPFLOW_MAX_ENTRIES);
+BPF_ARRAY_OF_MAPS(active_page, "flows0", 1);
+BPF_PERCPU_ARRAY(stats, struct flow_stats, 1);
+
+#define ETH_HLEN_ 14
+#define ETH_P_IP_ 0x0800
+#define ETH_P_IPV6_ 0x86DD
+#define ETH_P_8021Q_ 0x8100
+#define ETH_P_8021AD_ 0x88A8
+
+#define OK 0
+#define FAIL 1
+#define NOT_IP 2
+
+struct parsed {
+	__u32 octets;
+	__u16 tcp_flags;
+	__u8 tos;
+	__u8 ttl;
+};
+
+static __always_inline __u16 rd16(const __u8 *p)
+{
+	return ((__u16)p[0] << 8) | p[1];
+}
+
+/* True when n bytes at p run past the IP packet (end) or the frame
+ * (data_end). end <= data_end always holds; the second test is for the
+ * verifier, which bounds packet reads only against data_end. */
+#define PAST(p, n, end, data_end) \
+	((const void *)((p) + (n)) > (end) || (const void *)((p) + (n)) > (data_end))
+
+static __always_inline int parse_l4(struct flow_key *key, struct parsed *out,
+				    const __u8 *l4, const void *end, const void *data_end,
+				    __u8 icmp_proto)
+{
+	__u8 proto = key->protocol;
+
+	if (proto == 6) {
+		if (PAST(l4, 20, end, data_end))
+			return FAIL;
+		key->src_port = rd16(l4);
+		key->dst_port = rd16(l4 + 2);
+		out->tcp_flags = rd16(l4 + 12) & 0x01FF;
+	} else if (proto == 17) {
+		if (PAST(l4, 8, end, data_end))
+			return FAIL;
+		key->src_port = rd16(l4);
+		key->dst_port = rd16(l4 + 2);
+	} else if (proto == 132) {
+		if (PAST(l4, 12, end, data_end))
+			return FAIL;
+		key->src_port = rd16(l4);
+		key->dst_port = rd16(l4 + 2);
+	} else if (proto == icmp_proto) {
+		if (PAST(l4, 4, end, data_end))
+			return FAIL;
+		key->dst_port = rd16(l4);  /* type << 8 | code */
+	}
+	return OK;
+}
+
+static __always_inline int parse_ipv4(struct flow_key *key, struct parsed *out,
+				      const __u8 *ip, const void *data_end)
+{
+	if ((const void *)(ip + 20) > data_end)
+		return FAIL;
+	if ((ip[0] >> 4) != 4)
+		return FAIL;
+	__u32 hlen = (ip[0] & 0x0F) * 4;
+	if (hlen < 20)
+		return FAIL;
+	__u32 tot = rd16(ip + 2);
+	if (tot < hlen)
+		return FAIL;
+	if ((const void *)(ip + tot) > data_end)
+		return FAIL;
+	const void *end = ip + tot;
+
+	key->ip_version = 4;
+	key->protocol = ip[9];
+	key->src_addr[10] = 0xFF;
+	key->src_addr[11] = 0xFF;
+	key->dst_addr[10] = 0xFF;
+	key->dst_addr[11] = 0xFF;
+	__builtin_memcpy(&key->src_addr[12], ip + 12, 4);
+	__builtin_memcpy(&key->dst_addr[12], ip + 16, 4);
+	out->octets = tot;
+	out->tos = ip[1];
+	out->ttl = ip[8];
+
+	if (rd16(ip + 6) & 0x1FFF)
+		return OK;  /* non-first fragment: no transport header */
+	return parse_l4(key, out, ip + hlen, end, data_end, 1);
+}
+
+static __always_inline int parse_ipv6(struct flow_key *key, struct parsed *out,
+				      const __u8 *ip, const void *data_end)
+{
+	if ((const void *)(ip + 40) > data_end)
+		return FAIL;
+	if ((ip[0] >> 4) != 6)
+		return FAIL;
+	__u32 tot = 40 + (__u32)rd16(ip + 4);
+	if ((const void *)(ip + tot) > data_end)
+		return FAIL;
+	const void *end = ip + tot;
+
+	key->ip_version = 6;
+	__builtin_memcpy(key->src_addr, ip + 8, 16);
+	__builtin_memcpy(key->dst_addr, ip + 24, 16);
+	out->octets = tot;
+	out->tos = (__u8)(((ip[0] & 0x0F) << 4) | (ip[1] >> 4));
+	out->ttl = ip[7];
+
+	__u8 nh = ip[6];
+	const __u8 *cur = ip + 40;
+
+#pragma unroll
+	for (int i = 0; i < XDPFLOW_IPV6_MAX_EXT; i++) {
+		if (nh == 0 || nh == 43 || nh == 60) {
+			if (PAST(cur, 2, end, data_end))
+				return FAIL;
+			nh = cur[0];
+			cur += ((__u32)cur[1] + 1) * 8;
+		} else if (nh == 44) {
+			if (PAST(cur, 8, end, data_end))
+				return FAIL;
+			nh = cur[0];
+			__u16 frag = rd16(cur + 2) & 0xFFF8;
+			cur += 8;
+			if (frag) {
+				key->protocol = nh;
+				return OK;  /* non-first fragment */
+			}
+		} else {
+			break;
+		}
+	}
+	if (nh == 0 || nh == 43 || nh == 60 || nh == 44)
+		return FAIL;  /* chain longer than we follow */
+	if ((const void *)cur > end)
+		return FAIL;
+	key->protocol = nh;
+	return parse_l4(key, out, cur, end, data_end, 58);
+}
+
+static __always_inline int parse(struct xdp_md *ctx, struct flow_key *key, struct parsed *out)
+{
+	const void *data = (const void *)(long)ctx->data;
+	const void *data_end = (const void *)(long)ctx->data_end;
+	const __u8 *cur = data;
+
+	if ((const void *)(cur + ETH_HLEN_) > data_end)
+		return FAIL;
+	__u16 proto = rd16(cur + 12);
+	cur += ETH_HLEN_;
+
+#pragma unroll
+	for (int i = 0; i < XDPFLOW_VLAN_MAX_DEPTH; i++) {
+		if (proto != ETH_P_8021Q_ && proto != ETH_P_8021AD_)
+			break;
+		if ((const void *)(cur + 4) > data_end)
+			return FAIL;
+		if (i == 0)
+			key->vlan_id = rd16(cur) & 0x0FFF;
+		proto = rd16(cur + 2);
+		cur += 4;
+	}
+	if (proto == ETH_P_IP_)
+		return parse_ipv4(key, out, cur, data_end);
+	if (proto == ETH_P_IPV6_)
+		return parse_ipv6(key, out, cur, data_end);
+	if (proto == ETH_P_8021Q_ || proto == ETH_P_8021AD_)
+		return FAIL;  /* VLAN stack deeper than we follow */
+	return NOT_IP;
+}
+
+int xdpflow(struct xdp_md *ctx)
+{
+	__u32 zero = 0;
+	struct flow_stats *st = stats.lookup(&zero);
+	if (!st)
+		return XDP_PASS;
+	st->frames++;
+
+	struct flow_key key = {};
+	struct parsed p = {};
+	int rc = parse(ctx, &key, &p);
+	if (rc == FAIL) {
+		st->parse_failures++;
+		return XDP_PASS;
+	}
+	if (rc == NOT_IP) {
+		st->non_ip++;
+		return XDP_PASS;
+	}
+	key.ifindex = ctx->ingress_ifindex;
+	st->packets++;
+	st->octets += p.octets;
+
+	void *page = active_page.lookup(&zero);
+	if (!page)
+		goto lost;
+
+	__u64 now = bpf_ktime_get_coarse_ns();
+	struct flow_value *v = bpf_map_lookup_elem(page, &key);
+	if (!v) {
+		struct flow_value nv = {};
+		nv.packets = 1;
+		nv.octets = p.octets;
+		nv.first_seen_ns = now;
+		nv.last_seen_ns = now;
+		nv.tcp_flags = p.tcp_flags;
+		nv.tos = p.tos;
+		nv.min_ttl = p.ttl;
+		nv.max_ttl = p.ttl;
+		long err = bpf_map_update_elem(page, &key, &nv, BPF_NOEXIST);
+		if (err == 0) {
+			st->flows_created++;
+			return XDP_PASS;
+		}
+		if (err != -17 /* EEXIST: another CPU inserted the key first */)
+			goto lost;
+		v = bpf_map_lookup_elem(page, &key);
+		if (!v)
+			goto lost;
+	}
+	if (v->packets == 0) {
+		/* This CPU's slot of an entry another CPU created. */
+		v->first_seen_ns = now;
+		v->tos = p.tos;
+		v->min_ttl = p.ttl;
+	}
+	v->packets++;
+	v->octets += p.octets;
+	v->last_seen_ns = now;
+	v->tcp_flags |= p.tcp_flags;
+	if (p.ttl < v->min_ttl)
+		v->min_ttl = p.ttl;
+	if (p.ttl > v->max_ttl)
+		v->max_ttl = p.ttl;
+	return XDP_PASS;
+
+lost:
+	st->insert_failures++;
+	st->insert_failure_octets += p.octets;
+	return XDP_PASS;
+}

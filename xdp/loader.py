@@ -1,0 +1,265 @@
+"""Compile xdp/flow.c with bcc, own its maps, attach it to interfaces, detach.
+
+Lifecycle: `Datapath.load()` compiles (kernel headers from xdp.headers), checks
+the kernel memory budget, points the active-page slot at page 0. `attach()`
+binds it to interfaces through pyroute2 netlink (optionally inside a network
+namespace), reading back the mode the kernel actually gave. `detach_all()`
+removes exactly what was attached, with the same mode flag (a generic program
+is not removed by a native-mode detach). Use it as a context manager so every
+exit path detaches.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+
+from exporter.layout import FLOW_KEY, FLOW_STATS, FLOW_VALUE
+from xdp import bpfsys, headers
+
+log = structlog.get_logger("xdpflow.loader")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCE = os.path.join(HERE, "flow.c")
+
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+MODE_FLAGS = {"generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
+ATTACHED_NAMES = {1: "native", 2: "generic", 3: "offload", 4: "multi"}
+
+DEFAULT_MAX_ENTRIES = 500_000
+DEFAULT_MEMORY_BUDGET = 1 << 30
+PAGES = 2
+
+
+class LoaderError(RuntimeError):
+    """A one-line, operator-facing failure (bad mode, budget, headers, privileges)."""
+
+
+def possible_cpus() -> int:
+    """Number of possible CPUs: per-CPU maps size every value by it."""
+    with open("/sys/devices/system/cpu/possible", encoding="ascii") as f:
+        spec = f.read().strip()
+    total = 0
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        total += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return total
+
+
+def map_memory_bytes(max_entries: int, cpus: int | None = None) -> int:
+    """Kernel memory of both flow pages: entries x possible CPUs x value size x 2.
+
+    Key storage and hash overhead add roughly (key + 48 bytes) x entries per page;
+    it is included so the figure is what the kernel really charges, give or take.
+    """
+    cpus = possible_cpus() if cpus is None else cpus
+    per_entry = cpus * FLOW_VALUE.itemsize + FLOW_KEY.itemsize + 48
+    return PAGES * max_entries * per_entry
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+@dataclass
+class Attachment:
+    ifname: str
+    ifindex: int
+    mode: str          # what the kernel reports: native or generic
+    flags: int         # the flag used to attach, needed to detach
+    netns: str | None
+
+
+@dataclass
+class Datapath:
+    """The compiled program, its two flow pages and its counters."""
+
+    max_entries: int = DEFAULT_MAX_ENTRIES
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    bpf: Any = None
+    prog_fd: int = -1
+    page_fds: tuple[int, int] = (-1, -1)
+    active_fd: int = -1
+    stats_fd: int = -1
+    cpus: int = field(default_factory=possible_cpus)
+    attachments: list[Attachment] = field(default_factory=list)
+
+    @property
+    def memory_bytes(self) -> int:
+        return map_memory_bytes(self.max_entries, self.cpus)
+
+    def load(self) -> Datapath:
+        if self.max_entries < 1:
+            raise LoaderError(f"max_entries must be at least 1, got {self.max_entries}")
+        need = self.memory_bytes
+        if need > self.memory_budget:
+            raise LoaderError(
+                f"flow maps need {human_bytes(need)} of kernel memory ({self.max_entries} entries x "
+                f"{self.cpus} CPUs x 2 pages), above the budget of {human_bytes(self.memory_budget)}: "
+                f"lower --max-entries or raise --max-kernel-memory")
+        try:
+            found = headers.find()
+        except headers.HeadersNotFound as e:
+            raise LoaderError(str(e)) from None
+        found.apply()
+        try:
+            from bcc import BPF  # noqa: PLC0415 - optional system package, imported late
+        except ImportError:
+            raise LoaderError("the bcc Python module is missing: apt-get install python3-bpfcc "
+                              "(and run `make venv` to link it into .venv)") from None
+        cflags = [f"-I{HERE}", f"-DXDPFLOW_MAX_ENTRIES={self.max_entries}", "-w", *found.cflags]
+        try:
+            self.bpf = _quiet_compile(BPF, SOURCE, cflags)
+            fn = self.bpf.load_func("xdpflow", BPF.XDP)
+        except Exception as e:  # bcc raises bare Exception for every failure
+            msg = str(e)
+            if "privileges" in msg or "Operation not permitted" in msg:
+                raise LoaderError("loading BPF needs root or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON") from None
+            raise LoaderError(f"could not compile or load xdp/flow.c with {found.description}: {msg}") from None
+        self.prog_fd = fn.fd
+        self.page_fds = (self.bpf["flows0"].map_fd, self.bpf["flows1"].map_fd)
+        self.active_fd = self.bpf["active_page"].map_fd
+        self.stats_fd = self.bpf["stats"].map_fd
+        self.set_active(0)
+        log.debug("program loaded", headers=found.description, max_entries=self.max_entries,
+                  kernel_memory=human_bytes(need))
+        return self
+
+    def set_active(self, page: int) -> None:
+        """Point the active-page slot at flow page `page`.
+
+        Updating an array-of-maps makes the kernel wait for an RCU grace period
+        (synchronize_rcu in maybe_wait_bpf_programs) before the syscall returns,
+        so afterwards no program that saw the old page is still running.
+        """
+        key = ctypes.c_uint32(0)
+        value = ctypes.c_uint32(self.page_fds[page])
+        bpfsys.map_update(self.active_fd, key, value)
+
+    def read_stats(self) -> np.ndarray:
+        """Per-CPU counters summed over CPUs, as one FLOW_STATS record."""
+        per_cpu = np.zeros(self.cpus, dtype=FLOW_STATS)
+        key = ctypes.c_uint32(0)
+        bpfsys.map_lookup(self.stats_fd, key, per_cpu)
+        total = np.zeros((), dtype=FLOW_STATS)
+        for name in FLOW_STATS.names or ():
+            total[name] = per_cpu[name].sum()
+        return total
+
+    # -- attach / detach -------------------------------------------------
+
+    def attach(self, ifname: str, mode: str = "auto", netns: str | None = None) -> Attachment:
+        if mode not in ("auto", "native", "generic"):
+            raise LoaderError(f"unknown XDP mode {mode!r}: use auto, native or generic")
+        with _ipr(netns) as ipr:
+            idx = ipr.link_lookup(ifname=ifname)
+            if not idx:
+                where = f" in netns {netns}" if netns else ""
+                raise LoaderError(f"no interface named {ifname}{where}")
+            ifindex = idx[0]
+            current = _attached_mode(ipr, ifindex)
+            if current is not None:
+                raise LoaderError(f"{ifname} already has an XDP program attached ({current} mode); "
+                                  "xdpflow will not replace a program it did not attach")
+            tries = ["native", "generic"] if mode == "auto" else [mode]
+            last: Exception | None = None
+            for m in tries:
+                flags = MODE_FLAGS[m] | XDP_FLAGS_UPDATE_IF_NOEXIST
+                try:
+                    ipr.link("set", index=ifindex, xdp={"attrs": [("IFLA_XDP_FD", self.prog_fd),
+                                                               ("IFLA_XDP_FLAGS", flags)]})
+                except Exception as e:  # pyroute2 NetlinkError
+                    last = e
+                    continue
+                got = _attached_mode(ipr, ifindex) or m
+                att = Attachment(ifname, ifindex, got, MODE_FLAGS[m], netns)
+                self.attachments.append(att)
+                log.debug("attached", interface=ifname, ifindex=ifindex, mode=got, netns=netns)
+                return att
+            code = getattr(last, "code", None)
+            if code == errno.EPERM:
+                raise LoaderError("attaching XDP needs root or CAP_NET_ADMIN")
+            raise LoaderError(f"could not attach to {ifname} in {mode} mode: {last}")
+
+    def detach(self, att: Attachment) -> None:
+        try:
+            with _ipr(att.netns) as ipr:
+                ipr.link("set", index=att.ifindex, xdp={"attrs": [("IFLA_XDP_FD", -1),
+                                                                   ("IFLA_XDP_FLAGS", att.flags)]})
+        except Exception as e:  # interface or netns already gone: nothing left to detach
+            log.debug("detach skipped", interface=att.ifname, reason=str(e))
+        if att in self.attachments:
+            self.attachments.remove(att)
+
+    def detach_all(self) -> None:
+        for att in list(self.attachments):
+            self.detach(att)
+
+    def close(self) -> None:
+        self.detach_all()
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+
+    def __enter__(self) -> Datapath:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _quiet_compile(bpf_cls: Any, source: str, cflags: list[str]) -> Any:
+    """Compile with bcc, keeping clang's stderr chatter out unless it fails."""
+    import tempfile  # noqa: PLC0415
+
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as err:
+        os.dup2(err.fileno(), 2)
+        try:
+            return bpf_cls(src_file=source.encode(), cflags=cflags)
+        except Exception as e:
+            os.dup2(saved, 2)
+            err.seek(0)
+            detail = err.read().decode(errors="replace").strip().splitlines()
+            first = next((ln for ln in detail if "error" in ln), detail[0] if detail else "")
+            raise RuntimeError(f"{e}: {first}") from None
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+@contextmanager
+def _ipr(netns: str | None) -> Iterator[Any]:
+    from pyroute2 import IPRoute, NetNS  # noqa: PLC0415
+
+    ipr = NetNS(netns) if netns else IPRoute()
+    try:
+        yield ipr
+    finally:
+        ipr.close()
+
+
+def _attached_mode(ipr: Any, ifindex: int) -> str | None:
+    links = ipr.link("get", index=ifindex)
+    xdp = links[0].get_attr("IFLA_XDP") if links else None
+    if xdp is None:
+        return None
+    attached = xdp.get_attr("IFLA_XDP_ATTACHED")
+    if not attached:
+        return None
+    return ATTACHED_NAMES.get(attached, str(attached))
