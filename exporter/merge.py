@@ -4,7 +4,7 @@ A per-CPU map returns, for each key, one FLOW_VALUE per possible CPU. A slot
 whose packets is 0 belongs to a CPU that never saw the flow. The fold is a
 reduction along the CPU axis of a (flows, cpus) array: sum packets and octets,
 min first-seen and max last-seen over the slots that saw packets, OR the TCP
-flags, min/max TTL, and the ToS of the earliest slot. It is order-independent
+flags, min/max TTL, and the ToS of the earliest slot (the highest on a tie). It is order-independent
 across CPUs by construction (tests/unit/test_merge.py checks it).
 
 Kernel times are CLOCK_MONOTONIC nanoseconds; they become epoch milliseconds
@@ -47,13 +47,14 @@ def merge(keys: npt.NDArray[np.void], values: npt.NDArray[np.void], offset_ns: i
     out["packets"] = packets.sum(axis=1)
     out["octets"] = values["octets"].sum(axis=1)
     first = np.where(seen, values["first_seen_ns"], _U64_MAX)
-    earliest = first.argmin(axis=1)
-    first_ns = first[np.arange(n), earliest]
+    first_ns = first.min(axis=1)
     last_ns = np.where(seen, values["last_seen_ns"], 0).max(axis=1)
-    out["tcp_flags"] = np.bitwise_or.reduce(values["tcp_flags"], axis=1)
-    out["tos"] = values["tos"][np.arange(n), earliest]
+    out["tcp_flags"] = np.bitwise_or.reduce(np.where(seen, values["tcp_flags"], 0), axis=1)
+    # ToS of the earliest slot; on a tie the highest, so CPU order never matters.
+    earliest = seen & (first == first_ns[:, None])
+    out["tos"] = np.where(earliest, values["tos"], 0).max(axis=1)
     out["min_ttl"] = np.where(seen, values["min_ttl"], 255).min(axis=1)
-    out["max_ttl"] = values["max_ttl"].max(axis=1)
+    out["max_ttl"] = np.where(seen, values["max_ttl"], 0).max(axis=1)
     out["first_ms"] = ns_to_epoch_ms(first_ns, offset_ns)
     out["last_ms"] = ns_to_epoch_ms(last_ns, offset_ns)
     return out[out["packets"] > 0]

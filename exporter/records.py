@@ -23,7 +23,8 @@ END_LACK_OF_RESOURCES = 5
 TCP_FIN = 0x01
 TCP_RST = 0x04
 
-FLOW_RECORD = np.dtype(list(FLOW_KEY.descr) + [
+FLOW_RECORD = np.dtype([
+    *FLOW_KEY.descr,
     ("packets", "<u8"),       # IE 2 packetDeltaCount
     ("octets", "<u8"),        # IE 1 octetDeltaCount
     ("first_ms", "<u8"),      # IE 152 flowStartMilliseconds
@@ -54,3 +55,36 @@ def key_view(records: Records) -> npt.NDArray[np.void]:
 def ipv4_of(addr16: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     """The last 4 bytes of IPv4-mapped addresses."""
     return addr16[..., 12:16]
+
+
+def _addr_text(addr: npt.NDArray[np.uint8], version: int) -> str:
+    import ipaddress
+
+    raw = bytes(addr)
+    return str(ipaddress.IPv4Address(raw[12:])) if version == 4 else str(ipaddress.IPv6Address(raw))
+
+
+def to_ipfix_dict(rec: np.void) -> dict[str, int | str]:
+    """One record as a dict keyed by IANA IPFIX element names (for JSON output)."""
+    v = int(rec["ip_version"])
+    fam = "IPv4" if v == 4 else "IPv6"
+    out: dict[str, int | str] = {
+        f"source{fam}Address": _addr_text(rec["src_addr"], v),
+        f"destination{fam}Address": _addr_text(rec["dst_addr"], v),
+        "sourceTransportPort": int(rec["src_port"]),
+        "destinationTransportPort": int(rec["dst_port"]),
+        "protocolIdentifier": int(rec["protocol"]),
+        "ingressInterface": int(rec["ifindex"]),
+        "vlanId": int(rec["vlan_id"]),
+        "ipClassOfService": int(rec["tos"]),
+        "tcpControlBits": int(rec["tcp_flags"]),
+        "minimumTTL": int(rec["min_ttl"]),
+        "maximumTTL": int(rec["max_ttl"]),
+        "packetDeltaCount": int(rec["packets"]),
+        "octetDeltaCount": int(rec["octets"]),
+        "flowStartMilliseconds": int(rec["first_ms"]),
+        "flowEndMilliseconds": int(rec["last_ms"]),
+    }
+    if int(rec["end_reason"]):
+        out["flowEndReason"] = int(rec["end_reason"])
+    return out

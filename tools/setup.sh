@@ -33,7 +33,11 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 stamp=.venv/.xdpflow-deps
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q -e '.[dev]'
+  log=$(mktemp)
+  if ! .venv/bin/python -m pip install -q -e '.[dev]' >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; echo "setup: pip install failed" >&2; exit 1
+  fi
+  rm -f "$log"
   touch "$stamp"
 fi
 

@@ -84,7 +84,8 @@ def find(release: str | None = None, modules: str = "/lib/modules", usr_src: str
     if explicit:
         if os.path.isfile(os.path.join(explicit, KCONFIG)):
             return KernelHeaders(explicit, (), f"BCC_KERNEL_SOURCE={explicit}")
-        raise HeadersNotFound(f"BCC_KERNEL_SOURCE={explicit} holds no {KCONFIG}; unset it or point it at a kernel header tree")
+        raise HeadersNotFound(f"BCC_KERNEL_SOURCE={explicit} holds no {KCONFIG}; "
+                              "unset it or point it at a kernel header tree")
 
     own = os.path.join(modules, release)
     for sub in ("build", "source"):

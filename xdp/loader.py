@@ -34,7 +34,10 @@ XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 MODE_FLAGS = {"generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
-ATTACHED_NAMES = {1: "native", 2: "generic", 3: "offload", 4: "multi"}
+# IFLA_XDP_ATTACHED: pyroute2 decodes it to a name on some versions, an int on others.
+ATTACHED_NAMES: dict[int | str, str] = {1: "native", 2: "generic", 3: "offload", 4: "multi",
+                                        "xdp": "native", "xdpdrv": "native", "xdpgeneric": "generic",
+                                        "xdpoffload": "offload", "xdpmulti": "multi", "none": ""}
 
 DEFAULT_MAX_ENTRIES = 500_000
 DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -118,7 +121,7 @@ class Datapath:
             raise LoaderError(str(e)) from None
         found.apply()
         try:
-            from bcc import BPF  # noqa: PLC0415 - optional system package, imported late
+            from bcc import BPF
         except ImportError:
             raise LoaderError("the bcc Python module is missing: apt-get install python3-bpfcc "
                               "(and run `make venv` to link it into .venv)") from None
@@ -151,15 +154,12 @@ class Datapath:
         value = ctypes.c_uint32(self.page_fds[page])
         bpfsys.map_update(self.active_fd, key, value)
 
-    def read_stats(self) -> np.ndarray:
-        """Per-CPU counters summed over CPUs, as one FLOW_STATS record."""
+    def read_stats(self) -> dict[str, int]:
+        """Per-CPU counters (struct flow_stats) summed over CPUs."""
         per_cpu = np.zeros(self.cpus, dtype=FLOW_STATS)
         key = ctypes.c_uint32(0)
         bpfsys.map_lookup(self.stats_fd, key, per_cpu)
-        total = np.zeros((), dtype=FLOW_STATS)
-        for name in FLOW_STATS.names or ():
-            total[name] = per_cpu[name].sum()
-        return total
+        return {name: int(per_cpu[name].sum()) for name in FLOW_STATS.names or ()}
 
     # -- attach / detach -------------------------------------------------
 
@@ -225,7 +225,7 @@ class Datapath:
 
 def _quiet_compile(bpf_cls: Any, source: str, cflags: list[str]) -> Any:
     """Compile with bcc, keeping clang's stderr chatter out unless it fails."""
-    import tempfile  # noqa: PLC0415
+    import tempfile
 
     saved = os.dup(2)
     with tempfile.TemporaryFile() as err:
@@ -245,7 +245,7 @@ def _quiet_compile(bpf_cls: Any, source: str, cflags: list[str]) -> Any:
 
 @contextmanager
 def _ipr(netns: str | None) -> Iterator[Any]:
-    from pyroute2 import IPRoute, NetNS  # noqa: PLC0415
+    from pyroute2 import IPRoute, NetNS
 
     ipr = NetNS(netns) if netns else IPRoute()
     try:
@@ -260,6 +260,5 @@ def _attached_mode(ipr: Any, ifindex: int) -> str | None:
     if xdp is None:
         return None
     attached = xdp.get_attr("IFLA_XDP_ATTACHED")
-    if not attached:
-        return None
-    return ATTACHED_NAMES.get(attached, str(attached))
+    name = ATTACHED_NAMES.get(attached, str(attached)) if attached else ""
+    return name or None

@@ -1,0 +1,191 @@
+"""Launchers for real collectors used by the interop tests and benchmarks.
+
+Each starts a Debian-packaged collector on a loopback port (optionally inside a
+network namespace), stops it cleanly, and turns what it stored into plain
+dicts: nfcapd (nfdump 1.7) via `nfdump -o json`, tshark via its JSON/fields
+output. They are context managers: the process is always stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+
+def _prefix(netns: str | None) -> list[str]:
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
+def require(binary: str, package: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        raise RuntimeError(f"{binary} not found: apt-get install {package}")
+    return path
+
+
+@dataclass
+class Nfcapd:
+    """nfcapd listening on host:port, writing to a temporary directory."""
+
+    port: int
+    host: str = "127.0.0.1"
+    netns: str | None = None
+    workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="xdpflow-nfcapd-"))
+    proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> Nfcapd:
+        require("nfcapd", "nfdump")
+        cmd = [
+            *_prefix(self.netns),
+            "nfcapd",
+            "-b",
+            self.host,
+            "-p",
+            str(self.port),
+            "-w",
+            self.workdir,
+            "-t",
+            "3600",
+            "-I",
+            "xdpflow",
+        ]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(0.5)
+        if self.proc.poll() is not None:
+            out = self.proc.stdout.read() if self.proc.stdout else ""
+            raise RuntimeError(f"nfcapd exited at start: {out.strip()[-300:]}")
+        return self
+
+    def stop(self) -> str:
+        """SIGTERM: nfcapd writes its current file and exits. Returns its log output."""
+        if self.proc is None:
+            return ""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        self.proc = None
+        return out or ""
+
+    def flows(self) -> list[dict[str, Any]]:
+        files = [
+            os.path.join(self.workdir, f)
+            for f in os.listdir(self.workdir)
+            if f.startswith("nfcapd.") and not f.startswith("nfcapd.current")
+        ]
+        records: list[dict[str, Any]] = []
+        for path in sorted(files):
+            res = subprocess.run(
+                ["nfdump", "-r", path, "-o", "json"],
+                capture_output=True,
+                text=True,
+                check=True,
+                env=dict(os.environ, TZ="UTC"),
+            )
+            text = res.stdout.strip()
+            if not text:
+                continue
+            records.extend(r for r in json.loads(text) if r.get("type") == "FLOW")
+        return records
+
+    def stat_text(self) -> str:
+        files = [os.path.join(self.workdir, f) for f in os.listdir(self.workdir) if f.startswith("nfcapd.")]
+        return "\n".join(
+            subprocess.run(["nfdump", "-r", p, "-I"], capture_output=True, text=True, check=False).stdout
+            for p in sorted(files)
+        )
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Nfcapd:
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        self.cleanup()
+
+
+@dataclass
+class Tshark:
+    """tshark capturing UDP to `port` on an interface (default loopback) into a pcap."""
+
+    port: int
+    iface: str = "lo"
+    netns: str | None = None
+    workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="xdpflow-tshark-"))
+    proc: subprocess.Popen[str] | None = None
+
+    @property
+    def pcap(self) -> str:
+        return os.path.join(self.workdir, "ipfix.pcap")
+
+    def start(self) -> Tshark:
+        require("tshark", "tshark")
+        cmd = [*_prefix(self.netns), "tshark", "-i", self.iface, "-f", f"udp port {self.port}", "-w", self.pcap, "-q"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        assert self.proc.stderr is not None
+        while time.monotonic() < deadline:  # tshark prints "Capturing on ..." once the capture runs
+            line = self.proc.stderr.readline()
+            if "Capturing on" in line or not line:
+                break
+        if self.proc.poll() is not None:
+            raise RuntimeError("tshark exited at start")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            time.sleep(0.5)
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.communicate(timeout=30)
+        self.proc = None
+
+    def decode(self) -> tuple[list[dict[str, Any]], str]:
+        """(packets as tshark's JSON, tshark's stderr) decoding the capture as IPFIX."""
+        res = subprocess.run(
+            ["tshark", "-r", self.pcap, "-d", f"udp.port=={self.port},cflow", "-T", "json"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return (json.loads(res.stdout) if res.stdout.strip() else []), res.stderr
+
+    def expert_warnings(self) -> str:
+        """tshark's expert info (malformed packets and protocol warnings), empty when clean."""
+        res = subprocess.run(
+            ["tshark", "-r", self.pcap, "-d", f"udp.port=={self.port},cflow", "-q", "-z", "expert,warn"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return res.stdout
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Tshark:
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        self.cleanup()

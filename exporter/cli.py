@@ -1,0 +1,144 @@
+"""The `xdpflow` command: run (export), dump (kernel table), collect (built-in collector)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from exporter import logs
+
+EPILOG_DUMP = """examples:
+  xdpflow dump --interface eth0 --seconds 10          readable table, largest flows first
+  xdpflow dump --interface eth0 --json > flows.jsonl  one JSON object per flow, then counters
+"""
+
+
+class CliError(Exception):
+    """A one-line operator error: printed without a traceback, exit status 2."""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def _bytes_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    mult = units.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in units else t
+    try:
+        v = int(float(num) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512M, 1G)") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def add_kernel_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("kernel datapath")
+    g.add_argument("--interface", "-i", action="append", required=True, metavar="IF",
+                   help="interface to meter (repeat for several)")
+    g.add_argument("--mode", choices=("auto", "native", "generic"), default="auto",
+                   help="XDP mode: native (driver), generic (any interface, slower) or auto: native where the "
+                        "driver supports it, else generic (default: %(default)s)")
+    g.add_argument("--max-entries", type=_positive_int, default=500_000, metavar="N",
+                   help="flow table size per page in the kernel (default: %(default)s, as Skydive)")
+    g.add_argument("--max-kernel-memory", type=_bytes_size, default=1 << 30, metavar="SIZE",
+                   help="refuse to start if the flow maps would need more kernel memory than this "
+                        "(default: 1G)")
+    g.add_argument("--netns", default=None, help=argparse.SUPPRESS)
+
+
+def add_log_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-level", choices=logs.LEVELS, default="info", help="default: %(default)s")
+    p.add_argument("--log-format", choices=("auto", "console", "json"), default="auto",
+                   help="console on a terminal, JSON lines otherwise (default: %(default)s)")
+
+
+def _cmd_dump(args: argparse.Namespace) -> int:
+    from exporter import dump
+
+    opts = dump.DumpOptions(interfaces=tuple(args.interface), mode=args.mode, seconds=args.seconds,
+                            json=args.json, scan_interval=args.scan_interval, max_entries=args.max_entries,
+                            max_kernel_memory=args.max_kernel_memory, netns=args.netns)
+    return dump.run(opts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xdpflow",
+        description="Flow metering in XDP, exported as IPFIX. The kernel counts packets per flow in per-CPU "
+                    "maps; user space drains them every scan and exports flow records, so the cost follows "
+                    "the number of flows, not the number of packets.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("dump", help="attach, count for a while, print the kernel's flow table, detach",
+                       description="Attach the XDP program, count for --seconds (or until Ctrl-C), then print "
+                                   "the merged flow table (per-CPU entries folded) and the kernel counters.",
+                       epilog=EPILOG_DUMP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_kernel_options(p)
+    p.add_argument("--seconds", type=_positive_float, default=None, help="stop after N seconds (default: Ctrl-C)")
+    p.add_argument("--json", action="store_true", help="JSON lines named after IPFIX elements, then counters")
+    p.add_argument("--scan-interval", type=_positive_float, default=None, metavar="S",
+                   help="flip and drain the kernel pages every S seconds while counting (as the exporter does)")
+    add_log_options(p)
+    p.set_defaults(func=_cmd_dump)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
+
+
+def _extra_commands() -> list[Register]:
+    from collectors import cli as collect_cli
+    from exporter import runcli
+
+    return [runcli.add_parser, collect_cli.add_parser]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        logs.configure(getattr(args, "log_level", "info"), getattr(args, "log_format", "auto"))
+    except ValueError as e:
+        parser.error(str(e))
+    from xdp.headers import HeadersNotFound
+    from xdp.loader import LoaderError
+
+    try:
+        return int(args.func(args))
+    except (LoaderError, HeadersNotFound) as e:
+        print(f"xdpflow: error: {e}", file=sys.stderr)
+        return 1
+    except CliError as e:
+        print(f"xdpflow: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""The flow table: accumulate merged scans into flows, end them, hand them back.
+
+Theory of operation. The table is one FLOW_RECORD array holding each live flow
+once, kept sorted by (64-bit hash of the key bytes, key bytes), with the
+parallel array of hashes. Sorting by a hash instead of the raw 44-byte key
+(`records.key_view`) gives the same join but with integer sorts and searches:
+at 500K keys a void argsort costs ~4x a uint64 one, and it is the largest
+single cost of a scan. Keys whose hashes collide sit side by side in key-byte
+order; every match is confirmed on the full key bytes, so a collision costs
+time, never correctness.
+
+`update()` folds a scan with array passes and no per-flow Python:
+
+1. Order the scan by (hash, key): one integer argsort; only the rare runs of
+   equal hashes (collisions, or a key repeated in the scan) get a second,
+   byte-wise and input-order-stable sort.
+2. Join: `searchsorted` of the scan's hashes in the table's, then a key-bytes
+   comparison, splits the scan into flows already held and new flows.
+3. Fold held flows in place (sum, min, max, OR; ToS from the earlier
+   first_ms, the held record on a tie) and merge new ones in at their sorted
+   positions in one O(n) pass. A key repeated within one scan (two pages
+   folded at once) is folded in a second pass, in input order.
+4. Expire with vectorised masks: FIN or RST seen (END_OF_FLOW) before idle
+   (END_IDLE) before active (END_ACTIVE). If a capacity is set and the
+   survivors still exceed it, the least recently seen go with
+   END_LACK_OF_RESOURCES (ties broken by key bytes). Ended flows leave the
+   table, so a later packet of the same 5-tuple starts a new record.
+
+Times are epoch milliseconds supplied by the caller; nothing here reads a
+clock (the benchmark helper excepted), which keeps the table deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+import timeit
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+from exporter.records import (
+    END_ACTIVE,
+    END_FORCED,
+    END_IDLE,
+    END_LACK_OF_RESOURCES,
+    END_OF_FLOW,
+    FLOW_RECORD,
+    KEY_SIZE,
+    KEY_VIEW,
+    TCP_FIN,
+    TCP_RST,
+    Records,
+)
+
+_ROW = FLOW_RECORD.itemsize
+_END_REASONS = frozenset({END_IDLE, END_ACTIVE, END_OF_FLOW, END_FORCED, END_LACK_OF_RESOURCES})
+_WORDS = -(-KEY_SIZE // 8)
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_FIN_1 = np.uint64(0xBF58476D1CE4E5B9)
+_FIN_2 = np.uint64(0x94D049BB133111EB)
+
+U8 = npt.NDArray[np.uint8]
+U64 = npt.NDArray[np.uint64]
+
+
+def _timeout_ms(name: str, seconds: float) -> int:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise ValueError(f"{name} must be a number of seconds, got {seconds!r}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"{name} must be positive and finite, got {seconds!r}")
+    return max(1, round(seconds * 1000))
+
+
+def _bytes(records: Records) -> U8:
+    """(n, itemsize) uint8 rows: gathers and masks on these are ~7x faster than on the structured dtype."""
+    return np.ascontiguousarray(records).view(np.uint8).reshape(len(records), _ROW)
+
+
+def _records(rows: U8) -> Records:
+    return rows.reshape(-1).view(FLOW_RECORD)
+
+
+def key_hash(key_bytes: U8) -> U64:
+    """64-bit hash of each (n, KEY_SIZE) row of key bytes: word-wise multiply-xor, splitmix64 finish."""
+    padded = np.zeros((len(key_bytes), _WORDS * 8), dtype=np.uint8)
+    padded[:, :KEY_SIZE] = key_bytes
+    words = padded.view("<u8")
+    h = np.full(len(key_bytes), _WORDS, dtype=np.uint64)
+    for i in range(_WORDS):
+        h ^= words[:, i]
+        h *= _MIX
+        h ^= h >> np.uint64(32)
+    h ^= h >> np.uint64(30)
+    h *= _FIN_1
+    h ^= h >> np.uint64(27)
+    h *= _FIN_2
+    h ^= h >> np.uint64(31)
+    return h
+
+
+def _as_keys(key_bytes: U8) -> npt.NDArray[np.void]:
+    return np.ascontiguousarray(key_bytes).view(KEY_VIEW).reshape(len(key_bytes))
+
+
+def _less(a: U8, b: U8) -> npt.NDArray[np.bool_]:
+    """Row-wise a < b comparing key bytes lexicographically."""
+    differ = a != b
+    first = differ.argmax(axis=1)
+    rows = np.arange(len(a))
+    return differ.any(axis=1) & (a[rows, first] < b[rows, first])
+
+
+def _order(hashes: U64, key_bytes: U8) -> npt.NDArray[np.intp]:
+    """Permutation sorting by (hash, key bytes), stable for equal keys."""
+    # An unstable integer sort is ~25% cheaper; only runs of equal hashes need the stable byte-wise fix-up.
+    order = np.argsort(hashes)
+    sorted_h = hashes[order]
+    same = sorted_h[1:] == sorted_h[:-1]
+    if same.any():
+        in_run = np.zeros(len(order), dtype=bool)
+        in_run[1:] = same
+        in_run[:-1] |= same
+        at = np.flatnonzero(in_run)
+        run = np.cumsum(np.concatenate([[True], ~same]))[at]
+        members = order[at]
+        by_input = np.argsort(members, kind="stable")
+        by_key = by_input[np.argsort(_as_keys(key_bytes[members[by_input]]), kind="stable")]
+        order[at] = members[by_key[np.argsort(run[by_key], kind="stable")]]
+    return order
+
+
+def _same_keys(a: U8, b: U8) -> npt.NDArray[np.bool_]:
+    """Row-wise equality of (n, KEY_SIZE) key bytes, compared as 32-bit words."""
+    words = KEY_SIZE // 4
+    return (np.ascontiguousarray(a).view("<u4").reshape(-1, words)
+            == np.ascontiguousarray(b).view("<u4").reshape(-1, words)).all(axis=1)
+
+
+class FlowTable:
+    def __init__(self, active_timeout_s: float = 60, idle_timeout_s: float = 15, capacity: int | None = None) -> None:
+        self.active_ms = _timeout_ms("active_timeout_s", active_timeout_s)
+        self.idle_ms = _timeout_ms("idle_timeout_s", idle_timeout_s)
+        if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer))
+                                     or capacity <= 0):
+            raise ValueError(f"capacity must be a positive integer or None, got {capacity!r}")
+        self.capacity = None if capacity is None else int(capacity)
+        self._rows: U8 = np.zeros((0, _ROW), dtype=np.uint8)
+        self._hash: U64 = np.zeros(0, dtype=np.uint64)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _table(self) -> Records:
+        return _records(self._rows)
+
+    def packets_held(self) -> int:
+        return int(self._table()["packets"].sum(dtype=np.uint64))
+
+    def octets_held(self) -> int:
+        return int(self._table()["octets"].sum(dtype=np.uint64))
+
+    def flows(self) -> Records:
+        """A copy of the live flows, in table order (hash, key bytes)."""
+        return self._table().copy()
+
+    def update(self, records: Records, now_ms: int) -> Records:
+        """Fold one scan's merged records in, then return the flows that end at `now_ms`."""
+        if records.dtype != FLOW_RECORD or records.ndim != 1:
+            raise TypeError(f"update() wants a 1-d FLOW_RECORD array, got {records.dtype} with shape {records.shape}")
+        if len(records):
+            self._fold(records)
+        return self._expire(int(now_ms))
+
+    def expire_all(self, reason: int = END_FORCED) -> Records:
+        """End every flow with `reason` (shutdown) and empty the table."""
+        if reason not in _END_REASONS:
+            raise ValueError(f"reason must be a flowEndReason in {sorted(_END_REASONS)}, got {reason!r}")
+        out = self._table()
+        out["end_reason"] = reason
+        self._rows = np.zeros((0, _ROW), dtype=np.uint8)
+        self._hash = np.zeros(0, dtype=np.uint64)
+        return out
+
+    def _fold(self, records: Records) -> None:
+        raw = _bytes(records)
+        hashes = key_hash(raw[:, :KEY_SIZE])
+        order = _order(hashes, raw[:, :KEY_SIZE])
+        # One random gather up front; every later pass over the scan is then sequential, like the table's.
+        rows = np.take(raw, order, axis=0)
+        hashes = hashes[order]
+        # Equal keys are adjacent now; the k-th repeat of a key goes in the k-th pass, keeping input order.
+        same_h = np.flatnonzero(hashes[1:] == hashes[:-1])
+        repeat = np.zeros(len(rows), dtype=bool)
+        repeat[same_h + 1] = _same_keys(rows[same_h, :KEY_SIZE], rows[same_h + 1, :KEY_SIZE])
+        if not repeat.any():
+            self._fold_unique(rows, hashes)
+            return
+        starts = np.flatnonzero(~repeat)
+        rank = np.arange(len(rows)) - np.repeat(starts, np.diff(starts, append=len(rows)))
+        for k in range(int(rank.max()) + 1):
+            this = np.flatnonzero(rank == k)
+            self._fold_unique(np.take(rows, this, axis=0), hashes[this])
+
+    def _fold_unique(self, rows: U8, hashes: U64) -> None:
+        """Fold scan rows with distinct keys, sorted by (hash, key bytes)."""
+        held = self._rows
+        held_h = self._hash
+        keys = rows[:, :KEY_SIZE]
+        pos = np.searchsorted(held_h, hashes, side="left")
+        matched = np.zeros(len(rows), dtype=bool)
+        if len(held):
+            found = np.flatnonzero(held_h[np.minimum(pos, len(held) - 1)] == hashes)
+            same = _same_keys(held[pos[found], :KEY_SIZE], keys[found])
+            matched[found[same]] = True
+            if not same.all():
+                self._resolve_collisions(keys, hashes, found[~same], pos, matched)
+
+        hit = np.flatnonzero(matched)
+        if len(hit):
+            at = pos[hit]
+            cur = _records(np.take(held, at, axis=0))
+            scan = _records(np.take(rows, hit, axis=0))
+            for name in ("packets", "octets"):
+                cur[name] += scan[name]
+            np.maximum(cur["last_ms"], scan["last_ms"], out=cur["last_ms"])
+            cur["tcp_flags"] |= scan["tcp_flags"]
+            np.minimum(cur["min_ttl"], scan["min_ttl"], out=cur["min_ttl"])
+            np.maximum(cur["max_ttl"], scan["max_ttl"], out=cur["max_ttl"])
+            earlier = scan["first_ms"] < cur["first_ms"]
+            cur["tos"][earlier] = scan["tos"][earlier]
+            cur["first_ms"][earlier] = scan["first_ms"][earlier]
+            held[at] = _bytes(cur)
+
+        new = np.flatnonzero(~matched)
+        if len(new):
+            # New rows go before the held row at their search position; held rows shift by the inserts before them.
+            at_new = pos[new] + np.arange(len(new))
+            at_held = np.arange(len(held)) + np.searchsorted(pos[new], np.arange(len(held)), side="right")
+            merged = np.empty((len(held) + len(new), _ROW), dtype=np.uint8)
+            merged[at_held] = held
+            merged[at_new] = np.take(rows, new, axis=0)
+            merged_h = np.empty(len(merged), dtype=np.uint64)
+            merged_h[at_held] = held_h
+            merged_h[at_new] = hashes[new]
+            _records(merged)["end_reason"][at_new] = 0
+            self._rows, self._hash = merged, merged_h
+
+    def _resolve_collisions(self, keys: U8, hashes: U64, clash: npt.NDArray[np.intp], pos: npt.NDArray[np.intp],
+                            matched: npt.NDArray[np.bool_]) -> None:
+        """Scan keys whose hash the table holds under other key(s): search that run of equal hashes by bytes."""
+        held_keys = self._rows[:, :KEY_SIZE]
+        start = pos[clash]
+        run = np.searchsorted(self._hash, hashes[clash], side="right") - start
+        below = np.zeros(len(clash), dtype=np.intp)
+        hit = np.full(len(clash), -1, dtype=np.intp)
+        for k in range(int(run.max())):
+            live = np.flatnonzero(k < run)
+            other = held_keys[start[live] + k]
+            mine = keys[clash[live]]
+            equal = _same_keys(other, mine)
+            hit[live[equal]] = start[live[equal]] + k
+            below[live] += _less(other, mine)
+        found = hit >= 0
+        matched[clash[found]] = True
+        pos[clash[found]] = hit[found]
+        pos[clash[~found]] = start[~found] + below[~found]
+
+    def _expire(self, now_ms: int) -> Records:
+        table = self._table()
+        if not len(table):
+            return np.zeros(0, dtype=FLOW_RECORD)
+        # Signed: a record stamped after `now_ms` (clock step, or a caller passing 0) is simply not due.
+        now = np.int64(now_ms)
+        reason = np.zeros(len(table), dtype=np.uint8)
+        reason[now - table["first_ms"].astype(np.int64) >= self.active_ms] = END_ACTIVE
+        reason[now - table["last_ms"].astype(np.int64) >= self.idle_ms] = END_IDLE
+        reason[(table["tcp_flags"] & (TCP_FIN | TCP_RST)) != 0] = END_OF_FLOW
+        ended = reason != 0
+        survivors = len(table) - int(np.count_nonzero(ended))
+        if self.capacity is not None and survivors > self.capacity:
+            self._evict_least_recent(ended, reason, survivors - self.capacity)
+            ended = reason != 0
+        if not ended.any():
+            return np.zeros(0, dtype=FLOW_RECORD)
+        out = _records(self._rows[ended])
+        out["end_reason"] = reason[ended]
+        kept = ~ended
+        self._rows = self._rows[kept]
+        self._hash = self._hash[kept]
+        return out
+
+    def _evict_least_recent(self, ended: npt.NDArray[np.bool_], reason: npt.NDArray[np.uint8], excess: int) -> None:
+        """Mark the `excess` surviving flows with the oldest last_ms (ties by key bytes), without a full sort."""
+        survivors = np.flatnonzero(~ended)
+        last = self._table()["last_ms"][survivors]
+        threshold = np.partition(last, excess - 1)[excess - 1]
+        reason[survivors[last < threshold]] = END_LACK_OF_RESOURCES
+        tied = survivors[last == threshold]
+        need = excess - int(np.count_nonzero(last < threshold))
+        if need < len(tied):
+            tied = tied[np.argsort(_as_keys(self._rows[tied, :KEY_SIZE]), kind="stable")[:need]]
+        reason[tied] = END_LACK_OF_RESOURCES
+
+
+def _synthetic_flows(rng: np.random.Generator, n: int) -> Records:
+    """n IPv4 TCP flows with distinct random keys, in random order."""
+    out = np.zeros(n, dtype=FLOW_RECORD)
+    out["src_addr"][:, 10:12] = 0xFF
+    out["dst_addr"][:, 10:12] = 0xFF
+    out["src_addr"][:, 12:] = rng.permutation(n).astype(">u4").view(np.uint8).reshape(n, 4)
+    out["dst_addr"][:, 12:] = rng.integers(0, 256, (n, 4), dtype=np.uint8)
+    out["src_port"] = rng.integers(1024, 65536, n)
+    out["dst_port"] = 443
+    out["protocol"] = 6
+    out["ip_version"] = 4
+    out["ifindex"] = 2
+    out["packets"] = rng.integers(1, 100, n)
+    out["octets"] = out["packets"] * 800
+    out["tcp_flags"] = 0x18
+    out["min_ttl"] = 60
+    out["max_ttl"] = 64
+    return out
+
+
+def benchmark_update(n: int, repeat: int = 3, clock: Callable[[], float] = timeit.default_timer) -> float:
+    """Records/s of one `update()` of n records (90% already held) into a table of n flows; best of `repeat`.
+
+    Nothing ends during the timed call, so it measures the fold plus the expiry scan. On a shared
+    machine pass `clock=time.process_time` to measure CPU rather than wall time.
+    """
+    rng = np.random.default_rng(1)
+    flows = _synthetic_flows(rng, n + n // 10)
+    best = math.inf
+    for _ in range(repeat):
+        table = FlowTable(active_timeout_s=60, idle_timeout_s=15)
+        held = flows[:n].copy()
+        held["first_ms"] = held["last_ms"] = 1_000_000
+        table.update(held, 1_000_000)
+        scan = rng.permutation(flows[n // 10:])
+        scan["first_ms"] = scan["last_ms"] = 1_010_000
+        t0 = clock()
+        table.update(scan, 1_010_000)
+        best = min(best, clock() - t0)
+    return n / best

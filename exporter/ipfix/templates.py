@@ -1,0 +1,175 @@
+"""IPFIX templates: an id and an ordered list of (information element, length).
+
+Information elements come from the `ipfix` package's IANA registry, looked up
+by name, so ids and types are never restated here. A Template knows how to
+encode its own template record (RFC 7011 3.4.1, or 3.4.2 with a scope count
+for options templates) and the packed big-endian numpy dtype whose itemsize
+and byte layout are exactly one data record on the wire.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ipfix.ie
+import ipfix.types
+import numpy as np
+
+TEMPLATE_SET_ID = 2
+OPTIONS_TEMPLATE_SET_ID = 3
+MIN_DATA_SET_ID = 256
+VARLEN = 65535
+ENTERPRISE_BIT = 0x8000
+
+ipfix.ie.use_iana_default()
+
+# Abstract data types (RFC 7011 6.1) that are numbers on the wire; every other
+# type is carried as raw octets. Only integers may use reduced-size encoding.
+_NUMERIC_KIND = {
+    "unsigned8": "u", "unsigned16": "u", "unsigned32": "u", "unsigned64": "u",
+    "signed8": "i", "signed16": "i", "signed32": "i", "signed64": "i",
+    "float32": "f", "float64": "f", "boolean": "u",
+    "dateTimeSeconds": "u", "dateTimeMilliseconds": "u",
+    "dateTimeMicroseconds": "u", "dateTimeNanoseconds": "u",
+}
+_REDUCIBLE = {name for name in _NUMERIC_KIND if name.startswith(("unsigned", "signed"))}
+
+_SET_HEADER = struct.Struct("!HH")
+_TEMPLATE_HEADER = struct.Struct("!HH")
+_OPTIONS_TEMPLATE_HEADER = struct.Struct("!HHH")
+_FIELD_SPEC = struct.Struct("!HH")
+_PEN = struct.Struct("!I")
+
+
+def ie(name: str) -> Any:
+    """The registry's InformationElement for an IANA (or RFC 5103) name."""
+    try:
+        return ipfix.ie.for_spec(name)
+    except ValueError as exc:
+        raise ValueError(f"unknown information element {name!r}") from exc
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field specifier: an information element at a fixed length."""
+
+    element: Any  # ipfix.ie.InformationElement (the package ships no type hints)
+    length: int
+
+    @property
+    def name(self) -> str:
+        return str(self.element.name)
+
+    def numpy_format(self) -> Any:
+        type_name = self.element.type.name
+        native = ipfix.types.for_name(type_name).length
+        kind = _NUMERIC_KIND.get(type_name)
+        if kind is None:
+            if native not in (VARLEN, self.length):
+                raise ValueError(f"{self.name}: {type_name} must be {native} octets long")
+            return ("u1", (self.length,))
+        reduced = type_name in _REDUCIBLE and self.length in (1, 2, 4) and self.length < native
+        if self.length != native and not reduced:
+            raise ValueError(f"{self.name}: length {self.length} is not a valid encoding of {type_name}")
+        return f">{kind}{self.length}"
+
+
+@dataclass(frozen=True)
+class Template:
+    """A (data or options) template. scope_count > 0 makes it an options template."""
+
+    template_id: int
+    fields: tuple[Field, ...]
+    scope_count: int = 0
+    wire_dtype: np.dtype[Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not MIN_DATA_SET_ID <= self.template_id <= 0xFFFF:
+            raise ValueError(f"template id {self.template_id} outside {MIN_DATA_SET_ID}..65535")
+        if not self.fields:
+            raise ValueError("a template needs at least one field")
+        if not 0 <= self.scope_count <= len(self.fields):
+            raise ValueError("scope count must be within the field count")
+        names = [f.name for f in self.fields]
+        if len(set(names)) != len(names):
+            raise ValueError("an information element may appear only once in a template")
+        for f in self.fields:
+            if not 0 < f.length < VARLEN:
+                raise ValueError(f"{f.name}: variable-length fields are not supported")
+        dtype = np.dtype([(f.name, f.numpy_format()) for f in self.fields])
+        object.__setattr__(self, "wire_dtype", dtype)
+
+    @classmethod
+    def from_names(cls, template_id: int, names: Iterable[str], scope_count: int = 0) -> Template:
+        """Fields at the native length of each element's type."""
+        fields = []
+        for name in names:
+            element = ie(name)
+            fields.append(Field(element, int(element.length)))
+        return cls(template_id, tuple(fields), scope_count)
+
+    @property
+    def set_id(self) -> int:
+        return OPTIONS_TEMPLATE_SET_ID if self.scope_count else TEMPLATE_SET_ID
+
+    @property
+    def record_length(self) -> int:
+        return int(self.wire_dtype.itemsize)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.fields)
+
+    def template_record(self) -> bytes:
+        if self.scope_count:
+            parts = [_OPTIONS_TEMPLATE_HEADER.pack(self.template_id, len(self.fields), self.scope_count)]
+        else:
+            parts = [_TEMPLATE_HEADER.pack(self.template_id, len(self.fields))]
+        for f in self.fields:
+            pen = int(f.element.pen)
+            number = int(f.element.num)
+            parts.append(_FIELD_SPEC.pack(number | (ENTERPRISE_BIT if pen else 0), f.length))
+            if pen:
+                parts.append(_PEN.pack(pen))
+        return b"".join(parts)
+
+
+def template_sets(templates: Sequence[Template]) -> bytes:
+    """Template set(s) announcing every template: one set per set id, in order of first appearance."""
+    by_set: dict[int, list[bytes]] = {}
+    for t in templates:
+        by_set.setdefault(t.set_id, []).append(t.template_record())
+    out = []
+    for set_id, records in by_set.items():
+        body = b"".join(records)
+        out.append(_SET_HEADER.pack(set_id, _SET_HEADER.size + len(body)) + body)
+    return b"".join(out)
+
+
+def _flow_template(template_id: int, family: str) -> Template:
+    return Template.from_names(template_id, [
+        f"source{family}Address",
+        f"destination{family}Address",
+        "sourceTransportPort",
+        "destinationTransportPort",
+        "protocolIdentifier",
+        "ingressInterface",
+        "vlanId",
+        "ipClassOfService",
+        "tcpControlBits",
+        f"icmpTypeCode{family}",
+        "minimumTTL",
+        "maximumTTL",
+        "packetDeltaCount",
+        "octetDeltaCount",
+        "flowStartMilliseconds",
+        "flowEndMilliseconds",
+        "flowEndReason",
+    ])
+
+
+FLOW_V4 = _flow_template(256, "IPv4")
+FLOW_V6 = _flow_template(257, "IPv6")

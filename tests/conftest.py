@@ -1,0 +1,150 @@
+"""Shared fixtures: namespaces + veth, and xdpflow processes run inside them.
+
+Every fixture that creates kernel state removes it in `finally`; a session
+finalizer fails the run if any of this project's namespaces survived.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tools.netns import VethPair, in_netns, leftovers  # noqa: E402 - needs ROOT on sys.path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_left_behind() -> Iterator[None]:
+    yield
+    after = set(leftovers())
+    for ns in after:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+    assert not after, f"tests left network namespaces behind: {sorted(after)}"
+
+
+@pytest.fixture
+def veth() -> Iterator[VethPair]:
+    pair = VethPair()
+    try:
+        pair.create()
+        yield pair
+    finally:
+        pair.destroy()
+
+
+@dataclass
+class Proc:
+    """An xdpflow subprocess whose stderr log lines (JSON) are collected as they come."""
+
+    popen: subprocess.Popen[str]
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    _q: queue.Queue[str | None] = field(default_factory=queue.Queue)
+
+    def start_reader(self) -> None:
+        def pump() -> None:
+            assert self.popen.stderr is not None
+            for line in self.popen.stderr:
+                self._q.put(line)
+            self._q.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    _ended: bool = False
+
+    def _take(self, timeout: float) -> bool:
+        """Move one stderr line into logs; False when none came or the stream ended."""
+        if self._ended:
+            return False
+        try:
+            line = self._q.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        if line is None:
+            self._ended = True
+            return False
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            rec = {"event": "_raw", "line": line.rstrip()}
+        self.logs.append(rec)
+        return True
+
+    def events(self, event: str) -> list[dict[str, Any]]:
+        return [r for r in self.logs if r.get("event") == event]
+
+    def wait_for(self, event: str, timeout: float = 30, count: int = 1) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while len(self.events(event)) < count:
+            if self._ended:
+                raise AssertionError(f"process exited ({self.popen.wait()}) before logging {event!r}; "
+                                     f"logs: {self.logs}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {event!r}; logs so far: {self.logs}")
+            self._take(0.1)
+        return self.events(event)[count - 1]
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> tuple[int, str]:
+        """Signal, collect stdout and every remaining log line, return (exit code, stdout)."""
+        self.popen.send_signal(sig)
+        assert self.popen.stdout is not None
+        out = self.popen.stdout.read()
+        rc = self.popen.wait(timeout=timeout)
+        while self._take(5):
+            pass
+        return rc, out
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+
+
+def xdpflow_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "exporter.cli", *args]
+
+
+def spawn(netns: str | None, args: Sequence[str]) -> Proc:
+    cmd = xdpflow_cmd(*args, "--log-format", "json")
+    if netns:
+        cmd = in_netns(netns, cmd)
+    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
+    p = Proc(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
+    p.start_reader()
+    return p
+
+
+@pytest.fixture
+def xdpflow_proc() -> Iterator[Any]:
+    """Factory for xdpflow subprocesses; any still running at teardown are killed."""
+    procs: list[Proc] = []
+
+    def start(netns: str | None, *args: str) -> Proc:
+        p = spawn(netns, args)
+        procs.append(p)
+        return p
+
+    try:
+        yield start
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def xdp_attached(netns: str, ifname: str) -> bool:
+    out = subprocess.run(in_netns(netns, ["ip", "-o", "link", "show", ifname]), capture_output=True, text=True,
+                         check=False).stdout
+    return " xdp" in out or "prog/xdp" in out
