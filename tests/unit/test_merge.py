@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -133,7 +132,8 @@ def test_merge_is_independent_of_cpu_order(maps: tuple[np.ndarray, np.ndarray], 
     assert len(a) == len(b)
     for f in fields:
         np.testing.assert_array_equal(a[f], b[f], err_msg=f)
-    # ToS is defined by the earliest slot; only compare it where that slot is unique (ties: see test_tos_on_first_seen_tie_is_independent_of_cpu_order).
+    # ToS is defined by the earliest slot; compared only where that slot is unique
+    # (ties: test_tos_on_first_seen_tie_is_independent_of_cpu_order).
     kept = values[values["packets"].sum(axis=1) > 0]
     first = np.where(kept["packets"] > 0, kept["first_seen_ns"], np.iinfo(np.uint64).max)
     unique_earliest = (first == first.min(axis=1, keepdims=True)).sum(axis=1) == 1
