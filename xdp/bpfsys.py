@@ -18,6 +18,7 @@ import os
 import platform
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "armv7l": 386}
 
@@ -27,6 +28,7 @@ BPF_PROG_TEST_RUN = 10
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
+BPF_MAP_UPDATE_BATCH = 26
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -112,6 +114,14 @@ def map_batch(map_fd: int, keys: object, values: object, capacity: int, delete: 
         if done:
             break
     return got
+
+
+def map_update_batch(map_fd: int, keys: Any, values: Any, count: int) -> int:
+    """Insert `count` entries from caller buffers (benchmarks and tests fill maps this way)."""
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("=QQQQIIQQ", attr, 0, 0, 0, _addr(keys), _addr(values), count, map_fd, 0, 0)
+    _bpf(BPF_MAP_UPDATE_BATCH, attr)
+    return int(struct.unpack_from("=I", attr, 32)[0])
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,8 @@ import glob
 import os
 import platform
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 KCONFIG = "include/linux/kconfig.h"
@@ -42,9 +44,24 @@ class KernelHeaders:
     cflags: tuple[str, ...]
     description: str
 
-    def apply(self) -> None:
-        if self.source is not None:
-            os.environ["BCC_KERNEL_SOURCE"] = self.source
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """BCC_KERNEL_SOURCE set for the duration of a compile, then restored.
+
+        Restoring matters: a second compile in the same process must search
+        again, not mistake our own setting for the operator's."""
+        if self.source is None:
+            yield
+            return
+        saved = os.environ.get("BCC_KERNEL_SOURCE")
+        os.environ["BCC_KERNEL_SOURCE"] = self.source
+        try:
+            yield
+        finally:
+            if saved is None:
+                os.environ.pop("BCC_KERNEL_SOURCE", None)
+            else:
+                os.environ["BCC_KERNEL_SOURCE"] = saved
 
 
 def _version_key(path: str) -> tuple[int, ...]:

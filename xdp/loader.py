@@ -119,7 +119,6 @@ class Datapath:
             found = headers.find()
         except headers.HeadersNotFound as e:
             raise LoaderError(str(e)) from None
-        found.apply()
         try:
             from bcc import BPF
         except ImportError:
@@ -127,17 +126,18 @@ class Datapath:
                               "(and run `make venv` to link it into .venv)") from None
         cflags = [f"-I{HERE}", f"-DXDPFLOW_MAX_ENTRIES={self.max_entries}", "-w", *found.cflags]
         try:
-            self.bpf = _quiet_compile(BPF, SOURCE, cflags)
-            fn = self.bpf.load_func("xdpflow", BPF.XDP)
+            with found.applied():
+                self.bpf = _quiet_compile(BPF, SOURCE, cflags)
+            fn = self.bpf.load_func(b"xdpflow", BPF.XDP)
         except Exception as e:  # bcc raises bare Exception for every failure
             msg = str(e)
             if "privileges" in msg or "Operation not permitted" in msg:
                 raise LoaderError("loading BPF needs root or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON") from None
             raise LoaderError(f"could not compile or load xdp/flow.c with {found.description}: {msg}") from None
         self.prog_fd = fn.fd
-        self.page_fds = (self.bpf["flows0"].map_fd, self.bpf["flows1"].map_fd)
-        self.active_fd = self.bpf["active_page"].map_fd
-        self.stats_fd = self.bpf["stats"].map_fd
+        self.page_fds = (self.bpf[b"flows0"].map_fd, self.bpf[b"flows1"].map_fd)
+        self.active_fd = self.bpf[b"active_page"].map_fd
+        self.stats_fd = self.bpf[b"stats"].map_fd
         self.set_active(0)
         log.debug("program loaded", headers=found.description, max_entries=self.max_entries,
                   kernel_memory=human_bytes(need))

@@ -82,3 +82,15 @@ def test_help_does_not_need_bcc() -> None:
     res = subprocess.run([sys.executable, "-m", "exporter.cli", "dump", "--help"], capture_output=True, text=True,
                          cwd=ROOT, check=False)
     assert res.returncode == 0 and "--interface" in res.stdout
+
+
+@pytest.mark.kernel
+def test_second_load_in_one_process_finds_headers_again() -> None:
+    """The header search must not mistake its own BCC_KERNEL_SOURCE for the operator's."""
+    import os
+
+    before = os.environ.get("BCC_KERNEL_SOURCE")
+    for _ in range(2):
+        with Datapath(max_entries=128).load() as dp:
+            assert dp.prog_fd > 0
+    assert os.environ.get("BCC_KERNEL_SOURCE") == before

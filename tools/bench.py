@@ -1,0 +1,252 @@
+"""Benchmarks (timing lives here, never in pass/fail tests).
+
+`pipeline`: the user-space path alone at N flows. A flow page is filled with
+N synthetic entries through BPF_MAP_UPDATE_BATCH (real kernel map, real batch
+drain), then one scan is timed stage by stage: drain (flip excluded: it is an
+RCU wait, not CPU), merge, flow table, IPFIX encode, UDP send to a loopback
+sink. The table is primed with the same flows first, so the scan is the steady
+state of a busy exporter: every flow already known, all of them exported
+(active timeout reached). Reports records/s per stage and in total, CPU time
+and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+@dataclass
+class StageTimes:
+    flows: int
+    drain_s: float
+    merge_s: float
+    table_s: float
+    encode_s: float
+    send_s: float
+    datagrams: int
+    cpu_s: float
+    peak_rss_mb: float
+
+    @property
+    def total_s(self) -> float:
+        return self.drain_s + self.merge_s + self.table_s + self.encode_s + self.send_s
+
+    def row(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["total_s"] = self.total_s
+        d["records_per_s"] = self.flows / self.total_s if self.total_s else 0.0
+        for stage in ("drain", "merge", "table", "encode", "send"):
+            t = d[f"{stage}_s"]
+            d[f"{stage}_rps"] = self.flows / t if t else float("inf")
+        return d
+
+
+def synthetic_page(n: int, cpus: int, now_ns: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    from exporter.layout import FLOW_KEY, FLOW_VALUE
+
+    rng = np.random.default_rng(seed)
+    keys = np.zeros(n, dtype=FLOW_KEY)
+    v6 = rng.random(n) < 0.2
+    keys["ip_version"] = np.where(v6, 6, 4)
+    keys["src_addr"][:, 10:12] = np.where(v6[:, None], 0, 0xFF)
+    keys["dst_addr"][:, 10:12] = np.where(v6[:, None], 0, 0xFF)
+    keys["src_addr"][:, 12:16] = rng.integers(0, 256, (n, 4), dtype=np.uint8)
+    keys["dst_addr"][:, 12:16] = np.frombuffer(np.arange(n, dtype=">u4").tobytes(), dtype=np.uint8).reshape(n, 4)
+    keys["src_addr"][v6, 0] = 0xFD
+    keys["dst_addr"][v6, 0] = 0xFD
+    keys["protocol"] = rng.choice(np.array([6, 17, 1], dtype=np.uint8), n)
+    keys["src_port"] = rng.integers(1024, 65535, n, dtype=np.uint16)
+    keys["dst_port"] = rng.integers(1, 1024, n, dtype=np.uint16)
+    keys["ifindex"] = 2
+    values = np.zeros((n, cpus), dtype=FLOW_VALUE)
+    values["packets"] = rng.integers(0, 100, (n, cpus), dtype=np.uint64)
+    values["packets"][:, 0] += 1
+    values["octets"] = values["packets"] * np.uint64(500)
+    values["first_seen_ns"] = np.uint64(now_ns - 5_000_000_000)
+    values["last_seen_ns"] = np.uint64(now_ns)
+    values["min_ttl"] = 60
+    values["max_ttl"] = 64
+    return keys, values
+
+
+def _timed(fn: Callable[[], T]) -> tuple[T, float]:
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def bench_pipeline(n: int) -> StageTimes:
+    from exporter.drain import Pages
+    from exporter.flowtable import FlowTable
+    from exporter.ipfix.encoder import Encoder
+    from exporter.merge import clock_offset_ns, merge
+    from xdp import bpfsys
+    from xdp.loader import Datapath
+
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sink.bind(("127.0.0.1", 0))
+    out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    out.connect(sink.getsockname())
+    out.setblocking(False)
+    # An LRU map starts evicting before it is full (free nodes sit on per-CPU lists), so leave headroom.
+    with Datapath(max_entries=n + n // 8 + 1024, memory_budget=8 << 30).load() as dp:
+        pages = Pages(dp)
+        idle = pages.active ^ 1
+        keys, values = synthetic_page(n, dp.cpus, time.monotonic_ns())
+        table = FlowTable(active_timeout_s=60, idle_timeout_s=15)
+        enc = Encoder(odid=1, mtu=1400)
+        offset = clock_offset_ns()
+        now_ms = (time.monotonic_ns() + offset) // 1_000_000
+        # Prime the table with the same flows (steady state), then time one full scan.
+        bpfsys.map_update_batch(dp.page_fds[idle], keys, values, n)
+        k, v = pages.drain(idle)
+        table.update(merge(k, v, offset), now_ms)
+        assert bpfsys.map_update_batch(dp.page_fds[idle], keys, values, n) == n
+        cpu0 = time.process_time()
+        (k, v), t_drain = _timed(lambda: pages.drain(idle))
+        assert len(k) == n, f"drained {len(k)} of {n}"
+        recs, t_merge = _timed(lambda: merge(k, v, offset))
+        expired, t_table = _timed(lambda: table.update(recs, now_ms + 61_000))
+        assert len(expired) == n
+        dgrams, t_enc = _timed(lambda: enc.encode(expired, time.time()))
+
+        def send() -> None:
+            for d in dgrams:
+                try:
+                    out.send(d)
+                except BlockingIOError:
+                    pass
+
+        _, t_send = _timed(send)
+        cpu = time.process_time() - cpu0
+    sink.close()
+    out.close()
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return StageTimes(n, t_drain, t_merge, t_table, t_enc, t_send, len(dgrams), cpu, rss)
+
+
+def flow_grid(flows: int) -> tuple[int, int]:
+    """Two coprime cycle lengths a x b == flows (or just above) for trafgen's dinc counters."""
+    if flows <= 60000:
+        return flows, 1
+    b = 2
+    while True:
+        a = -(-flows // b)
+        if np.gcd(a, b) == 1 and a <= 60000:
+            return a, b
+        b += 1
+
+
+def trafgen_profile(flows: int, payload: int = 18) -> str:
+    """One trafgen packet whose UDP ports step through `flows` distinct pairs (dinc counters)."""
+    a, b = flow_grid(flows)
+    dp = f"dinc(1, {b})" if b > 1 else "53"
+    return ("{ eth(da=02:00:00:00:00:02, sa=02:00:00:00:00:01), ipv4(saddr=198.18.0.1, daddr=198.19.0.1), "
+            f"udp(sp=dinc(1, {a}), dp={dp}), fill(0, {payload}) }}\n")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    import os
+
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_exporter(flows: int, rate: str, seconds: float, scan_interval: float = 10.0) -> dict[str, Any]:
+    """Real traffic through a veth pair into `xdpflow run`; the exporter process's CPU over `seconds`."""
+    import os
+    import signal
+    import subprocess
+    import tempfile
+
+    from tools.netns import VethPair, in_netns
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with VethPair() as pair, tempfile.NamedTemporaryFile("w", suffix=".cfg") as cfg:
+        cfg.write(trafgen_profile(flows))
+        cfg.flush()
+        sink = subprocess.Popen(in_netns(pair.obs, [sys.executable, "-m", "exporter.cli", "collect", "--listen",
+                                                    "127.0.0.1:4739", "--quiet", "--log-format", "json"]),
+                                cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        exp = subprocess.Popen(in_netns(pair.obs, [sys.executable, "-m", "exporter.cli", "run", "--interface",
+                                                   pair.obs_if, "--scan-interval", str(scan_interval),
+                                                   "--log-format", "json"]),
+                               cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        gen = None
+        try:
+            assert exp.stderr is not None
+            for line in exp.stderr:
+                if '"exporting"' in line:
+                    break
+            gen = subprocess.Popen(in_netns(pair.gen, ["trafgen", "--dev", pair.gen_if, "--conf", cfg.name,
+                                                       "--cpus", "1", "--rate", rate, "--no-sock-mem",
+                                                       "--no-cpu-stats", "--notouch-irq"]),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(min(5.0, seconds / 4))  # let the table fill before measuring
+            c0, t0 = proc_cpu_seconds(exp.pid), time.monotonic()
+            time.sleep(seconds)
+            c1, t1 = proc_cpu_seconds(exp.pid), time.monotonic()
+            rss = _rss_mb(exp.pid)
+        finally:
+            if gen is not None:
+                gen.send_signal(signal.SIGINT)
+                gen.wait(timeout=30)
+            exp.send_signal(signal.SIGTERM)
+            exp.wait(timeout=60)
+            sink.send_signal(signal.SIGTERM)
+            sink.wait(timeout=30)
+    return {"flows": flows, "rate": rate, "seconds": round(t1 - t0, 2), "exporter_cpu_s": round(c1 - c0, 3),
+            "cpu_share": round((c1 - c0) / (t1 - t0), 4), "rss_mb": rss}
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="xdpflow bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="what", required=True)
+    pp = sub.add_parser("pipeline", help="user-space stages at N flows")
+    pp.add_argument("--flows", type=int, nargs="+", default=[10_000, 100_000, 500_000])
+    pp.add_argument("--json", action="store_true")
+    pe = sub.add_parser("exporter", help="exporter process CPU with real traffic through a veth pair")
+    pe.add_argument("--flows", type=int, default=100_000)
+    pe.add_argument("--rate", default="200kpps", help="trafgen rate (default %(default)s)")
+    pe.add_argument("--seconds", type=float, default=60.0)
+    args = p.parse_args(argv)
+    if args.what == "exporter":
+        print(json.dumps(bench_exporter(args.flows, args.rate, args.seconds)))
+    if args.what == "pipeline":
+        for n in args.flows:
+            row = bench_pipeline(n).row()
+            if args.json:
+                print(json.dumps(row))
+            else:
+                print(f"{n:>8} flows: total {row['records_per_s'] / 1e6:5.2f} M rec/s ({row['total_s']:.3f} s, "
+                      f"cpu {row['cpu_s']:.3f} s) | drain {row['drain_rps'] / 1e6:5.2f} merge "
+                      f"{row['merge_rps'] / 1e6:5.2f} table {row['table_rps'] / 1e6:5.2f} encode "
+                      f"{row['encode_rps'] / 1e6:5.2f} send {row['send_rps'] / 1e6:5.2f} M rec/s | "
+                      f"{row['datagrams']} datagrams | peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
