@@ -78,7 +78,7 @@ def _cmd_dump(args: argparse.Namespace) -> int:
 
     opts = dump.DumpOptions(interfaces=tuple(args.interface), mode=args.mode, seconds=args.seconds,
                             json=args.json, scan_interval=args.scan_interval, max_entries=args.max_entries,
-                            max_kernel_memory=args.max_kernel_memory, netns=args.netns)
+                            max_kernel_memory=args.max_kernel_memory)
     return dump.run(opts)
 
 

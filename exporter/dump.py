@@ -39,7 +39,6 @@ class DumpOptions:
     scan_interval: float | None = None
     max_entries: int = 500_000
     max_kernel_memory: int = 1 << 30
-    netns: str | None = None
 
 
 def run(opts: DumpOptions, out: TextIO = sys.stdout) -> int:
@@ -52,7 +51,7 @@ def run(opts: DumpOptions, out: TextIO = sys.stdout) -> int:
         with Datapath(max_entries=opts.max_entries, memory_budget=opts.max_kernel_memory).load() as dp:
             pages = Pages(dp)
             for ifname in opts.interfaces:
-                dp.attach(ifname, opts.mode, netns=opts.netns)
+                dp.attach(ifname, opts.mode)
             log.info("metering", interfaces={a.ifname: a.mode for a in dp.attachments},
                      max_entries=opts.max_entries, kernel_memory=human_bytes(dp.memory_bytes),
                      seconds=opts.seconds)

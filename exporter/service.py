@@ -77,7 +77,7 @@ class Exporter:
         self.datapath = dp
         try:
             for ifname in self.cfg.interfaces:
-                dp.attach(ifname, self.cfg.mode, netns=self.cfg.netns)
+                dp.attach(ifname, self.cfg.mode)
         except BaseException:
             dp.close()
             raise

@@ -165,7 +165,7 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def bench_exporter(flows: int, rate: str, seconds: float, scan_interval: float = 10.0) -> dict[str, Any]:
+def bench_exporter(flows: int, pps: int, seconds: float, scan_interval: float = 10.0) -> dict[str, Any]:
     """Real traffic through a veth pair into `xdpflow run`; the exporter process's CPU over `seconds`."""
     import os
     import signal
@@ -192,13 +192,17 @@ def bench_exporter(flows: int, rate: str, seconds: float, scan_interval: float =
                 if '"exporting"' in line:
                     break
             gen = subprocess.Popen(in_netns(pair.gen, ["trafgen", "--dev", pair.gen_if, "--conf", cfg.name,
-                                                       "--cpus", "1", "--rate", rate, "--no-sock-mem",
-                                                       "--no-cpu-stats", "--notouch-irq"]),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                                       "--cpus", "1", *(["--rate", f"{pps}pps"] if pps else []),
+                                                       "--no-sock-mem", "--no-cpu-stats", "--notouch-irq"]),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             time.sleep(min(5.0, seconds / 4))  # let the table fill before measuring
+            if gen.poll() is not None:
+                raise RuntimeError(f"trafgen stopped: {gen.stderr.read() if gen.stderr else ''}")
+            rx0 = _rx_packets(pair)
             c0, t0 = proc_cpu_seconds(exp.pid), time.monotonic()
             time.sleep(seconds)
             c1, t1 = proc_cpu_seconds(exp.pid), time.monotonic()
+            rx = _rx_packets(pair) - rx0
             rss = _rss_mb(exp.pid)
         finally:
             if gen is not None:
@@ -208,8 +212,19 @@ def bench_exporter(flows: int, rate: str, seconds: float, scan_interval: float =
             exp.wait(timeout=60)
             sink.send_signal(signal.SIGTERM)
             sink.wait(timeout=30)
-    return {"flows": flows, "rate": rate, "seconds": round(t1 - t0, 2), "exporter_cpu_s": round(c1 - c0, 3),
+    return {"flows": flows, "pps_target": pps, "pps_measured": round(rx / (t1 - t0)),
+            "seconds": round(t1 - t0, 2), "exporter_cpu_s": round(c1 - c0, 3),
             "cpu_share": round((c1 - c0) / (t1 - t0), 4), "rss_mb": rss}
+
+
+def _rx_packets(pair: Any) -> int:
+    import subprocess
+
+    from tools.netns import in_netns
+
+    path = f"/sys/class/net/{pair.obs_if}/statistics/rx_packets"
+    out = subprocess.run(in_netns(pair.obs, ["cat", path]), capture_output=True, text=True, check=True).stdout
+    return int(out)
 
 
 def _rss_mb(pid: int) -> float:
@@ -229,11 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--json", action="store_true")
     pe = sub.add_parser("exporter", help="exporter process CPU with real traffic through a veth pair")
     pe.add_argument("--flows", type=int, default=100_000)
-    pe.add_argument("--rate", default="200kpps", help="trafgen rate (default %(default)s)")
+    pe.add_argument("--pps", type=int, default=200_000, help="trafgen packets/s, 0 = as fast as it goes "
+                                                               "(default %(default)s)")
     pe.add_argument("--seconds", type=float, default=60.0)
     args = p.parse_args(argv)
     if args.what == "exporter":
-        print(json.dumps(bench_exporter(args.flows, args.rate, args.seconds)))
+        print(json.dumps(bench_exporter(args.flows, args.pps, args.seconds)))
     if args.what == "pipeline":
         for n in args.flows:
             row = bench_pipeline(n).row()

@@ -29,6 +29,8 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
 BPF_MAP_UPDATE_BATCH = 26
+BPF_LINK_CREATE = 28
+BPF_XDP = 37  # enum bpf_attach_type
 
 BPF_ANY = 0
 BPF_NOEXIST = 1
@@ -147,6 +149,19 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, out_size: int | No
     retval, _, _, data_size_out = struct.unpack_from("=IIII", attr, 0)
     duration = struct.unpack_from("=I", attr, 36)[0]
     return TestRun(retval, duration, dout.raw[: min(data_size_out, size_out)])
+
+
+def xdp_link_create(prog_fd: int, ifindex: int, flags: int) -> int:
+    """Attach an XDP program to `ifindex` (of the caller's network namespace) through a bpf_link.
+
+    The attachment lives exactly as long as the returned fd: closing it, or
+    the process dying in any way (SIGKILL included), detaches the program.
+    The kernel refuses (EBUSY/EEXIST) when the interface already has an XDP
+    program, so a foreign program is never replaced.
+    """
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("=IIII", attr, 0, prog_fd, ifindex, BPF_XDP, flags)
+    return _bpf(BPF_LINK_CREATE, attr)
 
 
 def prog_id(prog_fd: int) -> int:

@@ -2,11 +2,14 @@
 
 Lifecycle: `Datapath.load()` compiles (kernel headers from xdp.headers), checks
 the kernel memory budget, points the active-page slot at page 0. `attach()`
-binds it to interfaces through pyroute2 netlink (optionally inside a network
-namespace), reading back the mode the kernel actually gave. `detach_all()`
-removes exactly what was attached, with the same mode flag (a generic program
-is not removed by a native-mode detach). Use it as a context manager so every
-exit path detaches.
+binds it to interfaces with a bpf_link (BPF_LINK_CREATE) and reads back,
+through pyroute2 netlink, the mode the kernel actually gave. A bpf_link lives
+as long as its file descriptor: `detach()` closes it, and if the process dies
+in any way (SIGKILL included) the kernel closes it and detaches the program,
+so no attachment outlives xdpflow and a restart never finds a stale one. The
+kernel also refuses a link on an interface that already has an XDP program,
+so a program xdpflow did not attach is never touched. Use Datapath as a
+context manager so every exit path detaches.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +34,6 @@ log = structlog.get_logger("xdpflow.loader")
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "flow.c")
 
-XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 MODE_FLAGS = {"generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
@@ -84,8 +87,7 @@ class Attachment:
     ifname: str
     ifindex: int
     mode: str          # what the kernel reports: native or generic
-    flags: int         # the flag used to attach, needed to detach
-    netns: str | None
+    link_fd: int       # the bpf_link; closing it detaches
 
 
 @dataclass
@@ -163,45 +165,40 @@ class Datapath:
 
     # -- attach / detach -------------------------------------------------
 
-    def attach(self, ifname: str, mode: str = "auto", netns: str | None = None) -> Attachment:
+    def attach(self, ifname: str, mode: str = "auto") -> Attachment:
         if mode not in ("auto", "native", "generic"):
             raise LoaderError(f"unknown XDP mode {mode!r}: use auto, native or generic")
-        with _ipr(netns) as ipr:
-            idx = ipr.link_lookup(ifname=ifname)
-            if not idx:
-                where = f" in netns {netns}" if netns else ""
-                raise LoaderError(f"no interface named {ifname}{where}")
-            ifindex = idx[0]
+        ifindex = _ifindex(ifname)
+        with _ipr() as ipr:
             current = _attached_mode(ipr, ifindex)
             if current is not None:
                 raise LoaderError(f"{ifname} already has an XDP program attached ({current} mode); "
                                   "xdpflow will not replace a program it did not attach")
             tries = ["native", "generic"] if mode == "auto" else [mode]
-            last: Exception | None = None
+            last: OSError | None = None
             for m in tries:
-                flags = MODE_FLAGS[m] | XDP_FLAGS_UPDATE_IF_NOEXIST
                 try:
-                    ipr.link("set", index=ifindex, xdp={"attrs": [("IFLA_XDP_FD", self.prog_fd),
-                                                               ("IFLA_XDP_FLAGS", flags)]})
-                except Exception as e:  # pyroute2 NetlinkError
+                    link_fd = bpfsys.xdp_link_create(self.prog_fd, ifindex, MODE_FLAGS[m])
+                except OSError as e:
                     last = e
                     continue
                 got = _attached_mode(ipr, ifindex) or m
-                att = Attachment(ifname, ifindex, got, MODE_FLAGS[m], netns)
+                att = Attachment(ifname, ifindex, got, link_fd)
                 self.attachments.append(att)
-                log.debug("attached", interface=ifname, ifindex=ifindex, mode=got, netns=netns)
+                log.debug("attached", interface=ifname, ifindex=ifindex, mode=got)
                 return att
-            code = getattr(last, "code", None)
-            if code == errno.EPERM:
-                raise LoaderError("attaching XDP needs root or CAP_NET_ADMIN")
-            raise LoaderError(f"could not attach to {ifname} in {mode} mode: {last}")
+        assert last is not None
+        if last.errno == errno.EPERM:
+            raise LoaderError("attaching XDP needs root or CAP_NET_ADMIN + CAP_BPF")
+        if last.errno in (errno.EBUSY, errno.EEXIST):
+            raise LoaderError(f"{ifname} already has an XDP program attached; "
+                              "xdpflow will not replace a program it did not attach")
+        raise LoaderError(f"could not attach to {ifname} in {mode} mode: {os.strerror(last.errno or 0)}")
 
     def detach(self, att: Attachment) -> None:
         try:
-            with _ipr(att.netns) as ipr:
-                ipr.link("set", index=att.ifindex, xdp={"attrs": [("IFLA_XDP_FD", -1),
-                                                                   ("IFLA_XDP_FLAGS", att.flags)]})
-        except Exception as e:  # interface or netns already gone: nothing left to detach
+            os.close(att.link_fd)
+        except OSError as e:
             log.debug("detach skipped", interface=att.ifname, reason=str(e))
         if att in self.attachments:
             self.attachments.remove(att)
@@ -244,14 +241,21 @@ def _quiet_compile(bpf_cls: Any, source: str, cflags: list[str]) -> Any:
 
 
 @contextmanager
-def _ipr(netns: str | None) -> Iterator[Any]:
-    from pyroute2 import IPRoute, NetNS
+def _ipr() -> Iterator[Any]:
+    from pyroute2 import IPRoute
 
-    ipr = NetNS(netns) if netns else IPRoute()
+    ipr = IPRoute()
     try:
         yield ipr
     finally:
         ipr.close()
+
+
+def _ifindex(ifname: str) -> int:
+    try:
+        return socket.if_nametoindex(ifname)
+    except OSError:
+        raise LoaderError(f"no interface named {ifname}") from None
 
 
 def _attached_mode(ipr: Any, ifindex: int) -> str | None:

@@ -94,3 +94,21 @@ def test_second_load_in_one_process_finds_headers_again() -> None:
         with Datapath(max_entries=128).load() as dp:
             assert dp.prog_fd > 0
     assert os.environ.get("BCC_KERNEL_SOURCE") == before
+
+
+@pytest.mark.kernel
+def test_sigkill_leaves_no_attachment_and_restart_works(veth: VethPair, xdpflow_proc: Any) -> None:
+    """bpf_link: the attachment dies with the process, so a restart finds the interface free."""
+    import signal
+
+    for mode in ("native", "generic"):
+        p = xdpflow_proc(veth.obs, "dump", "--interface", veth.obs_if, "--mode", mode, "--max-entries", "1024")
+        p.wait_for("metering")
+        assert xdp_attached(veth.obs, veth.obs_if)
+        p.popen.send_signal(signal.SIGKILL)
+        p.popen.wait(timeout=10)
+        assert not xdp_attached(veth.obs, veth.obs_if), f"{mode} attachment outlived SIGKILL"
+    again = xdpflow_proc(veth.obs, "dump", "--interface", veth.obs_if, "--max-entries", "1024")
+    assert again.wait_for("metering")["interfaces"] == {veth.obs_if: "native"}
+    rc, _ = again.stop()
+    assert rc == 0
