@@ -1,12 +1,14 @@
 """Flip the active flow page and drain the idle one, exactly.
 
-The kernel program writes into whichever page the active-page slot names.
-`Pages.flip()` points the slot at the other page; the map-in-map update
-returns only after an RCU grace period, by which time every program that
-looked up the old page has finished (XDP runs in softirq under RCU). The old
-page then has no writer, and `drain()` reads and deletes it with
-BPF_MAP_LOOKUP_AND_DELETE_BATCH into preallocated buffers viewed as numpy
-structured arrays: each entry is returned exactly once.
+The kernel program writes into whichever page the active-page index names,
+and counts into that page's slot of the stats map. `Pages.flip()` switches
+the index and returns after an RCU grace period (see Datapath.set_active), by
+which time every program that used the old page has finished (XDP runs in
+softirq under RCU). The old page then has no writer: `drain()` reads and
+deletes it with BPF_MAP_LOOKUP_AND_DELETE_BATCH into preallocated buffers
+viewed as numpy structured arrays, each entry exactly once, and the page's
+counters cover exactly the same packets, so per scan
+observed = drained + lost holds exactly.
 
 Measured on the 2-vCPU test machine (kernel 6.18): the flip syscall takes the
 length of one grace period, see `flip()`'s return value and the benchmark
@@ -32,6 +34,7 @@ class Drained:
     values: npt.NDArray[np.void]    # (n, cpus) FLOW_VALUE
     page: int
     flip_seconds: float
+    stats: dict[str, int]           # the page's kernel counters for the same interval
 
 
 @dataclass
@@ -65,7 +68,7 @@ class Pages:
         wait = self.flip()
         idle = self.active ^ 1
         keys, values = self.drain(idle)
-        return Drained(keys, values, idle, wait)
+        return Drained(keys, values, idle, wait, self.datapath.take_page_stats(idle))
 
     def drain_all(self) -> list[Drained]:
         """Shutdown: drain the page just written, then the other (both idle after two flips)."""

@@ -58,6 +58,19 @@ class ScanResult:
     expired: Records
     flip_seconds: float
     seconds: float
+    observed_packets: int = 0   # the kernel's count for the drained pages' interval
+    observed_octets: int = 0
+    drained_packets: int = 0    # what the drained entries held
+    drained_octets: int = 0
+
+    @property
+    def ignored_packets(self) -> int:
+        """Metered but in no entry: LRU evictions and insert failures (exact: same interval)."""
+        return self.observed_packets - self.drained_packets
+
+    @property
+    def ignored_octets(self) -> int:
+        return self.observed_octets - self.drained_octets
 
 
 @dataclass
@@ -70,6 +83,8 @@ class Exporter:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     scans: int = 0
     records_exported: int = 0
+    observed_packets: int = 0
+    ignored_packets: int = 0
     _last_stats: dict[str, int] = field(default_factory=dict)
 
     def _setup_kernel(self) -> None:
@@ -90,16 +105,23 @@ class Exporter:
         offset = clock_offset_ns()
         now_ms = int(now * 1000)
         expired: list[Records] = []
-        entries = flows = 0
+        res = ScanResult(0, 0, np.zeros(0, dtype=FLOW_RECORD), 0.0, 0.0)
         for d in drains:
             records = merge(d.keys, d.values, offset)
-            entries += len(d.keys)
-            flows += len(records)
+            res.entries += len(d.keys)
+            res.flows += len(records)
+            res.flip_seconds += d.flip_seconds
+            res.observed_packets += d.stats["packets"]
+            res.observed_octets += d.stats["octets"]
+            res.drained_packets += int(records["packets"].sum())
+            res.drained_octets += int(records["octets"].sum())
             expired.append(self.table.update(records, now_ms))
         if shutdown:
             expired.append(self.table.expire_all(END_FORCED))
-        out = np.concatenate(expired) if expired else np.zeros(0, dtype=FLOW_RECORD)
-        return ScanResult(entries, flows, out, sum(d.flip_seconds for d in drains), time.perf_counter() - t0)
+        if expired:
+            res.expired = np.concatenate(expired)
+        res.seconds = time.perf_counter() - t0
+        return res
 
     def _drain(self, shutdown: bool) -> list[Drained]:
         assert self.pages is not None and self.datapath is not None
@@ -124,8 +146,12 @@ class Exporter:
         stats = self.datapath.read_stats()
         delta = _delta(stats, self._last_stats)
         self._last_stats = stats
+        self.observed_packets += res.observed_packets
+        self.ignored_packets += res.ignored_packets
         log.debug("scan", entries=res.entries, flows=res.flows, exported=len(res.expired),
                   active=len(self.table) if self.table is not None else 0, datagrams=sent,
+                  observed_packets=res.observed_packets, observed_octets=res.observed_octets,
+                  ignored_packets=res.ignored_packets, ignored_octets=res.ignored_octets,
                   flip_ms=round(res.flip_seconds * 1000, 2), seconds=round(time.perf_counter() - t0, 4),
                   **{f"kernel_{k}": v for k, v in delta.items()})
         return res
@@ -165,7 +191,8 @@ class Exporter:
                     next_scan = time.monotonic() + self.cfg.scan_interval
             res = await self.scan_once(shutdown=True)
             log.info("stopped", scans=self.scans, records_exported=self.records_exported,
-                     final_records=len(res.expired),
+                     final_records=len(res.expired), observed_packets=self.observed_packets,
+                     ignored_packets=self.ignored_packets,
                      sent={str(e.sender.endpoint): vars(e.sender.stats) for e in self.exports})
             return 0
         finally:

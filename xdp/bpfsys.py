@@ -146,7 +146,7 @@ def prog_test_run(prog_fd: int, data: bytes, repeat: int = 1, out_size: int | No
     struct.pack_into("=IIIIQQII", attr, 0, prog_fd, 0, len(data), size_out,
                      ctypes.addressof(din), ctypes.addressof(dout), repeat, 0)
     _bpf(BPF_PROG_TEST_RUN, attr)
-    retval, _, _, data_size_out = struct.unpack_from("=IIII", attr, 0)
+    retval, _, data_size_out = struct.unpack_from("=III", attr, 4)
     duration = struct.unpack_from("=I", attr, 36)[0]
     return TestRun(retval, duration, dout.raw[: min(data_size_out, size_out)])
 

@@ -3,11 +3,15 @@
  * Theory of operation. For every frame: parse Ethernet, up to two VLAN tags,
  * IPv4 or IPv6 (skipping a bounded chain of extension headers) and the ports
  * of TCP, UDP and SCTP (or ICMP type/code); build a struct flow_key and add
- * the packet to the per-CPU LRU flow map that the one-slot array-of-maps
- * `active_page` points at. The exporter owns two such maps ("pages") and
- * flips the slot every scan; the map-in-map update makes the kernel wait an
- * RCU grace period (synchronize_rcu), so when the flip returns no program is
- * still writing to the old page and it can be drained exactly.
+ * the packet to page `active_page` of two per-CPU LRU flow maps ("pages"),
+ * counting it in that page's slot of `stats`. The index is read once per run,
+ * so a packet's flow entry and its counters always land in the same page.
+ * Every scan the exporter writes the other index into `active_page`, then
+ * rewrites a slot of the array-of-maps `pages` with the fd it already holds:
+ * a map-in-map update makes the kernel wait an RCU grace period
+ * (synchronize_rcu) before returning, and XDP programs run under RCU, so
+ * afterwards no program that read the old index is still running. The old
+ * page and its counters then have no writer and are drained exactly.
  *
  * The program never drops or modifies a packet: every path returns XDP_PASS.
  * Frames it can't parse are counted (parse_failures) and passed; so are
@@ -39,8 +43,9 @@
 
 BPF_TABLE("lru_percpu_hash", struct flow_key, struct flow_value, flows0, XDPFLOW_MAX_ENTRIES);
 BPF_TABLE("lru_percpu_hash", struct flow_key, struct flow_value, flows1, XDPFLOW_MAX_ENTRIES);
-BPF_ARRAY_OF_MAPS(active_page, "flows0", 1);
-BPF_PERCPU_ARRAY(stats, struct flow_stats, 1);
+BPF_ARRAY_OF_MAPS(pages, "flows0", 2);       /* slot i -> flows<i>, set once at load */
+BPF_ARRAY(active_page, __u32, 1);            /* index of the page programs write */
+BPF_PERCPU_ARRAY(stats, struct flow_stats, 2); /* counters of each page */
 
 #define ETH_HLEN_ 14
 #define ETH_P_IP_ 0x0800
@@ -219,7 +224,11 @@ static __always_inline int parse(struct xdp_md *ctx, struct flow_key *key, struc
 int xdpflow(struct xdp_md *ctx)
 {
 	__u32 zero = 0;
-	struct flow_stats *st = stats.lookup(&zero);
+	__u32 *active = active_page.lookup(&zero);
+	if (!active)
+		return XDP_PASS;
+	__u32 idx = *active & 1;
+	struct flow_stats *st = stats.lookup(&idx);
 	if (!st)
 		return XDP_PASS;
 	st->frames++;
@@ -239,7 +248,7 @@ int xdpflow(struct xdp_md *ctx)
 	st->packets++;
 	st->octets += p.octets;
 
-	void *page = active_page.lookup(&zero);
+	void *page = pages.lookup(&idx);
 	if (!page)
 		goto lost;
 

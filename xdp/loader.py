@@ -99,8 +99,10 @@ class Datapath:
     bpf: Any = None
     prog_fd: int = -1
     page_fds: tuple[int, int] = (-1, -1)
+    pages_fd: int = -1
     active_fd: int = -1
     stats_fd: int = -1
+    _retired: dict[str, int] = field(default_factory=dict)
     cpus: int = field(default_factory=possible_cpus)
     attachments: list[Attachment] = field(default_factory=list)
 
@@ -138,30 +140,54 @@ class Datapath:
             raise LoaderError(f"could not compile or load xdp/flow.c with {found.description}: {msg}") from None
         self.prog_fd = fn.fd
         self.page_fds = (self.bpf[b"flows0"].map_fd, self.bpf[b"flows1"].map_fd)
+        self.pages_fd = self.bpf[b"pages"].map_fd
         self.active_fd = self.bpf[b"active_page"].map_fd
         self.stats_fd = self.bpf[b"stats"].map_fd
+        for i, fd in enumerate(self.page_fds):
+            bpfsys.map_update(self.pages_fd, ctypes.c_uint32(i), ctypes.c_uint32(fd))
         self.set_active(0)
         log.debug("program loaded", headers=found.description, max_entries=self.max_entries,
                   kernel_memory=human_bytes(need))
         return self
 
     def set_active(self, page: int) -> None:
-        """Point the active-page slot at flow page `page`.
+        """Make programs write page `page`; return once none still writes the other.
 
-        Updating an array-of-maps makes the kernel wait for an RCU grace period
-        (synchronize_rcu in maybe_wait_bpf_programs) before the syscall returns,
-        so afterwards no program that saw the old page is still running.
+        The index is a plain array slot. The fence is a rewrite of a slot of the
+        array-of-maps `pages` with the fd it already holds: for map-in-map
+        updates the kernel runs synchronize_rcu() before the syscall returns
+        (maybe_wait_bpf_programs), and XDP programs run inside an RCU read-side
+        section, so every program that read the old index has finished.
         """
-        key = ctypes.c_uint32(0)
-        value = ctypes.c_uint32(self.page_fds[page])
-        bpfsys.map_update(self.active_fd, key, value)
+        bpfsys.map_update(self.active_fd, ctypes.c_uint32(0), ctypes.c_uint32(page))
+        bpfsys.map_update(self.pages_fd, ctypes.c_uint32(page), ctypes.c_uint32(self.page_fds[page]))
+
+    def _page_stats(self, page: int) -> np.ndarray:
+        per_cpu = np.zeros(self.cpus, dtype=FLOW_STATS)
+        bpfsys.map_lookup(self.stats_fd, ctypes.c_uint32(page), per_cpu)
+        return per_cpu
+
+    def take_page_stats(self, page: int) -> dict[str, int]:
+        """Counters of an idle page since it was last taken, summed over CPUs; resets them.
+
+        Only for a page no program writes (after set_active to the other one):
+        the read and the reset then see no concurrent increment.
+        """
+        per_cpu = self._page_stats(page)
+        bpfsys.map_update(self.stats_fd, ctypes.c_uint32(page), np.zeros(self.cpus, dtype=FLOW_STATS))
+        taken = {name: int(per_cpu[name].sum()) for name in FLOW_STATS.names or ()}
+        for k, v in taken.items():
+            self._retired[k] = self._retired.get(k, 0) + v
+        return taken
 
     def read_stats(self) -> dict[str, int]:
-        """Per-CPU counters (struct flow_stats) summed over CPUs."""
-        per_cpu = np.zeros(self.cpus, dtype=FLOW_STATS)
-        key = ctypes.c_uint32(0)
-        bpfsys.map_lookup(self.stats_fd, key, per_cpu)
-        return {name: int(per_cpu[name].sum()) for name in FLOW_STATS.names or ()}
+        """Cumulative counters (struct flow_stats) since load, summed over CPUs and pages."""
+        total = dict(self._retired)
+        for page in (0, 1):
+            per_cpu = self._page_stats(page)
+            for name in FLOW_STATS.names or ():
+                total[name] = total.get(name, 0) + int(per_cpu[name].sum())
+        return total
 
     # -- attach / detach -------------------------------------------------
 

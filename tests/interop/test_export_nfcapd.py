@@ -49,6 +49,12 @@ def test_export_to_nfcapd_is_exact(veth: VethPair, xdpflow_proc: Any, mode: str)
         assert not xdp_attached(veth.obs, veth.obs_if)
         stopped = p.events("stopped")[0]
         assert stopped["records_exported"] == len(sent)
+        assert stopped["observed_packets"] == sum(fl.count for fl in sent)
+        assert stopped["ignored_packets"] == 0
+        scans = p.events("scan")
+        assert all(s["ignored_packets"] == 0 and s["ignored_octets"] == 0 for s in scans), scans
+        assert sum(s["observed_packets"] for s in scans) == sum(fl.count for fl in sent)
+        assert sum(s["observed_octets"] for s in scans) == sum(fl.count * fl.octets_per_packet for fl in sent)
         cap.stop()
         nf.stop()
         flows = nf.flows()

@@ -1,0 +1,107 @@
+"""Prometheus metrics, off unless --metrics HOST:PORT is given (loopback by default).
+
+A private registry (no process-wide default collectors, no surprises when two
+exporters share a process in tests). Kernel counters are cumulative in the
+per-CPU stats map, so they are exported as they are read each scan, through a
+custom collector rather than by incrementing client-side counters; everything
+the exporter itself does (records, messages, errors, scan time) is counted as
+it happens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+KERNEL_COUNTERS = {
+    "frames": "Frames the XDP program ran on",
+    "packets": "IP packets metered (observed)",
+    "octets": "IP octets metered (observed)",
+    "flows_created": "Flow entries created in the kernel",
+    "parse_failures": "Malformed or truncated frames passed without metering",
+    "non_ip": "Frames that are not IPv4/IPv6",
+    "insert_failures": "Metered packets no flow page could hold",
+    "insert_failure_octets": "Octets of metered packets no flow page could hold",
+}
+
+
+@dataclass
+class _KernelView(Collector):
+    read: Callable[[], dict[str, int]]
+    fill: Callable[[], float]
+    modes: Callable[[], dict[str, str]]
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self.read()
+        for name, help_text in KERNEL_COUNTERS.items():
+            c = CounterMetricFamily(f"xdpflow_kernel_{name}", help_text)
+            c.add_metric([], stats.get(name, 0))
+            yield c
+        g = GaugeMetricFamily("xdpflow_kernel_map_fill_ratio",
+                              "Entries drained in the last scan / max_entries of a page")
+        g.add_metric([], self.fill())
+        yield g
+        m = GaugeMetricFamily("xdpflow_attached", "1 per attached interface, labelled with the XDP mode obtained",
+                              labels=["interface", "mode"])
+        for ifname, mode in self.modes().items():
+            m.add_metric([ifname, mode], 1)
+        yield m
+
+    def describe(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        return []
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.records_exported = Counter("xdpflow_records_exported", "Flow records handed to the encoder",
+                                        registry=r)
+        self.ignored_packets = Counter("xdpflow_ignored_packets",
+                                       "Packets metered by the kernel that no exported record holds", registry=r)
+        self.messages = Counter("xdpflow_messages_sent", "IPFIX messages sent", ["collector"], registry=r)
+        self.octets = Counter("xdpflow_octets_sent", "IPFIX octets sent", ["collector"], registry=r)
+        self.send_errors = Counter("xdpflow_send_errors", "Send errors", ["collector"], registry=r)
+        self.queue_depth = Gauge("xdpflow_queue_depth", "Messages waiting for a collector", ["collector"],
+                                 registry=r)
+        self.active_flows = Gauge("xdpflow_active_flows", "Flows held in the user-space flow table", registry=r)
+        self.scan_seconds = Histogram("xdpflow_scan_seconds", "Duration of one scan (drain to send)", registry=r,
+                                      buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        self._sent: dict[str, tuple[int, int, int]] = {}
+
+    def watch_kernel(self, read: Callable[[], dict[str, int]], fill: Callable[[], float],
+                     modes: Callable[[], dict[str, str]]) -> None:
+        self.registry.register(_KernelView(read, fill, modes))
+
+    def sender_totals(self, collector: str, messages: int, octets: int, errors: int, queue: int) -> None:
+        """Senders keep cumulative totals; turn them into counter increments."""
+        m0, o0, e0 = self._sent.get(collector, (0, 0, 0))
+        self.messages.labels(collector).inc(max(0, messages - m0))
+        self.octets.labels(collector).inc(max(0, octets - o0))
+        self.send_errors.labels(collector).inc(max(0, errors - e0))
+        self.queue_depth.labels(collector).set(queue)
+        self._sent[collector] = (messages, octets, errors)
+
+    def serve(self, host: str, port: int) -> None:
+        start_http_server(port, addr=host, registry=self.registry)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT or [V6]:PORT or :PORT (loopback) for the metrics endpoint."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"metrics address {text!r}: expected HOST:PORT")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        p = int(port)
+    except ValueError:
+        raise ValueError(f"metrics address {text!r}: port {port!r} is not a number") from None
+    if not 0 < p < 65536:
+        raise ValueError(f"metrics address {text!r}: port must be 1..65535")
+    return host, p
