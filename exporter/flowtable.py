@@ -343,3 +343,10 @@ def benchmark_update(n: int, repeat: int = 3, clock: Callable[[], float] = timei
         table.update(scan, 1_010_000)
         best = min(best, clock() - t0)
     return n / best
+
+
+def retime(table: FlowTable, active_timeout_s: float, idle_timeout_s: float) -> None:
+    """Change a live table's timeouts (SIGHUP); flows held keep their counters and start times."""
+    active_ms = _timeout_ms("active_timeout_s", active_timeout_s)
+    idle_ms = _timeout_ms("idle_timeout_s", idle_timeout_s)
+    table.active_ms, table.idle_ms = active_ms, idle_ms

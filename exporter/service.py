@@ -12,19 +12,23 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
 
 from exporter.drain import Drained, Pages
-from exporter.flowtable import FlowTable
+from exporter.flowtable import FlowTable, retime
+from exporter.interfaces import LinkWatcher, is_glob, matching, present
 from exporter.ipfix.encoder import Encoder
 from exporter.merge import clock_offset_ns, merge
+from exporter.metrics import Metrics, parse_listen
 from exporter.records import END_FORCED, FLOW_RECORD, Records
-from exporter.transport import Endpoint, UdpSender
-from xdp.loader import Datapath, human_bytes
+from exporter.transport import Endpoint, EndpointError, UdpSender
+from xdp.loader import Datapath, LoaderError, human_bytes
 
 log = structlog.get_logger("xdpflow.service")
 
@@ -42,7 +46,8 @@ class RunConfig:
     observation_domain: int = 0
     mtu: int = 1400
     template_refresh: float = 60.0
-    netns: str | None = None
+    netns: str | None = None       # unused; kept until the CLI stops passing it
+    metrics: str | None = None     # HOST:PORT of the Prometheus endpoint, None = off
 
 
 @dataclass
@@ -85,6 +90,11 @@ class Exporter:
     records_exported: int = 0
     observed_packets: int = 0
     ignored_packets: int = 0
+    metrics: Metrics | None = None
+    reload: Callable[[], RunConfig] | None = None
+    _fill: float = 0.0
+    _attach_lock: threading.Lock = field(default_factory=threading.Lock)
+    _links_changed: asyncio.Event = field(default_factory=asyncio.Event)
     _last_stats: dict[str, int] = field(default_factory=dict)
 
     def _setup_kernel(self) -> None:
@@ -92,11 +102,35 @@ class Exporter:
         self.datapath = dp
         try:
             for ifname in self.cfg.interfaces:
-                dp.attach(ifname, self.cfg.mode)
+                if not is_glob(ifname):
+                    dp.attach(ifname, self.cfg.mode)
+            self._reconcile()
         except BaseException:
             dp.close()
             raise
         self.pages = Pages(dp)
+
+    def _reconcile(self) -> None:
+        """Attach to matching interfaces that appeared, release those that went (hotplug, SIGHUP)."""
+        dp = self.datapath
+        if dp is None:
+            return
+        with self._attach_lock:
+            links = present()
+            for att in list(dp.attachments):
+                if links.get(att.ifname) != att.ifindex or not matching(self.cfg.interfaces, {att.ifname: 0}):
+                    dp.detach(att)
+                    log.info("interface released", interface=att.ifname,
+                             reason="gone" if att.ifname not in links else "no longer configured")
+            held = {a.ifname for a in dp.attachments}
+            for ifname in sorted(set(matching(self.cfg.interfaces, links)) - held):
+                try:
+                    att = dp.attach(ifname, self.cfg.mode)
+                except LoaderError as e:
+                    log.warning("interface not attached", interface=ifname, error=str(e))
+                    continue
+                if self.datapath is not None and self.pages is not None:
+                    log.info("interface attached", interface=ifname, mode=att.mode, ifindex=att.ifindex)
 
     def _scan(self, drains: list[Drained], now: float, shutdown: bool) -> ScanResult:
         """Worker-thread half of a scan: merge, fold into the table, expire."""
@@ -148,6 +182,16 @@ class Exporter:
         self._last_stats = stats
         self.observed_packets += res.observed_packets
         self.ignored_packets += res.ignored_packets
+        self._fill = res.entries / self.cfg.max_entries if not shutdown else self._fill
+        if self.metrics is not None:
+            m = self.metrics
+            m.scan_seconds.observe(time.perf_counter() - t0)
+            m.records_exported.inc(len(res.expired))
+            m.ignored_packets.inc(max(0, res.ignored_packets))
+            m.active_flows.set(len(self.table) if self.table is not None else 0)
+            for ex in self.exports:
+                st = ex.sender.stats
+                m.sender_totals(str(ex.sender.endpoint), st.messages, st.octets, st.send_errors, 0)
         log.debug("scan", entries=res.entries, flows=res.flows, exported=len(res.expired),
                   active=len(self.table) if self.table is not None else 0, datagrams=sent,
                   observed_packets=res.observed_packets, observed_octets=res.observed_octets,
@@ -156,18 +200,82 @@ class Exporter:
                   **{f"kernel_{k}": v for k, v in delta.items()})
         return res
 
+    def _start_metrics(self, listen: str) -> None:
+        dp = self.datapath
+        assert dp is not None
+        host, port = parse_listen(listen)
+        self.metrics = Metrics()
+        self.metrics.watch_kernel(dp.read_stats, lambda: self._fill,
+                                  lambda: {a.ifname: a.mode for a in dp.attachments})
+        try:
+            self.metrics.serve(host, port)
+        except OSError as e:
+            raise EndpointError(f"metrics endpoint {listen}: {e.strerror}") from None
+        log.info("metrics", url=f"http://{host}:{port}/metrics")
+
+    async def _watch_links(self) -> None:
+        while True:
+            await self._links_changed.wait()
+            await asyncio.sleep(0.2)  # a new veth brings several link events: settle, then look once
+            self._links_changed.clear()
+            await asyncio.to_thread(self._reconcile)
+
+    async def _apply_reload(self) -> None:
+        """SIGHUP: new timeouts, collectors, log level and interface patterns; no re-attach, no flow lost."""
+        if self.reload is None:
+            log.warning("SIGHUP ignored: no configuration file to reload")
+            return
+        try:
+            new = self.reload()
+        except Exception as e:  # a bad file must not take the running exporter down
+            log.error("reload failed, keeping the running configuration", error=str(e))
+            return
+        old = self.cfg
+        if self.table is not None:
+            retime(self.table, new.active_timeout, new.idle_timeout)
+        keep = {e.sender.endpoint: e for e in self.exports}
+        exports = []
+        for ep in new.collectors:
+            if ep in keep:
+                exports.append(keep.pop(ep))
+                continue
+            try:
+                exports.append(Export(self._encoder(new), await UdpSender(ep).open()))
+            except EndpointError as e:
+                log.error("collector not added", collector=str(ep), error=str(e))
+        for gone in keep.values():
+            await gone.sender.close()
+        self.exports = exports
+        self.cfg = new
+        await asyncio.to_thread(self._reconcile)
+        log.info("reloaded", active_timeout=new.active_timeout, idle_timeout=new.idle_timeout,
+                 collectors=[str(e.sender.endpoint) for e in self.exports], interfaces=list(new.interfaces),
+                 changed=sorted(k for k in vars(new) if getattr(new, k) != getattr(old, k)))
+
+    def _encoder(self, cfg: RunConfig) -> Encoder:
+        return Encoder(odid=cfg.observation_domain, mtu=cfg.mtu, template_refresh_s=cfg.template_refresh)
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._apply_reload()))
+        watcher: LinkWatcher | None = None
+        watch_task: asyncio.Task[None] | None = None
         try:
-            self.exports = [Export(Encoder(odid=self.cfg.observation_domain, mtu=self.cfg.mtu,
-                                           template_refresh_s=self.cfg.template_refresh),
-                                   await UdpSender(ep).open()) for ep in self.cfg.collectors]
+            self.exports = [Export(self._encoder(self.cfg), await UdpSender(ep).open())
+                            for ep in self.cfg.collectors]
             self.table = FlowTable(active_timeout_s=self.cfg.active_timeout, idle_timeout_s=self.cfg.idle_timeout,
                                    capacity=max(2 * self.cfg.max_entries, 1))
             await asyncio.to_thread(self._setup_kernel)
             assert self.datapath is not None
+            if self.cfg.metrics:
+                self._start_metrics(self.cfg.metrics)
+            def links_changed() -> None:
+                loop.call_soon_threadsafe(self._links_changed.set)
+
+            watcher = LinkWatcher(links_changed).start()
+            watch_task = loop.create_task(self._watch_links())
             log.info("exporting", interfaces={a.ifname: a.mode for a in self.datapath.attachments},
                      max_entries=self.cfg.max_entries, kernel_memory=human_bytes(self.datapath.memory_bytes),
                      collectors=[str(e.sender.endpoint) for e in self.exports],
@@ -185,6 +293,7 @@ class Exporter:
                 if self.stop.is_set():
                     break
                 await self.scan_once()
+                self._links_changed.set()  # belt and braces: recheck interfaces every scan
                 next_scan += self.cfg.scan_interval
                 if next_scan < time.monotonic():  # a scan overran: skip ahead rather than bunch scans up
                     log.warning("scan overran the interval", interval=self.cfg.scan_interval)
@@ -196,11 +305,16 @@ class Exporter:
                      sent={str(e.sender.endpoint): vars(e.sender.stats) for e in self.exports})
             return 0
         finally:
+            if watcher is not None:
+                watcher.stop()
+            if watch_task is not None:
+                watch_task.cancel()
             if self.datapath is not None:
-                self.datapath.close()
+                with self._attach_lock:
+                    self.datapath.close()
             for ex in self.exports:
                 await ex.sender.close()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
 
@@ -208,10 +322,10 @@ def _delta(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {k: v - before.get(k, 0) for k, v in now.items()}
 
 
-def run(cfg: RunConfig) -> int:
+def run(cfg: RunConfig, reload: Callable[[], RunConfig] | None = None) -> int:
+    exporter = Exporter(cfg, reload=reload)
     try:
         import uvloop
-
-        return uvloop.run(Exporter(cfg).run())
     except ImportError:
-        return asyncio.run(Exporter(cfg).run())
+        return asyncio.run(exporter.run())
+    return uvloop.run(exporter.run())

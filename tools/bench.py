@@ -207,7 +207,11 @@ def bench_exporter(flows: int, pps: int, seconds: float, scan_interval: float = 
         finally:
             if gen is not None:
                 gen.send_signal(signal.SIGINT)
-                gen.wait(timeout=30)
+                try:
+                    gen.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    gen.kill()
+                    gen.wait()
             exp.send_signal(signal.SIGTERM)
             exp.wait(timeout=60)
             sink.send_signal(signal.SIGTERM)
