@@ -137,6 +137,78 @@ def bench_pipeline(n: int) -> StageTimes:
     return StageTimes(n, t_drain, t_merge, t_table, t_enc, t_send, len(dgrams), cpu, rss)
 
 
+EMPTY_XDP = "int empty(struct xdp_md *ctx) { return XDP_PASS; }\n"
+
+
+def _kernel_frames() -> dict[str, bytes]:
+    from tools.packets import TCP, UDP, Flow
+
+    return {
+        "ipv4_tcp": Flow("t", "198.18.0.1", "198.19.0.1", TCP, 40000, 443, tcp_flags=0x10, payload_len=0).frame(),
+        "ipv6_udp": Flow("u", "fd00::1", "fd00::2", UDP, 5000, 53, payload_len=32).frame(),
+        "vlan_ipv4_udp": Flow("v", "198.18.0.1", "198.19.0.1", UDP, 1, 2, vlan=42, payload_len=32).frame(),
+    }
+
+
+def _varied(frame: bytes, i: int) -> bytes:
+    """The same IPv4 frame with source port i (offset 34): a new flow per i."""
+    return frame[:34] + (i & 0xFFFF).to_bytes(2, "big") + frame[36:38] + (i >> 16 & 0xFFFF).to_bytes(2, "big") \
+        + frame[40:]
+
+
+def bench_kernel(repeat: int = 1_000_000, rounds: int = 5, new_flows: int = 20_000) -> dict[str, Any]:
+    """ns/packet from BPF_PROG_TEST_RUN: min and median over `rounds` runs of `repeat` packets."""
+    from bcc import BPF
+
+    from exporter.drain import Pages
+    from xdp import bpfsys
+    from xdp.headers import find
+    from xdp.loader import Datapath
+
+    found = find()
+    with found.applied():
+        empty = BPF(text=EMPTY_XDP.encode(), cflags=["-w", *found.cflags])
+    empty_fd = empty.load_func(b"empty", BPF.XDP).fd
+    out: dict[str, Any] = {}
+
+    def series(fd: int, frame: bytes) -> dict[str, float]:
+        ns = sorted(bpfsys.prog_test_run(fd, frame, repeat=repeat).duration_ns for _ in range(rounds))
+        return {"min_ns": ns[0], "median_ns": ns[len(ns) // 2]}
+
+    frames = _kernel_frames()
+    out["empty_program"] = series(empty_fd, frames["ipv4_tcp"])
+    table = new_flows * 4
+    with Datapath(max_entries=table + table // 8 + 1024).load() as dp:
+        for name, frame in frames.items():
+            out[f"hit_{name}"] = series(dp.prog_fd, frame)
+
+        def one_each(start: int) -> float:
+            runs = [bpfsys.prog_test_run(dp.prog_fd, _varied(frames["ipv4_tcp"], start + i)).duration_ns
+                    for i in range(new_flows)]
+            runs.sort()
+            return float(runs[len(runs) // 2])
+
+        pages = Pages(dp)
+        pages.flip_and_drain()
+        pages.flip_and_drain()
+        # Hits measured one run at a time too, so the new-flow figure has a like-for-like reference.
+        one_each(1)
+        out["hit_single_run_median_ns"] = one_each(1)
+        pages.flip_and_drain()
+        pages.flip_and_drain()
+        out["new_flow_empty_table_median_ns"] = one_each(100_000)
+    with Datapath(max_entries=new_flows).load() as dp:
+        for i in range(3):  # fill well past capacity so every insert evicts
+            for j in range(new_flows):
+                bpfsys.prog_test_run(dp.prog_fd, _varied(frames["ipv4_tcp"], 1_000_000 + i * new_flows + j))
+        runs = sorted(bpfsys.prog_test_run(dp.prog_fd, _varied(frames["ipv4_tcp"], 5_000_000 + j)).duration_ns
+                      for j in range(new_flows))
+        out["new_flow_full_table_median_ns"] = float(runs[len(runs) // 2])
+        out["full_table_stats"] = dp.read_stats()
+    empty.cleanup()
+    return out
+
+
 def flow_grid(flows: int) -> tuple[int, int]:
     """Two coprime cycle lengths a x b == flows (or just above) for trafgen's dinc counters."""
     if flows <= 60000:
@@ -251,7 +323,12 @@ def main(argv: list[str] | None = None) -> int:
     pe.add_argument("--pps", type=int, default=200_000, help="trafgen packets/s, 0 = as fast as it goes "
                                                                "(default %(default)s)")
     pe.add_argument("--seconds", type=float, default=60.0)
+    pk = sub.add_parser("kernel", help="ns/packet of the XDP program via BPF_PROG_TEST_RUN")
+    pk.add_argument("--repeat", type=int, default=1_000_000)
+    pk.add_argument("--rounds", type=int, default=5)
     args = p.parse_args(argv)
+    if args.what == "kernel":
+        print(json.dumps(bench_kernel(args.repeat, args.rounds), indent=1))
     if args.what == "exporter":
         print(json.dumps(bench_exporter(args.flows, args.pps, args.seconds)))
     if args.what == "pipeline":
