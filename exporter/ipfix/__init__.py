@@ -1,13 +1,37 @@
-"""IPFIX export (RFC 7011): templates and the sans-IO message encoder."""
+"""IPFIX export (RFC 7011): templates, options records and the sans-IO message encoder."""
 
-from exporter.ipfix.encoder import Encoder, benchmark_encode, encode_records
+from exporter.ipfix.encoder import (
+    SEQUENCE_MODES,
+    EncodedTotals,
+    Encoder,
+    FlowTotals,
+    SequenceMode,
+    benchmark_encode,
+    encode_records,
+)
+from exporter.ipfix.options import (
+    CONFIG_TEMPLATE_ID,
+    FLOW_KEYS_TEMPLATE_ID,
+    METERING_TEMPLATE_ID,
+    RELIABILITY_TEMPLATE_ID,
+    ExporterState,
+)
 from exporter.ipfix.templates import FLOW_V4, FLOW_V6, Field, Template, ie, template_sets
 
 __all__ = [
+    "CONFIG_TEMPLATE_ID",
+    "FLOW_KEYS_TEMPLATE_ID",
     "FLOW_V4",
     "FLOW_V6",
+    "METERING_TEMPLATE_ID",
+    "RELIABILITY_TEMPLATE_ID",
+    "SEQUENCE_MODES",
+    "EncodedTotals",
     "Encoder",
+    "ExporterState",
     "Field",
+    "FlowTotals",
+    "SequenceMode",
     "Template",
     "benchmark_encode",
     "encode_records",

@@ -1,4 +1,4 @@
-"""Sans-IO IPFIX (RFC 7011) encoder: FLOW_RECORD arrays in, messages out.
+"""Sans-IO IPFIX (RFC 7011) encoder: FLOW_RECORD arrays and options in, messages out.
 
 Theory of operation. `encode(records, now)` splits the batch by ip_version
 into the IPv4 (256) and IPv6 (257) data templates, then builds each family's
@@ -7,27 +7,42 @@ dtype, filled column by column with whole-array assignments and viewed as
 one flat byte buffer. The records of a family are then contiguous slices
 of that buffer, so cutting messages is only slicing and joining.
 
-Messages are filled greedily up to the MTU: IPv4 records first, then IPv6,
-each in input order; when one family runs out mid-message the other starts a
-new set in the same message. Records are never padded (no padding is
-needed: sets are not aligned).
+Options (RFC 7011 section 4, see options.py): `encode(records, now,
+options=state)` or `encode_options(state, now)` adds one run of options
+records (templates 258-261) ahead of the data records.
 
-Templates: one template set listing every template goes at the head of a
-message (before any data set) when templates are due: on the first message,
-after `reset_templates()`, when `template_refresh_s` have passed since they
-were last sent (by the caller's `now`; also when `now` went backwards), and
-on every `template_refresh_messages`-th message. Always sending both data
-templates keeps a single refresh clock and costs 148 bytes per refresh.
+Messages are filled greedily up to the MTU: options records first, then IPv4
+records, then IPv6, each in input order; when one run ends mid-message the
+next starts a new set in the same message. Records are never padded (no
+padding is needed: sets are not aligned).
 
-Sequence numbers (RFC 7011 3.1): the header carries the number of data
-records sent in this observation domain before the message, mod 2^32.
-Template records do not count. `templates_message()` builds a message with
-templates only (for a new TCP connection), which carries the current
-sequence number and does not advance it.
+Templates: one template set (256, 257) and one options template set (258-261)
+go at the head of a message (before any data set) when templates are due: on
+the first message, after `reset_templates()`, when `template_refresh_s` have
+passed since they were last sent (by the caller's `now`; also when `now` went
+backwards), and on every `template_refresh_messages`-th message. Sending all
+templates together keeps a single refresh clock.
 
-Zero records give no messages and change no state: a message without data
-is pointless over UDP, and a transport that needs templates up front asks
-`templates_message()` for them.
+Sequence numbers. RFC 7011 3.1: "Incremental sequence counter modulo 2^32 of
+all IPFIX Data Records sent in the current stream from the current
+Observation Domain by the Exporting Process. [...] Template and Options
+Template Records do not increase the Sequence Number." Its terminology
+defines an Options Template Record as "a Template Record that defines the
+structure and interpretation of fields in a Data Record, including defining
+how to scope the applicability of the Data Record": options data records are
+Data Records, and only template records are excluded. Section 10.3.2 says the
+same for UDP ("the total number of IPFIX Data Records sent for the Transport
+Session prior to the receipt of this IPFIX Message, modulo 2^32").
+So in `sequence_mode="rfc"` (the default; ipfixcol2 and tshark count them too)
+options records advance the counter; in `sequence_mode="nfdump"` only flow
+records do, because nfcapd counts only those and reports "sequence failures"
+otherwise.
+`templates_message()` builds a message with templates only (for a new TCP
+connection), which carries the current sequence number and does not advance it.
+
+Zero records and no options give no messages and change no state: a message
+without records is pointless over UDP, and a transport that needs templates
+up front asks `templates_message()` for them.
 """
 
 from __future__ import annotations
@@ -35,12 +50,16 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
+from typing import Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
 
+from exporter.ipfix.options import ExporterState, OptionsEncoder, RecordGroup
 from exporter.ipfix.templates import FLOW_V4, FLOW_V6, Template, template_sets
-from exporter.records import FLOW_RECORD, Records
+from exporter.records import FLOW_RECORD, Records, empty
 
 IPFIX_VERSION = 10
 MESSAGE_HEADER = struct.Struct("!HHIII")
@@ -48,6 +67,9 @@ SET_HEADER = struct.Struct("!HH")
 MIN_MTU = 512
 MAX_MTU = 65535
 SEQUENCE_MODULUS = 1 << 32
+
+SequenceMode = Literal["rfc", "nfdump"]
+SEQUENCE_MODES: tuple[str, ...] = get_args(SequenceMode)
 
 Column = Callable[[Records], npt.ArrayLike]
 
@@ -101,8 +123,35 @@ def encode_records(template: Template, records: Records, columns: dict[str, Colu
     return out.view(np.uint8).data
 
 
+@dataclass(frozen=True)
+class FlowTotals:
+    """Flow data records in a message and the sums of their packet and octet counters."""
+
+    flows: int = 0
+    packets: int = 0
+    octets: int = 0
+
+    def __add__(self, other: FlowTotals) -> FlowTotals:
+        return FlowTotals(self.flows + other.flows, self.packets + other.packets, self.octets + other.octets)
+
+
+@dataclass(frozen=True)
+class EncodedTotals:
+    """What an encoder has produced since it was made (templates-only messages included)."""
+
+    messages: int = 0
+    octets: int = 0
+    flow_records: int = 0
+    options_records: int = 0
+
+
 class Encoder:
-    """IPFIX message builder for one observation domain of one collector session."""
+    """IPFIX message builder for one observation domain of one collector session.
+
+    `exporting_process_id` and `exporter_address` go into the exporting-process
+    reliability options record; the address (when given) fixes that template's
+    shape for the life of the encoder.
+    """
 
     def __init__(
         self,
@@ -112,6 +161,9 @@ class Encoder:
         template_refresh_messages: int = 100,
         *,
         sequence: int = 0,
+        sequence_mode: SequenceMode = "rfc",
+        exporting_process_id: int = 0,
+        exporter_address: str | IPv4Address | IPv6Address | None = None,
     ) -> None:
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise ValueError(f"mtu {mtu} outside {MIN_MTU}..{MAX_MTU}")
@@ -123,62 +175,128 @@ class Encoder:
             raise ValueError("template_refresh_s must be >= 0")
         if template_refresh_messages < 1:
             raise ValueError("template_refresh_messages must be >= 1")
+        if sequence_mode not in SEQUENCE_MODES:
+            raise ValueError(f"sequence_mode {sequence_mode!r} is not one of {', '.join(SEQUENCE_MODES)}")
         self.odid = odid
         self.mtu = mtu
         self.template_refresh_s = float(template_refresh_s)
         self.template_refresh_messages = template_refresh_messages
+        self.sequence_mode: SequenceMode = sequence_mode
         self._data_templates: tuple[tuple[int, Template], ...] = ((4, FLOW_V4), (6, FLOW_V6))
-        self._template_sets = template_sets([t for _, t in self._data_templates])
-        largest = max(t.record_length for _, t in self._data_templates)
+        self._options = OptionsEncoder(tuple(t for _, t in self._data_templates), odid,
+                                       exporting_process_id, exporter_address)
+        self._template_sets = template_sets(self.templates)
+        largest = max(t.record_length for t in self.templates)
         if MESSAGE_HEADER.size + len(self._template_sets) + SET_HEADER.size + largest > mtu:
             raise ValueError(f"mtu {mtu} cannot hold the templates and one record")
+        self._by_id = {t.template_id: t for t in self.templates}
         self._sequence = sequence
         self._templates_forced = True
         self._templates_sent_at = 0.0
         self._messages_since_templates = 0
+        self._totals = EncodedTotals()
+        self.last_flow_counts: list[int] = []  # flow records in each message of the last encode()
 
     @property
     def sequence(self) -> int:
-        """The sequence number the next message will carry: data records sent so far, mod 2^32."""
+        """The sequence number the next message will carry: records counted so far, mod 2^32."""
         return self._sequence
 
     @property
     def templates(self) -> tuple[Template, ...]:
+        """Data templates, then options templates, in the order they are announced."""
+        return tuple(t for _, t in self._data_templates) + self._options.templates
+
+    @property
+    def data_templates(self) -> tuple[Template, ...]:
         return tuple(t for _, t in self._data_templates)
+
+    @property
+    def options_templates(self) -> tuple[Template, ...]:
+        return self._options.templates
+
+    @property
+    def totals(self) -> EncodedTotals:
+        return self._totals
 
     def reset_templates(self) -> None:
         """Put the templates in the next message (a new session must learn them again)."""
         self._templates_forced = True
 
     def templates_message(self, now: float) -> bytes:
-        """A message holding only the template set(s); does not advance the sequence number."""
+        """A message holding only the (options) template sets; does not advance the sequence number."""
         export_time = self._export_time(now)
         self._mark_templates_sent(now)
         self._messages_since_templates = 1
         length = MESSAGE_HEADER.size + len(self._template_sets)
+        self._count_output(1, length, 0, 0)
         return MESSAGE_HEADER.pack(IPFIX_VERSION, length, export_time, self._sequence, self.odid) + self._template_sets
 
-    def encode(self, records: Records, now: float) -> list[bytes]:
-        """Encode a FLOW_RECORD array into messages of at most `mtu` bytes."""
+    def encode_options(self, state: ExporterState, now: float) -> list[bytes]:
+        """Messages holding only the options records for `state` (templates first when due)."""
+        return self.encode(empty(0), now, options=state)
+
+    def encode(self, records: Records, now: float, options: ExporterState | None = None) -> list[bytes]:
+        """Encode a FLOW_RECORD array, after the options records for `options` if given, into messages <= mtu."""
         export_time = self._export_time(now)
         if records.dtype != FLOW_RECORD:
             raise TypeError(f"expected a FLOW_RECORD array, got dtype {records.dtype}")
-        if len(records) == 0:
+        groups: list[RecordGroup] = []
+        if options is not None:
+            groups.extend(self._options.groups(options))
+        if len(records):
+            groups.extend(self._encode_groups(records))
+        if not groups:
             return []
-        groups = self._encode_groups(records)
+        return self._build(groups, now, export_time)
 
+    def flow_totals(self, message: bytes | bytearray | memoryview) -> FlowTotals:
+        """Flow records in one of this encoder's messages, with their packets and octets summed.
+
+        For notSent* accounting: a message that could not be sent loses exactly these.
+        """
+        raw = memoryview(message)
+        if len(raw) < MESSAGE_HEADER.size:
+            raise ValueError("shorter than an IPFIX message header")
+        version, length, *_ = MESSAGE_HEADER.unpack_from(raw, 0)
+        if version != IPFIX_VERSION or length != len(raw):
+            raise ValueError("not a whole IPFIX message")
+        total = FlowTotals()
+        pos = MESSAGE_HEADER.size
+        while pos < length:
+            set_id, set_len = SET_HEADER.unpack_from(raw, pos)
+            if set_len <= SET_HEADER.size or pos + set_len > length:
+                raise ValueError(f"bad set length {set_len} at offset {pos}")
+            template = self._by_id.get(set_id)
+            if template is not None and template.scope_count == 0:
+                recs = np.frombuffer(raw[pos + SET_HEADER.size:pos + set_len], dtype=template.wire_dtype)
+                total += FlowTotals(len(recs), sum(recs["packetDeltaCount"].tolist()),
+                                    sum(recs["octetDeltaCount"].tolist()))
+            pos += set_len
+        return total
+
+    def _build(self, groups: list[RecordGroup], now: float, export_time: int) -> list[bytes]:
         messages: list[bytes] = []
         parts: list[bytes | memoryview] = []
         pack_set = SET_HEADER.pack
         pack_header = MESSAGE_HEADER.pack
+        count_options = self.sequence_mode == "rfc"
         sequence = self._sequence
-        in_message = 0  # data records in the open message
+        in_message = 0  # records in the open message that advance the sequence number
         room = 0  # bytes left in the open message
         is_open = False
+        flow_records = options_records = 0
+        flows_in_message = 0
+        per_message: list[int] = []
         # Each set takes as many records as fit, so a group continues only in a new message.
         for template, payload, count in groups:
             tid = template.template_id
             reclen = template.record_length
+            counted = count_options or template.scope_count == 0
+            if template.scope_count:
+                options_records += count
+            else:
+                flow_records += count
             pos = 0
             while pos < count:
                 if room < SET_HEADER.size + reclen:
@@ -186,8 +304,10 @@ class Encoder:
                         messages.append(pack_header(IPFIX_VERSION, self.mtu - room, export_time, sequence, self.odid)
                                         + b"".join(parts))
                         sequence = (sequence + in_message) % SEQUENCE_MODULUS
+                        per_message.append(flows_in_message)
                     parts = []
                     in_message = 0
+                    flows_in_message = 0
                     is_open = True
                     room = self.mtu - MESSAGE_HEADER.size
                     if self._templates_due(now):
@@ -200,15 +320,26 @@ class Encoder:
                 parts.append(payload[pos * reclen:(pos + k) * reclen])
                 room -= SET_HEADER.size + k * reclen
                 pos += k
-                in_message += k
+                if counted:
+                    in_message += k
+                if not template.scope_count:
+                    flows_in_message += k
+        per_message.append(flows_in_message)
+        self.last_flow_counts = per_message
         length = self.mtu - room
         messages.append(pack_header(IPFIX_VERSION, length, export_time, sequence, self.odid) + b"".join(parts))
         self._sequence = (sequence + in_message) % SEQUENCE_MODULUS
+        self._count_output(len(messages), sum(len(m) for m in messages), flow_records, options_records)
         return messages
 
-    def _encode_groups(self, records: Records) -> list[tuple[Template, memoryview, int]]:
+    def _count_output(self, messages: int, octets: int, flow_records: int, options_records: int) -> None:
+        t = self._totals
+        self._totals = EncodedTotals(t.messages + messages, t.octets + octets, t.flow_records + flow_records,
+                                     t.options_records + options_records)
+
+    def _encode_groups(self, records: Records) -> list[RecordGroup]:
         versions = records["ip_version"]
-        groups = []
+        groups: list[RecordGroup] = []
         selected = 0
         for version, template in self._data_templates:
             mask = versions == version

@@ -3,8 +3,9 @@
 Information elements come from the `ipfix` package's IANA registry, looked up
 by name, so ids and types are never restated here. A Template knows how to
 encode its own template record (RFC 7011 3.4.1, or 3.4.2 with a scope count
-for options templates) and the packed big-endian numpy dtype whose itemsize
-and byte layout are exactly one data record on the wire.
+for options templates), the packed big-endian numpy dtype whose itemsize
+and byte layout are exactly one data record on the wire, and which of its
+fields are flow keys (the flowKeyIndicator bitmap of RFC 7011 4.4).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ OPTIONS_TEMPLATE_SET_ID = 3
 MIN_DATA_SET_ID = 256
 VARLEN = 65535
 ENTERPRISE_BIT = 0x8000
+FLOW_KEY_BITS = 64
 
 ipfix.ie.use_iana_default()
 
@@ -54,10 +56,11 @@ def ie(name: str) -> Any:
 
 @dataclass(frozen=True)
 class Field:
-    """One field specifier: an information element at a fixed length."""
+    """One field specifier: an information element at a fixed length; `key` marks a flow key."""
 
     element: Any  # ipfix.ie.InformationElement (the package ships no type hints)
     length: int
+    key: bool = False
 
     @property
     def name(self) -> str:
@@ -99,16 +102,26 @@ class Template:
         for f in self.fields:
             if not 0 < f.length < VARLEN:
                 raise ValueError(f"{f.name}: variable-length fields are not supported")
+        keys = [i for i, f in enumerate(self.fields) if f.key]
+        if keys and self.scope_count:
+            raise ValueError("flow keys belong to data templates, not options templates")
+        if keys and keys[-1] >= FLOW_KEY_BITS:
+            raise ValueError(f"flow keys must be among the first {FLOW_KEY_BITS} fields")
         dtype = np.dtype([(f.name, f.numpy_format()) for f in self.fields])
         object.__setattr__(self, "wire_dtype", dtype)
 
     @classmethod
-    def from_names(cls, template_id: int, names: Iterable[str], scope_count: int = 0) -> Template:
-        """Fields at the native length of each element's type."""
+    def from_names(cls, template_id: int, names: Iterable[str], scope_count: int = 0,
+                   keys: Iterable[str] = ()) -> Template:
+        """Fields at the native length of each element's type; `keys` names the flow-key fields."""
+        names = list(names)
+        key_set = set(keys)
+        if not key_set <= set(names):
+            raise ValueError(f"flow keys {sorted(key_set - set(names))} are not fields of the template")
         fields = []
         for name in names:
             element = ie(name)
-            fields.append(Field(element, int(element.length)))
+            fields.append(Field(element, int(element.length), name in key_set))
         return cls(template_id, tuple(fields), scope_count)
 
     @property
@@ -122,6 +135,11 @@ class Template:
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields)
+
+    @property
+    def flow_key_indicator(self) -> int:
+        """RFC 7011 4.4: bit n (least significant first, from 0) set when field n is a flow key."""
+        return sum(1 << i for i, f in enumerate(self.fields) if f.key)
 
     def template_record(self) -> bytes:
         if self.scope_count:
@@ -138,18 +156,29 @@ class Template:
 
 
 def template_sets(templates: Sequence[Template]) -> bytes:
-    """Template set(s) announcing every template: one set per set id, in order of first appearance."""
-    by_set: dict[int, list[bytes]] = {}
-    for t in templates:
-        by_set.setdefault(t.set_id, []).append(t.template_record())
+    """Template set(s) announcing every template.
+
+    Data templates share one Template Set; each options template gets an
+    Options Template Set of its own. RFC 7011 allows several per set, but
+    pmacct's nfacctd (1.7) misreads every options template after the first in
+    a set and drops them as malformed.
+    """
+    records = [t.template_record() for t in templates if t.set_id == 2]
     out = []
-    for set_id, records in by_set.items():
+    if records:
         body = b"".join(records)
-        out.append(_SET_HEADER.pack(set_id, _SET_HEADER.size + len(body)) + body)
+        out.append(_SET_HEADER.pack(2, _SET_HEADER.size + len(body)) + body)
+    for t in templates:
+        if t.set_id != 2:
+            rec = t.template_record()
+            out.append(_SET_HEADER.pack(t.set_id, _SET_HEADER.size + len(rec)) + rec)
     return b"".join(out)
 
 
 def _flow_template(template_id: int, family: str) -> Template:
+    # The flow key of exporter/layout.py (ip_version picks the template); ICMP type/code lives in the key's dst_port.
+    keys = [f"source{family}Address", f"destination{family}Address", "sourceTransportPort",
+            "destinationTransportPort", "protocolIdentifier", "ingressInterface", "vlanId", f"icmpTypeCode{family}"]
     return Template.from_names(template_id, [
         f"source{family}Address",
         f"destination{family}Address",
@@ -168,7 +197,7 @@ def _flow_template(template_id: int, family: str) -> Template:
         "flowStartMilliseconds",
         "flowEndMilliseconds",
         "flowEndReason",
-    ])
+    ], keys=keys)
 
 
 FLOW_V4 = _flow_template(256, "IPv4")

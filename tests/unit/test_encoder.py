@@ -27,7 +27,12 @@ from exporter.records import FLOW_RECORD, Records
 SETTINGS = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 U32 = 1 << 32
 NOW = 1_700_000_000.0
-RECLEN = {256: FLOW_V4.record_length, 257: FLOW_V6.record_length}
+ALL_TEMPLATES = Encoder().templates
+RECLEN = {t.template_id: t.record_length for t in ALL_TEMPLATES}
+TEMPLATE_IDS = [t.template_id for t in ALL_TEMPLATES]
+FLOW_IDS = (256, 257)
+# Both template sets (data and options), as every template refresh carries them.
+TEMPLATE_BYTES = len(Encoder().templates_message(1.0)) - 16
 # The ipfix decoder turns milliseconds into datetimes, which end in year 9999.
 MAX_MS = 250_000_000_000_000
 EPOCH = datetime(1970, 1, 1)
@@ -51,31 +56,43 @@ class Message:
     sequence: int
     odid: int
     sets: list[tuple[int, bytes]]  # (set id, set body without its header)
+    reclen: dict[int, int]
 
     def template_ids(self) -> list[int]:
         ids = []
         for set_id, body in self.sets:
-            if set_id != 2:
+            if set_id not in (2, 3):
                 continue
             pos = 0
             while pos < len(body):
                 tid, count = struct.unpack_from("!HH", body, pos)
                 assert count > 0
+                if set_id == 3:
+                    scope = struct.unpack_from("!H", body, pos + 4)[0]
+                    assert 1 <= scope <= count, "options template scope count"
+                    pos += 2
                 ids.append(tid)
                 pos += 4 + 4 * count
             assert pos == len(body)
         return ids
 
     def data_sets(self) -> list[tuple[int, int]]:
-        """(template id, record count) of each data set."""
-        return [(sid, len(body) // RECLEN[sid]) for sid, body in self.sets if sid >= 256]
+        """(template id, record count) of each flow data set."""
+        return [(sid, len(body) // self.reclen[sid]) for sid, body in self.sets if sid in FLOW_IDS]
+
+    def options_sets(self) -> list[tuple[int, int]]:
+        """(template id, record count) of each options data set."""
+        return [(sid, len(body) // self.reclen[sid]) for sid, body in self.sets
+                if sid >= 256 and sid not in FLOW_IDS]
 
     @property
     def data_records(self) -> int:
         return sum(n for _, n in self.data_sets())
 
 
-def parse(raw: bytes) -> Message:
+def parse(raw: bytes, reclen: dict[int, int] | None = None) -> Message:
+    """Check the wire structure; `reclen` gives record lengths by template id (default: the default Encoder's)."""
+    reclen = RECLEN if reclen is None else reclen
     version, length, export_time, sequence, odid = struct.unpack_from("!HHIII", raw)
     assert version == 10
     assert length == len(raw)
@@ -87,18 +104,21 @@ def parse(raw: bytes) -> Message:
         assert pos + set_len <= len(raw), "set overruns the message"
         body = raw[pos + 4:pos + set_len]
         if set_id >= 256:
-            assert set_id in RECLEN, f"unexpected set id {set_id}"
-            assert len(body) % RECLEN[set_id] == 0, "padding or a partial record"
+            assert set_id in reclen, f"unexpected set id {set_id}"
+            assert len(body) % reclen[set_id] == 0, "padding or a partial record"
         else:
-            assert set_id == 2, f"unexpected set id {set_id}"
+            assert set_id in (2, 3), f"unexpected set id {set_id}"
         sets.append((set_id, body))
         pos += set_len
     assert pos == len(raw)
-    return Message(length, export_time, sequence, odid, sets)
+    return Message(length, export_time, sequence, odid, sets, reclen)
 
 
 def has_templates(raw: bytes) -> bool:
-    return any(sid == 2 for sid, _ in parse(raw).sets)
+    ids = [sid for sid, _ in parse(raw).sets if sid < 256]
+    # One Template Set, then one Options Template Set per options template (nfacctd needs that).
+    assert ids in ([], [2] + [3] * len(Encoder().options_templates)), "data and options templates travel together"
+    return bool(ids)
 
 
 # --- record strategies and the decoder oracle -------------------------------------------------
@@ -249,7 +269,7 @@ def test_messages_fit_mtu_and_are_well_formed(n: int, seed: int, share: float, m
         assert msg.odid == odid
         assert msg.data_records > 0
         for set_id, body in msg.sets:
-            if set_id == 2:
+            if set_id in (2, 3):
                 known.update(msg.template_ids())
             else:
                 assert set_id in known, "data set before its template"
@@ -258,7 +278,7 @@ def test_messages_fit_mtu_and_are_well_formed(n: int, seed: int, share: float, m
             # Greedy fill: a message is closed only when the next record's set would not fit.
             next_tid = msgs[i + 1].data_sets()[0][0]
             assert mtu - msg.length < 4 + RECLEN[next_tid]
-    assert known == {256, 257}
+    assert known == set(TEMPLATE_IDS)
     assert msgs[0].sets[0][0] == 2
     assert per_template == {256: int((recs["ip_version"] == 4).sum()), 257: int((recs["ip_version"] == 6).sum())}
     # IPv4 records first, then IPv6: each family is contiguous across the stream.
@@ -278,8 +298,8 @@ def test_large_batch_content() -> None:
 
 
 def test_message_exactly_at_mtu() -> None:
-    # Header 16 + template set 148 + set header 4 + 10 IPv4 records fills the MTU to the byte.
-    mtu = 16 + 148 + 4 + 10 * RECLEN[256]
+    # Header 16 + template sets + set header 4 + 10 IPv4 records fills the MTU to the byte.
+    mtu = 16 + TEMPLATE_BYTES + 4 + 10 * RECLEN[256]
     out = Encoder(mtu=mtu).encode(random_records(40, ipv6_share=0.0), NOW)
     per_message = (mtu - 20) // RECLEN[256]
     assert len(out[0]) == mtu
@@ -290,7 +310,7 @@ def test_message_exactly_at_mtu() -> None:
 @pytest.mark.parametrize("left", range(RECLEN[257] - 2, RECLEN[257] + 7))
 def test_family_switch_at_the_edge_of_a_message(left: int) -> None:
     # 5 IPv4 records leave `left` bytes: an IPv6 set needs a set header and one record, else a new message.
-    mtu = 16 + 148 + 4 + 5 * RECLEN[256] + left
+    mtu = 16 + TEMPLATE_BYTES + 4 + 5 * RECLEN[256] + left
     recs = random_records(8, ipv6_share=0.0)
     recs["ip_version"][5:] = 6
     msgs = [parse(m) for m in Encoder(mtu=mtu).encode(recs, NOW)]
@@ -320,7 +340,7 @@ def test_sequence_numbers_count_data_records_and_wrap(start: int, sizes: list[in
             msg = parse(enc.templates_message(NOW + i))
             assert msg.sequence == (start + sent) % U32
             assert msg.data_records == 0
-            assert msg.template_ids() == [256, 257]
+            assert msg.template_ids() == TEMPLATE_IDS
             assert enc.sequence == (start + sent) % U32
         for raw in enc.encode(random_records(n, seed=i), NOW + i):
             msg = parse(raw)
@@ -333,7 +353,11 @@ def test_sequence_numbers_count_data_records_and_wrap(start: int, sizes: list[in
 def test_sequence_wraps_inside_one_batch() -> None:
     enc = Encoder(sequence=U32 - 30)
     seqs = [parse(raw).sequence for raw in enc.encode(random_records(100, ipv6_share=0.0), NOW)]
-    assert seqs == [U32 - 30, U32 - 30 + 20, (U32 - 30 + 43) % U32, (U32 - 30 + 66) % U32, (U32 - 30 + 89) % U32]
+    first = (1400 - 16 - TEMPLATE_BYTES - 4) // RECLEN[256]  # 19: the first message also carries the templates
+    per = (1400 - 20) // RECLEN[256]  # 23
+    starts = [0, first, first + per, first + 2 * per, first + 3 * per]
+    assert seqs == [(U32 - 30 + n) % U32 for n in starts]
+    assert first < 30 < first + per, "the counter wraps between the 2nd and 3rd message"
     assert enc.sequence == 70
 
 
@@ -398,8 +422,8 @@ def test_templates_message_contents() -> None:
     enc = Encoder(odid=42, sequence=17)
     msg = parse(enc.templates_message(NOW + 0.75))
     assert (msg.odid, msg.sequence, msg.export_time) == (42, 17, int(NOW))
-    assert msg.template_ids() == [256, 257]
-    assert len(msg.sets) == 1
+    assert msg.template_ids() == TEMPLATE_IDS
+    assert [sid for sid, _ in msg.sets] == [2] + [3] * len(enc.options_templates)
     # Templates just went out, so the next data message does not repeat them.
     assert not has_templates(enc.encode(random_records(5), NOW + 1)[0])
 
@@ -479,3 +503,13 @@ def test_options_template_record_and_reduced_size() -> None:
     assert tmpl.template_record() == struct.pack("!HHH", 400, 2, 1) + struct.pack("!HHHH", 149, 4, 1, 4)
     assert tmpl.record_length == 8
     assert tmpl.wire_dtype["octetDeltaCount"] == np.dtype(">u4")
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 3000), mtu=st.integers(512, 9000))
+def test_last_flow_counts_match_each_message(n: int, mtu: int) -> None:
+    enc = Encoder(mtu=mtu)
+    msgs = enc.encode(random_records(n), NOW)
+    assert len(enc.last_flow_counts) == len(msgs)
+    assert [enc.flow_totals(m).flows for m in msgs] == enc.last_flow_counts
+    assert sum(enc.last_flow_counts) == n
