@@ -1,18 +1,63 @@
-"""Send IPFIX messages to collectors.
+"""Send IPFIX messages to collectors over UDP, TCP or TLS (RFC 7011 sections 10 and 11).
 
-One long-lived connected UDP socket per collector: the source port stays the
-same for the life of the process, which collectors that key template state by
-exporter address and port (goflow2, nfacctd) rely on. A send error (ICMP port
-unreachable surfaces as ECONNREFUSED on a connected socket, a full buffer as
-ENOBUFS) is counted and logged on state change, never fatal: metering goes on
-and the next scan tries again.
+Every sender has the same face (`Sender`): `await open()`, `send(messages, records)`, which never
+blocks, `await close()`, which flushes with a bounded wait, `stats`, `queue_depth`, `connected`.
+`records[i]` is the number of data records in `messages[i]`; the sender cannot see it in the bytes
+without the templates, and needs it to count the flows it failed to deliver (notSentFlowTotalCount
+is `stats.records_failed + stats.records_dropped`). Left out, every message counts as 0 records.
+For the packets and octets those flows held, an `on_not_sent(messages)` hook receives every
+message that was dropped or failed, once, to be decoded by the caller (Encoder.flow_totals).
+
+UDP: one long-lived connected socket per collector, so the source port stays the same for the life
+of the process, which collectors that key template state by exporter address and port (goflow2,
+nfacctd) rely on. A send error (ICMP port unreachable surfaces as ECONNREFUSED on a connected
+socket, a full buffer as ENOBUFS) is counted and logged on state change, never fatal.
+
+TCP and TLS: one persistent connection, owned by a background task. `send()` only appends to a
+bounded queue (in messages and in bytes) and wakes the task. The task resolves the name, connects,
+writes the `on_connect()` bytes first (the templates: every connection is a new transport session
+that must learn them again), then the queue, messages back to back: an IPFIX message delimits
+itself by its header's length field. Writing stops at the transport's high-water mark until it
+drains, so a collector that accepts but never reads costs at most the queue, one write buffer and
+the kernel's socket buffer. Broken connections are retried with exponential backoff and full
+jitter: the n-th retry waits uniform [0, min(backoff_max, backoff_initial * 2^n)); the count
+restarts once a connection has stayed up `stable_after` seconds.
+
+Overflow drops the OLDEST queued messages: fresh flows are worth more to whoever watches the
+collector than stale ones, the queue stays a window over the most recent export, and either
+choice leaves the same gap in sequence numbers. Each dropped message and its records are counted.
+A message counts as sent once handed to the connection; what the kernel or the transport buffer
+still held when a connection broke is lost unseen (IPFIX over TCP has no acknowledgement).
+
+The `on_connect()` message is given the export time and sequence number of the first queued message
+when both are IPFIX messages of one observation domain. Queued messages were encoded earlier than
+the templates: without this the collector would see the sequence number go backwards, and
+ipfixcol2 ignores records whose export time is older than their template's.
+
+TLS: TLS 1.2 or later, the server certificate verified against `cafile` (the system store when
+none) and its name checked (`server_name`, else the endpoint's host), an optional client
+certificate. A handshake failure is counted and retried like a refused connection; nothing is
+ever written outside TLS. Unusable files are a one-line ConfigError at `open()`. Under TLS 1.3 a
+collector refuses the exporter's certificate only after the exporter's side of the handshake is
+done: that shows as connections the collector closes at once, and what was written to them is lost.
+
+Default ports: 4739 for udp and tcp, 4740 for tls: RFC 7011 section 10 has the collector listen
+on 4739, and on 4740 for secure connections (IANA "ipfix" and "ipfixs").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import random
 import socket
+import ssl
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, Self, cast
 from urllib.parse import urlsplit
 
 import structlog
@@ -20,11 +65,24 @@ import structlog
 log = structlog.get_logger("xdpflow.transport")
 
 DEFAULT_PORT = 4739
-SCHEMES = ("udp",)
+DEFAULT_TLS_PORT = 4740
+DEFAULT_PORTS = {"udp": DEFAULT_PORT, "tcp": DEFAULT_PORT, "tls": DEFAULT_TLS_PORT}
+SCHEMES = tuple(DEFAULT_PORTS)
+
+IPFIX_HEADER = struct.Struct("!HHIII")
+IPFIX_VERSION = 10
+WRITE_BATCH = 64 << 10
+
+OnConnect = Callable[[], bytes]
+OnNotSent = Callable[[Sequence[bytes]], None]
 
 
 class EndpointError(ValueError):
     """A collector address that can't be used; the message says why."""
+
+
+class ConfigError(EndpointError):
+    """Transport settings or TLS files that can't be used; the message says why, on one line."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +96,8 @@ class Endpoint:
         return f"{self.scheme}://{host}:{self.port}"
 
 
-def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> Endpoint:
-    """HOST:PORT, [V6]:PORT, HOST, or SCHEME://HOST:PORT (scheme udp)."""
+def parse_endpoint(text: str, default_port: int | None = None) -> Endpoint:
+    """HOST:PORT, [V6]:PORT, HOST, or SCHEME://HOST[:PORT] with scheme udp, tcp or tls (bare = udp)."""
     raw = text.strip()
     if not raw:
         raise EndpointError("empty collector address")
@@ -56,18 +114,99 @@ def parse_endpoint(text: str, default_port: int = DEFAULT_PORT) -> Endpoint:
         raise EndpointError(f"collector {text!r}: no host")
     if parts.path not in ("", "/") or parts.query:
         raise EndpointError(f"collector {text!r}: unexpected path or query")
-    return Endpoint(parts.scheme, parts.hostname, port if port is not None else default_port)
+    if port is None:
+        port = default_port if default_port is not None else DEFAULT_PORTS[parts.scheme]
+    return Endpoint(parts.scheme, parts.hostname, port)
 
 
 @dataclass
 class SenderStats:
-    messages: int = 0
+    """Counters since open(). messages / octets include the on_connect (template) messages."""
+
+    messages: int = 0  # written to the socket
     octets: int = 0
-    send_errors: int = 0
-    messages_failed: int = 0
+    records: int = 0  # data records in the messages written, as the caller declared them
+    send_errors: int = 0  # failed sends, connects, handshakes; connections lost
+    messages_failed: int = 0  # could not be sent: send error, sender closed, left over at close
+    records_failed: int = 0
+    messages_dropped: int = 0  # pushed out of a full queue
+    records_dropped: int = 0
+    connections: int = 0  # connections made (UDP: 1 at open)
+    connect_failures: int = 0  # resolve or connect attempts that failed, handshakes included
+    handshake_failures: int = 0  # TLS only
+    template_messages: int = 0  # on_connect messages written
+
+    @property
+    def records_not_sent(self) -> int:
+        """What notSentFlowTotalCount should report for this collector."""
+        return self.records_failed + self.records_dropped
 
 
-class _Protocol(asyncio.DatagramProtocol):
+class Sender(Protocol):
+    endpoint: Endpoint
+    stats: SenderStats
+
+    async def open(self) -> Sender: ...
+
+    def send(self, messages: Sequence[bytes], records: Sequence[int] | None = None) -> None: ...
+
+    async def close(self, timeout: float | None = None) -> None: ...
+
+    @property
+    def queue_depth(self) -> int: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+
+def _record_counts(messages: Sequence[bytes], records: Sequence[int] | None) -> Sequence[int]:
+    if records is None:
+        return [0] * len(messages)
+    if len(records) != len(messages):
+        raise ValueError(f"{len(messages)} messages but {len(records)} record counts")
+    return records
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "closed by collector"
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.errno:
+        return os.strerror(exc.errno)  # asyncio's own text ("Connect call failed") hides the cause
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+def _report_not_sent(hook: OnNotSent | None, messages: Sequence[bytes], endpoint: Endpoint) -> None:
+    if hook is None or not messages:
+        return
+    try:
+        hook(messages)
+    except Exception as e:  # accounting must not take the sender down with it
+        log.error("on_not_sent hook failed", collector=str(endpoint), error=_describe(e))
+
+
+def align_header(message: bytes, follower: bytes) -> bytes:
+    """`message` with `follower`'s export time and sequence number, if both are IPFIX of one domain."""
+    if len(message) < IPFIX_HEADER.size or len(follower) < IPFIX_HEADER.size:
+        return message
+    version, _, _, _, odid = IPFIX_HEADER.unpack_from(message)
+    f_version, _, _, _, f_odid = IPFIX_HEADER.unpack_from(follower)
+    if version != IPFIX_VERSION or f_version != IPFIX_VERSION or odid != f_odid:
+        return message
+    return message[:4] + follower[4:12] + message[12:]
+
+
+def backoff_delay(attempt: int, initial: float = 0.5, maximum: float = 30.0,
+                  rng: Callable[[], float] = random.random) -> float:
+    """Full jitter: uniform in [0, min(maximum, initial * 2**attempt)); `attempt` counts from 0."""
+    cap = min(maximum, initial * 2.0 ** min(attempt, 64))
+    return cap * rng()
+
+
+# -- UDP -----------------------------------------------------------------------------------------
+
+
+class _DatagramProtocol(asyncio.DatagramProtocol):
     def __init__(self, sender: UdpSender) -> None:
         self.sender = sender
 
@@ -78,6 +217,7 @@ class _Protocol(asyncio.DatagramProtocol):
 @dataclass
 class UdpSender:
     endpoint: Endpoint
+    on_not_sent: OnNotSent | None = None
     stats: SenderStats = field(default_factory=SenderStats)
     _transport: asyncio.DatagramTransport | None = None
     _failing: bool = False
@@ -94,8 +234,9 @@ class UdpSender:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         sock.connect(addr)
-        transport, _ = await loop.create_datagram_endpoint(lambda: _Protocol(self), sock=sock)
+        transport, _ = await loop.create_datagram_endpoint(lambda: _DatagramProtocol(self), sock=sock)
         self._transport = transport
+        self.stats.connections += 1
         return self
 
     @property
@@ -103,13 +244,22 @@ class UdpSender:
         assert self._transport is not None
         return int(self._transport.get_extra_info("sockname")[1])
 
+    @property
+    def queue_depth(self) -> int:
+        return 0
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None and not self._failing
+
     def note_error(self, exc: BaseException) -> None:
         self.stats.send_errors += 1
         if not self._failing:
             self._failing = True
             log.warning("collector unreachable", collector=str(self.endpoint), error=str(exc))
 
-    def send(self, datagrams: list[bytes]) -> None:
+    def send(self, messages: Sequence[bytes], records: Sequence[int] | None = None) -> None:
+        counts = _record_counts(messages, records)
         # ICMP errors arrive after the send that caused them: a whole interval
         # without a new error means the collector is back.
         if self._failing and self.stats.send_errors == self._errors_at_last_send:
@@ -117,19 +267,467 @@ class UdpSender:
             log.info("collector reachable again", collector=str(self.endpoint))
         self._errors_at_last_send = self.stats.send_errors
         if self._transport is None or self._transport.is_closing():
-            self.stats.messages_failed += len(datagrams)
+            self.stats.messages_failed += len(messages)
+            self.stats.records_failed += sum(counts)
+            _report_not_sent(self.on_not_sent, messages, self.endpoint)
             return
-        for d in datagrams:
+        failed: list[bytes] = []
+        for d, n in zip(messages, counts, strict=True):
             try:
                 self._transport.sendto(d)
             except OSError as e:
                 self.note_error(e)
                 self.stats.messages_failed += 1
+                self.stats.records_failed += n
+                failed.append(d)
                 continue
             self.stats.messages += 1
             self.stats.octets += len(d)
+            self.stats.records += n
+        _report_not_sent(self.on_not_sent, failed, self.endpoint)
 
-    async def close(self) -> None:
+    async def close(self, timeout: float | None = None) -> None:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+
+
+# -- TCP and TLS ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """Queue bound, reconnect schedule and socket settings of a TCP or TLS sender."""
+
+    queue_messages: int = 65_536
+    queue_bytes: int = 32 << 20
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    stable_after: float = 10.0  # a connection up this long restarts the backoff schedule
+    connect_timeout: float = 10.0  # TCP connect, then again for the TLS handshake
+    flush_timeout: float = 5.0  # close() waits this long for the queue to drain
+    write_high_water: int = 256 << 10
+    # The kernel aborts a connection whose data stays unacknowledged this long (TCP_USER_TIMEOUT):
+    # a collector host that vanished is noticed in a minute, not after ~15 of retransmissions.
+    user_timeout: float | None = 60.0
+    sndbuf: int | None = None  # SO_SNDBUF; None leaves the kernel's autotuning
+
+    def __post_init__(self) -> None:
+        if self.queue_messages < 1 or self.queue_bytes < 1:
+            raise ConfigError("send queue bounds must be at least 1 message and 1 byte")
+        if not 0 < self.backoff_initial <= self.backoff_max:
+            raise ConfigError(f"backoff: need 0 < initial ({self.backoff_initial}) <= max ({self.backoff_max})")
+        if self.connect_timeout <= 0 or self.flush_timeout < 0 or self.write_high_water < 1:
+            raise ConfigError("connect_timeout > 0, flush_timeout >= 0 and write_high_water >= 1 are required")
+
+
+@dataclass(frozen=True)
+class TlsOptions:
+    cafile: str | None = None  # None: the system's trusted CAs
+    certfile: str | None = None  # client certificate (PEM), for collectors that authenticate exporters
+    keyfile: str | None = None  # its key, unless it is in certfile; unencrypted
+    server_name: str | None = None  # name expected in the collector's certificate; default: the host
+
+
+def _readable(path: str, what: str, where: str) -> None:
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{where}: {what} {path}: {e.strerror or e}") from None
+
+
+def _no_passphrase() -> bytes:
+    raise ConfigError("the key is encrypted; give an unencrypted key")
+
+
+def make_tls_context(tls: TlsOptions, where: str = "tls") -> ssl.SSLContext:
+    """A client context: TLS 1.2+, certificate and name verified. ConfigError on unusable files."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED by default
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.cafile is not None:
+        _readable(tls.cafile, "CA file", where)
+        try:
+            ctx.load_verify_locations(cafile=tls.cafile)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(f"{where}: CA file {tls.cafile}: {_describe(e)}") from None
+    else:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if tls.keyfile is not None and tls.certfile is None:
+        raise ConfigError(f"{where}: a client key needs a client certificate")
+    if tls.certfile is not None:
+        _readable(tls.certfile, "client certificate", where)
+        if tls.keyfile is not None:
+            _readable(tls.keyfile, "client key", where)
+        try:
+            ctx.load_cert_chain(tls.certfile, tls.keyfile, password=_no_passphrase)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: client key {tls.keyfile or tls.certfile}: {e}") from None
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(f"{where}: client certificate {tls.certfile}: {_describe(e)}") from None
+    return ctx
+
+
+class _Link(asyncio.Protocol):
+    """One connection's events, for the sender's task. A collector has nothing to say: reads are dropped."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, kick: Callable[[], None]) -> None:
+        self.kick = kick
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[BaseException | None] = loop.create_future()
+        self.paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def eof_received(self) -> bool:
+        return False
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self.kick()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+        self.kick()
+
+    @property
+    def buffered(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+
+
+class TcpSender:
+    """IPFIX over one persistent TCP connection, with a bounded queue and reconnects (see module doc)."""
+
+    def __init__(self, endpoint: Endpoint, *, on_connect: OnConnect | None = None,
+                 on_not_sent: OnNotSent | None = None, options: StreamOptions | None = None,
+                 rng: Callable[[], float] = random.random) -> None:
+        self.endpoint = endpoint
+        self.on_connect = on_connect
+        self.on_not_sent = on_not_sent
+        self.options = options if options is not None else StreamOptions()
+        self.stats = SenderStats()
+        self._rng = rng
+        self._queue: deque[tuple[bytes, int]] = deque()
+        self._queued_bytes = 0
+        self._kick = asyncio.Event()
+        self._retry_now = asyncio.Event()
+        self._up = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._link: _Link | None = None
+        self._closed = False
+        self._stopping = False
+        self._overflow_logged = False
+        self._failure = ""
+        self._last_failure = ""
+        self._flapping = False
+        self._dropped_at_down = 0
+
+    # -- the caller's side --
+
+    async def open(self) -> Self:
+        self._prepare()
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.getaddrinfo(self.endpoint.host, self.endpoint.port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise EndpointError(f"collector {self.endpoint}: cannot resolve {self.endpoint.host}: {e}") from None
+        self._task = asyncio.create_task(self._run(), name=f"xdpflow-sender {self.endpoint}")
+        self._task.add_done_callback(self._task_done)
+        return self
+
+    def send(self, messages: Sequence[bytes], records: Sequence[int] | None = None) -> None:
+        counts = _record_counts(messages, records)
+        if self._closed:
+            self.stats.messages_failed += len(messages)
+            self.stats.records_failed += sum(counts)
+            _report_not_sent(self.on_not_sent, messages, self.endpoint)
+            return
+        for m, n in zip(messages, counts, strict=True):
+            self._queue.append((m, n))
+            self._queued_bytes += len(m)
+        dropped: list[bytes] = []
+        limit_messages, limit_bytes = self.options.queue_messages, self.options.queue_bytes
+        while len(self._queue) > limit_messages or self._queued_bytes > limit_bytes:
+            m, n = self._queue.popleft()
+            self._queued_bytes -= len(m)
+            self.stats.messages_dropped += 1
+            self.stats.records_dropped += n
+            dropped.append(m)
+        if dropped and not self._overflow_logged:
+            self._overflow_logged = True
+            log.warning("send queue full, dropping oldest messages", collector=str(self.endpoint),
+                        connected=self.connected, queue_messages=limit_messages, queue_bytes=limit_bytes)
+        _report_not_sent(self.on_not_sent, dropped, self.endpoint)
+        self._kick.set()
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Deliver what is queued within `timeout` (default options.flush_timeout), then close.
+
+        Whatever is still queued then is counted as failed.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.options.flush_timeout if timeout is None else timeout)
+        self._retry_now.set()
+        while self._task is not None and not self._task.done() and loop.time() < deadline:
+            link = self._link
+            if not self._queue and (link is None or link.buffered == 0):
+                break
+            await asyncio.sleep(0.01)
+        self._stopping = True
+        task, self._task = self._task, None
+        # Python 3.11's wait_for can swallow a cancel that races its inner future: insist.
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+        left = len(self._queue)
+        if left:
+            self.stats.messages_failed += left
+            self.stats.records_failed += sum(n for _, n in self._queue)
+            log.warning("closed with messages unsent", collector=str(self.endpoint), messages=left)
+            _report_not_sent(self.on_not_sent, [m for m, _ in self._queue], self.endpoint)
+        self._queue.clear()
+        self._queued_bytes = 0
+        link, self._link = self._link, None
+        self._up.clear()
+        if link is not None and link.transport is not None:
+            if link.buffered:
+                link.transport.abort()
+            else:
+                link.transport.close()  # FIN, or close_notify first over TLS
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.05, min(1.0, deadline - loop.time()))):
+                        await asyncio.shield(link.lost)
+                if not link.lost.done():
+                    link.transport.abort()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def queue_bytes(self) -> int:
+        return self._queued_bytes
+
+    @property
+    def connected(self) -> bool:
+        return self._link is not None and not self._link.lost.done()
+
+    async def wait_connected(self, timeout: float) -> bool:
+        """True once a connection is up, False after `timeout` seconds without one."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._up.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    # -- the connection task --
+
+    def _prepare(self) -> None:
+        """Check settings that must fail at open(); TLS builds its context here."""
+
+    def _tls(self) -> tuple[ssl.SSLContext, str] | None:
+        """The context and expected server name when connections are TLS."""
+        return None
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("sender task failed", collector=str(self.endpoint), error=_describe(task.exception()))
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        opts = self.options
+        attempt = 0
+        while not self._stopping:
+            link = await self._connect()
+            if link is not None:
+                up_at = loop.time()
+                reason = await self._pump(link)
+                self._link = None
+                self._up.clear()
+                self.stats.send_errors += 1
+                self._dropped_at_down = self.stats.messages_dropped
+                self._overflow_logged = False
+                stable = loop.time() - up_at >= opts.stable_after
+                if stable:
+                    attempt = 0
+                    self._last_failure = ""
+                delay = backoff_delay(attempt, opts.backoff_initial, opts.backoff_max, self._rng)
+                # A collector that accepts then hangs up at once, again and again, is one state, not many.
+                key = f"disconnected: {reason}"
+                self._flapping = not stable and key == self._last_failure
+                self._last_failure = key
+                (log.debug if self._flapping else log.warning)(
+                    "collector disconnected", collector=str(self.endpoint), reason=reason,
+                    queued=len(self._queue), retry_in=round(delay, 3))
+            else:
+                self._flapping = False
+                delay = backoff_delay(attempt, opts.backoff_initial, opts.backoff_max, self._rng)
+                self._log_failure(attempt, delay)
+            attempt += 1
+            self._retry_now.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._retry_now.wait()
+
+    def _fail(self, kind: str, exc: BaseException | None) -> None:
+        self.stats.connect_failures += 1
+        self.stats.send_errors += 1
+        if kind == "tls handshake":
+            self.stats.handshake_failures += 1
+        self._failure = f"{kind}: {_describe(exc)}"
+
+    def _log_failure(self, attempt: int, delay: float) -> None:
+        reason = self._failure
+        event = "tls handshake failed" if reason.startswith("tls handshake") else "collector unreachable"
+        fields = {"collector": str(self.endpoint), "reason": reason, "retry_in": round(delay, 3),
+                  "attempt": attempt + 1, "queued": len(self._queue)}
+        # One line per change of state; the same failure again only at debug level.
+        if reason != self._last_failure:
+            log.warning(event, **fields)
+        else:
+            log.debug("reconnecting", **fields)
+        self._last_failure = reason
+
+    def _tune(self, sock: socket.socket) -> None:
+        opts = self.options
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if opts.sndbuf is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, opts.sndbuf)
+        if opts.user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(opts.user_timeout * 1000))
+            for name, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+                if hasattr(socket, name):
+                    sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+    async def _connect(self) -> _Link | None:
+        loop = asyncio.get_running_loop()
+        timeout = self.options.connect_timeout
+        try:
+            infos = await loop.getaddrinfo(self.endpoint.host, self.endpoint.port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            self._fail("resolve", e)
+            return None
+        sock: socket.socket | None = None
+        error: BaseException | None = None
+        for family, _, proto, _, addr in infos:
+            candidate = socket.socket(family, socket.SOCK_STREAM, proto)
+            try:
+                candidate.setblocking(False)
+                self._tune(candidate)
+                async with asyncio.timeout(timeout):
+                    await loop.sock_connect(candidate, addr)
+            except (OSError, TimeoutError) as e:
+                candidate.close()
+                error = e
+                continue
+            except BaseException:
+                candidate.close()
+                raise
+            sock = candidate
+            break
+        if sock is None:
+            self._fail("connect", error)
+            return None
+        link = _Link(loop, self._kick.set)
+        tls = self._tls()
+        try:
+            if tls is None:
+                await loop.create_connection(lambda: link, sock=sock)
+            else:
+                await loop.create_connection(lambda: link, sock=sock, ssl=tls[0], server_hostname=tls[1],
+                                             ssl_handshake_timeout=timeout)
+        except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
+            # No sock.close(): the failed transport owns the socket and closes it (uvloop a moment later).
+            self._fail("connect" if tls is None else "tls handshake", e)
+            return None
+        return link
+
+    async def _pump(self, link: _Link) -> str:
+        """Write templates then the queue until the connection is lost; the reason it ended."""
+        transport = link.transport
+        assert transport is not None
+        transport.set_write_buffer_limits(high=self.options.write_high_water)
+        self._link = link
+        self.stats.connections += 1
+        ssl_object = transport.get_extra_info("ssl_object")
+        (log.debug if self._flapping else log.info)(
+            "collector connected", collector=str(self.endpoint), connection=self.stats.connections,
+            queued=len(self._queue), dropped_while_down=self.stats.messages_dropped - self._dropped_at_down,
+            **({"tls": ssl_object.version()} if ssl_object is not None else {}))
+        self._up.set()
+        if self.on_connect is not None:
+            try:
+                first = self.on_connect()
+            except Exception as e:
+                log.error("on_connect callback failed", collector=str(self.endpoint), error=_describe(e))
+                transport.abort()
+                return f"on_connect failed: {_describe(e)}"
+            if first:
+                if self._queue:
+                    first = align_header(first, self._queue[0][0])
+                transport.write(first)
+                self.stats.messages += 1
+                self.stats.octets += len(first)
+                self.stats.template_messages += 1
+        while not link.lost.done():
+            if link.paused or not self._queue:
+                self._kick.clear()
+                await self._kick.wait()
+                continue
+            batch: list[bytes] = []
+            size = records = 0
+            while self._queue and size < WRITE_BATCH:
+                m, n = self._queue.popleft()
+                batch.append(m)
+                size += len(m)
+                records += n
+            self._queued_bytes -= size
+            transport.write(b"".join(batch))
+            self.stats.messages += len(batch)
+            self.stats.octets += size
+            self.stats.records += records
+            await asyncio.sleep(0)  # a long queue must not starve the scan loop
+        return _describe(link.lost.result())
+
+
+class TlsSender(TcpSender):
+    """IPFIX over TLS over TCP (RFC 7011 section 11): TcpSender whose connections are TLS."""
+
+    def __init__(self, endpoint: Endpoint, *, tls: TlsOptions | None = None, on_connect: OnConnect | None = None,
+                 on_not_sent: OnNotSent | None = None, options: StreamOptions | None = None,
+                 rng: Callable[[], float] = random.random) -> None:
+        super().__init__(endpoint, on_connect=on_connect, on_not_sent=on_not_sent, options=options, rng=rng)
+        self.tls = tls if tls is not None else TlsOptions()
+        self._context: ssl.SSLContext | None = None
+
+    def _prepare(self) -> None:
+        self._context = make_tls_context(self.tls, f"collector {self.endpoint}")
+
+    def _tls(self) -> tuple[ssl.SSLContext, str] | None:
+        assert self._context is not None
+        return self._context, self.tls.server_name or self.endpoint.host
+
+
+def make_sender(endpoint: Endpoint, *, on_connect: OnConnect | None = None, on_not_sent: OnNotSent | None = None,
+                options: StreamOptions | None = None, tls: TlsOptions | None = None) -> Sender:
+    """The sender for `endpoint`'s scheme. UDP ignores on_connect (its encoder refreshes templates by
+    time) and options; only a tls:// endpoint uses `tls`."""
+    if endpoint.scheme == "udp":
+        return UdpSender(endpoint, on_not_sent=on_not_sent)
+    if endpoint.scheme == "tcp":
+        return TcpSender(endpoint, on_connect=on_connect, on_not_sent=on_not_sent, options=options)
+    if endpoint.scheme == "tls":
+        return TlsSender(endpoint, tls=tls, on_connect=on_connect, on_not_sent=on_not_sent, options=options)
+    raise EndpointError(f"collector {endpoint}: transport {endpoint.scheme!r} is not supported")

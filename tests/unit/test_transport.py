@@ -1,13 +1,33 @@
-"""UDP transport against loopback: stable source port, errors counted never raised, endpoint parsing."""
+"""UDP transport against loopback: stable source port, errors counted never raised; endpoint parsing and
+the sender factory for every scheme. TCP and TLS live in test_transport_tcp.py."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Iterator
 
 import pytest
+from structlog.testing import capture_logs
 
-from exporter.transport import Endpoint, EndpointError, UdpSender, parse_endpoint
+from exporter.transport import (
+    Endpoint,
+    EndpointError,
+    StreamOptions,
+    TcpSender,
+    TlsSender,
+    UdpSender,
+    make_sender,
+    parse_endpoint,
+)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs() -> Iterator[None]:
+    """Keep log events in memory: an in-process CLI test earlier in the session may have left structlog
+    printing to a captured stderr that is closed by now."""
+    with capture_logs():
+        yield
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -15,22 +35,71 @@ from exporter.transport import Endpoint, EndpointError, UdpSender, parse_endpoin
     ("collector.example", Endpoint("udp", "collector.example", 4739)),
     ("[::1]:2055", Endpoint("udp", "::1", 2055)),
     ("udp://10.0.0.1:9995", Endpoint("udp", "10.0.0.1", 9995)),
+    ("tcp://10.0.0.1:9995", Endpoint("tcp", "10.0.0.1", 9995)),
+    ("tcp://collector.example", Endpoint("tcp", "collector.example", 4739)),
+    ("TCP://[2001:db8::1]", Endpoint("tcp", "2001:db8::1", 4739)),
+    ("tls://collector.example", Endpoint("tls", "collector.example", 4740)),
+    ("tls://[::1]:4739", Endpoint("tls", "::1", 4739)),
 ])
 def test_parse_endpoint(text: str, expected: Endpoint) -> None:
     assert parse_endpoint(text) == expected
 
 
 @pytest.mark.parametrize("text", ["", "127.0.0.1:99999", "127.0.0.1:x", "sctp://h:1", "udp://:4739",
-                                  "udp://h:1/path"])
+                                  "udp://h:1/path", "tcp://:1", "tls://h:70000", "dtls://h:1", "tcp://h:1?x=1"])
 def test_bad_endpoints_are_one_line_errors(text: str) -> None:
     with pytest.raises(EndpointError) as e:
         parse_endpoint(text)
     assert "\n" not in str(e.value)
 
 
+def test_unsupported_scheme_names_the_supported_ones() -> None:
+    with pytest.raises(EndpointError, match=r"'sctp' is not supported \(use udp, tcp, tls\)"):
+        parse_endpoint("sctp://h:1")
+
+
+def test_explicit_default_port_applies_to_every_scheme() -> None:
+    assert parse_endpoint("tls://h", default_port=9000).port == 9000
+    assert parse_endpoint("h", default_port=2055).port == 2055
+
+
 def test_endpoint_str_round_trips() -> None:
-    for ep in (Endpoint("udp", "::1", 4739), Endpoint("udp", "127.0.0.1", 1)):
+    for ep in (Endpoint("udp", "::1", 4739), Endpoint("udp", "127.0.0.1", 1), Endpoint("tcp", "::1", 4739),
+               Endpoint("tls", "collector.example", 4740)):
         assert parse_endpoint(str(ep)) == ep
+
+
+def test_make_sender_picks_the_transport() -> None:
+    opts = StreamOptions(queue_messages=5)
+    udp = make_sender(parse_endpoint("udp://h:1"), options=opts)
+    tcp = make_sender(parse_endpoint("tcp://h:1"), options=opts)
+    tls = make_sender(parse_endpoint("tls://h:1"), options=opts)
+    assert type(udp) is UdpSender
+    assert type(tcp) is TcpSender and tcp.options.queue_messages == 5
+    assert type(tls) is TlsSender and tls.options.queue_messages == 5
+
+
+def test_udp_sender_counts_records_sent_and_failed() -> None:
+    handed_back: list[bytes] = []
+
+    async def go() -> UdpSender:
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind(("127.0.0.1", 0))
+        sender = await UdpSender(parse_endpoint(f"127.0.0.1:{rx.getsockname()[1]}"),
+                                 on_not_sent=handed_back.extend).open()
+        sender.send([b"a" * 20, b"b" * 30], [3, 4])
+        sender.send([b"t" * 10])  # a templates-only message: no records
+        with pytest.raises(ValueError, match="2 messages but 1 record counts"):
+            sender.send([b"x", b"y"], [1])
+        await sender.close()
+        sender.send([b"c" * 5, b"d" * 5], [5, 6])
+        rx.close()
+        return sender
+
+    s = asyncio.run(go()).stats
+    assert (s.messages, s.octets, s.records, s.connections) == (3, 60, 7, 1)
+    assert (s.messages_failed, s.records_failed, s.records_not_sent) == (2, 11, 11)
+    assert handed_back == [b"c" * 5, b"d" * 5]
 
 
 def test_udp_sender_delivers_from_one_source_port() -> None:
