@@ -1,4 +1,4 @@
-"""The `xdpflow` command: run (export), dump (kernel table), collect (built-in collector)."""
+"""The `xdpflow` command: run (export), dump (kernel table), collect (built-in collector), check (preflight)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,6 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-kernel-memory", type=_bytes_size, default=1 << 30, metavar="SIZE",
                    help="refuse to start if the flow maps would need more kernel memory than this "
                         "(default: 1G)")
-    g.add_argument("--netns", default=None, help=argparse.SUPPRESS)
 
 
 def add_log_options(p: argparse.ArgumentParser) -> None:
@@ -113,9 +112,9 @@ Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], Non
 
 def _extra_commands() -> list[Register]:
     from collectors import cli as collect_cli
-    from exporter import runcli
+    from exporter import check, runcli
 
-    return [runcli.add_parser, collect_cli.add_parser]
+    return [runcli.add_parser, collect_cli.add_parser, check.add_parser]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,21 +1,39 @@
-"""`xdpflow run`: the exporter's command line."""
+"""`xdpflow run`: the exporter's command line: config (file, environment, flags), preflight, then the service."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any
 
-from exporter.cli import CliError, _positive_float, add_kernel_options, add_log_options
+import structlog
+
+from exporter import config as configmod
+from exporter.cli import CliError
+from exporter.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from exporter.service import RunConfig
 
 EPILOG = """examples:
   xdpflow run --interface eth0                              export to 127.0.0.1:4739 (IPFIX over UDP)
   xdpflow run -i eth0 -i eth1 --collector 192.0.2.10:2055   two interfaces, one collector
   xdpflow run -i eth0 --collector 127.0.0.1:9995 --collector [2001:db8::1]:4739
   xdpflow run -i eth0 --scan-interval 5 --active-timeout 60 --idle-timeout 15
+  xdpflow run --config /etc/xdpflow/xdpflow.toml           settings from a file (see config/xdpflow.toml)
+  XDPFLOW_INTERFACES=eth0,eth1 XDPFLOW_SCAN_INTERVAL=5 xdpflow run
 
+Every setting is a key in the TOML file, an XDPFLOW_<KEY> environment variable
+and a flag; flags override the environment, which overrides the file.
 Flows end on FIN/RST (flowEndReason 3), after --idle-timeout without packets (1),
 after --active-timeout since they started (2), or at shutdown (4). SIGTERM/SIGINT
 drain the kernel maps, export everything, detach and exit 0.
 """
+
+# Collector transports the service sends over today (it opens a UdpSender for every collector).
+# Keys used here rather than passed on to the service.
+HANDLED_HERE = ("log_level", "log_format")
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,46 +42,59 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                                    "the kernel's flow pages are flipped and drained, merged across CPUs, "
                                    "aged by the active/idle timeouts and sent to every collector.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_kernel_options(p)
-    g = p.add_argument_group("export")
-    g.add_argument("--collector", "-c", action="append", metavar="HOST:PORT",
-                   help="IPFIX collector, UDP (repeat for several; default 127.0.0.1:4739)")
-    g.add_argument("--scan-interval", type=_positive_float, default=10.0, metavar="S",
-                   help="seconds between drains of the kernel table (default: %(default)s)")
-    g.add_argument("--active-timeout", type=_positive_float, default=60.0, metavar="S",
-                   help="export long flows at least this often (default: %(default)s)")
-    g.add_argument("--idle-timeout", type=_positive_float, default=15.0, metavar="S",
-                   help="end a flow after this long without packets (default: %(default)s)")
-    g.add_argument("--observation-domain", type=int, default=0, metavar="N",
-                   help="IPFIX observation domain id, 0..4294967295 (default: %(default)s)")
-    g.add_argument("--mtu", type=int, default=1400, metavar="N",
-                   help="largest IPFIX message in bytes, 512..65535 (default: %(default)s)")
-    g.add_argument("--template-refresh", type=_positive_float, default=60.0, metavar="S",
-                   help="re-send templates at least this often over UDP (default: %(default)s)")
-    add_log_options(p)
+    configmod.add_arguments(p)
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def to_run_config(cfg: Config) -> RunConfig:
+    """The service's RunConfig: every Config key RunConfig has a field of the same name for; collectors parsed."""
     from exporter import service
-    from exporter.transport import EndpointError, parse_endpoint
+
+    wired = {f.name for f in fields(service.RunConfig)}
+    kw: dict[str, Any] = {k: getattr(cfg, k) for k in configmod.KEYS if k in wired}
+    kw["collectors"] = cfg.endpoints()
+    return service.RunConfig(**kw)
+
+
+def not_wired(cfg: Config) -> dict[str, object]:
+    """Settings away from their default that the service has no field for yet."""
+    from exporter import service
+
+    wired = {f.name for f in fields(service.RunConfig)}
+    return {k: getattr(cfg, k) for k in configmod.KEYS
+            if k not in wired and k not in HANDLED_HERE and getattr(cfg, k) != configmod.FIELDS[k].default}
+
+
+def run(args: argparse.Namespace) -> int:
+    from exporter import check, logs, service
+    from exporter.transport import EndpointError
 
     try:
-        collectors = tuple(parse_endpoint(c) for c in (args.collector or ["127.0.0.1:4739"]))
-    except EndpointError as e:
-        raise CliError(str(e)) from None
-    if not 0 <= args.observation_domain <= 0xFFFFFFFF:
-        raise CliError(f"--observation-domain {args.observation_domain}: must be 0..4294967295")
-    if not 512 <= args.mtu <= 65535:
-        raise CliError(f"--mtu {args.mtu}: must be 512..65535")
-    if args.idle_timeout > args.active_timeout:
-        raise CliError(f"--idle-timeout {args.idle_timeout} is longer than --active-timeout {args.active_timeout}")
-    cfg = service.RunConfig(
-        interfaces=tuple(args.interface), collectors=collectors, mode=args.mode, scan_interval=args.scan_interval,
-        active_timeout=args.active_timeout, idle_timeout=args.idle_timeout, max_entries=args.max_entries,
-        max_kernel_memory=args.max_kernel_memory, observation_domain=args.observation_domain, mtu=args.mtu,
-        template_refresh=args.template_refresh, netns=args.netns)
+        loaded = configmod.from_args(args)
+    except ConfigError as e:
+        for line in e.lines:
+            print(f"xdpflow: error: {line}", file=sys.stderr)
+        return 2
+    cfg = loaded.config
+    logs.configure(cfg.log_level, cfg.log_format)
+    problems = check.run_preflight(cfg)
+    if problems:
+        for p in problems:
+            print(f"xdpflow: error: preflight: {p}", file=sys.stderr)
+        return 1
+    log = structlog.get_logger("xdpflow.run")
+    for key, value in not_wired(cfg).items():
+        log.warning("setting not used by this build yet", key=key, value=value)
+    def reload() -> RunConfig:
+        """SIGHUP: the file again, with the same environment and flags on top."""
+        try:
+            new = configmod.from_args(args).config
+        except ConfigError as e:
+            raise ValueError("; ".join(e.lines)) from None
+        logs.configure(new.log_level, new.log_format)
+        return to_run_config(new)
+
     try:
-        return service.run(cfg)
+        return service.run(to_run_config(cfg), reload=reload if loaded.path else None)
     except EndpointError as e:
         raise CliError(str(e)) from None
