@@ -14,7 +14,7 @@ import asyncio
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,11 +23,12 @@ import structlog
 from exporter.drain import Drained, Pages
 from exporter.flowtable import FlowTable, retime
 from exporter.interfaces import LinkWatcher, is_glob, matching, present
-from exporter.ipfix.encoder import Encoder
+from exporter.ipfix import Encoder, ExporterState
+from exporter.ipfix.encoder import FlowTotals
 from exporter.merge import clock_offset_ns, merge
 from exporter.metrics import Metrics, parse_listen
 from exporter.records import END_FORCED, FLOW_RECORD, Records
-from exporter.transport import Endpoint, EndpointError, UdpSender
+from exporter.transport import Endpoint, EndpointError, Sender, StreamOptions, TlsOptions, make_sender
 from xdp.loader import Datapath, LoaderError, human_bytes
 
 log = structlog.get_logger("xdpflow.service")
@@ -46,14 +47,27 @@ class RunConfig:
     observation_domain: int = 0
     mtu: int = 1400
     template_refresh: float = 60.0
-    netns: str | None = None       # unused; kept until the CLI stops passing it
+    template_refresh_messages: int = 100
+    sequence_mode: str = "rfc"     # rfc: options records advance the sequence number; nfdump: they don't
+    tcp_queue_size: int = 65536    # messages held per TCP/TLS collector while it is away
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_server_name: str | None = None
     metrics: str | None = None     # HOST:PORT of the Prometheus endpoint, None = off
 
 
 @dataclass
 class Export:
+    """One collector: its own encoder state (templates, sequence numbers) and transport."""
+
     encoder: Encoder
-    sender: UdpSender
+    sender: Sender
+    not_sent: FlowTotals = field(default_factory=FlowTotals)
+
+    def lost(self, messages: Sequence[bytes]) -> None:
+        for m in messages:
+            self.not_sent += self.encoder.flow_totals(m)
 
 
 @dataclass
@@ -89,7 +103,10 @@ class Exporter:
     scans: int = 0
     records_exported: int = 0
     observed_packets: int = 0
+    observed_octets: int = 0
     ignored_packets: int = 0
+    ignored_octets: int = 0
+    started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
     metrics: Metrics | None = None
     reload: Callable[[], RunConfig] | None = None
     _fill: float = 0.0
@@ -169,10 +186,15 @@ class Exporter:
         drains = await asyncio.to_thread(self._drain, shutdown)
         now = time.time()
         res = await asyncio.to_thread(self._scan, drains, now, shutdown)
+        self.observed_packets += res.observed_packets
+        self.observed_octets += res.observed_octets
+        self.ignored_packets += res.ignored_packets
+        self.ignored_octets += res.ignored_octets
         sent = 0
         for ex in self.exports:
-            datagrams = ex.encoder.encode(res.expired, now)
-            ex.sender.send(datagrams)
+            # Options records ride with every scan, so collectors see the loss accounting move with the data.
+            datagrams = ex.encoder.encode(res.expired, now, options=self._state(ex))
+            ex.sender.send(datagrams, ex.encoder.last_flow_counts)
             sent += len(datagrams)
         self.scans += 1
         self.records_exported += len(res.expired)
@@ -180,8 +202,6 @@ class Exporter:
         stats = self.datapath.read_stats()
         delta = _delta(stats, self._last_stats)
         self._last_stats = stats
-        self.observed_packets += res.observed_packets
-        self.ignored_packets += res.ignored_packets
         self._fill = res.entries / self.cfg.max_entries if not shutdown else self._fill
         if self.metrics is not None:
             m = self.metrics
@@ -191,7 +211,8 @@ class Exporter:
             m.active_flows.set(len(self.table) if self.table is not None else 0)
             for ex in self.exports:
                 st = ex.sender.stats
-                m.sender_totals(str(ex.sender.endpoint), st.messages, st.octets, st.send_errors, 0)
+                m.sender_totals(str(ex.sender.endpoint), st.messages, st.octets, st.send_errors,
+                                ex.sender.queue_depth)
         log.debug("scan", entries=res.entries, flows=res.flows, exported=len(res.expired),
                   active=len(self.table) if self.table is not None else 0, datagrams=sent,
                   observed_packets=res.observed_packets, observed_octets=res.observed_octets,
@@ -240,7 +261,7 @@ class Exporter:
                 exports.append(keep.pop(ep))
                 continue
             try:
-                exports.append(Export(self._encoder(new), await UdpSender(ep).open()))
+                exports.append(await self._open_export(new, ep))
             except EndpointError as e:
                 log.error("collector not added", collector=str(ep), error=str(e))
         for gone in keep.values():
@@ -252,8 +273,36 @@ class Exporter:
                  collectors=[str(e.sender.endpoint) for e in self.exports], interfaces=list(new.interfaces),
                  changed=sorted(k for k in vars(new) if getattr(new, k) != getattr(old, k)))
 
+    def _state(self, ex: Export) -> ExporterState:
+        st = ex.sender.stats
+        return ExporterState(
+            not_sent_flows=ex.not_sent.flows, not_sent_packets=ex.not_sent.packets,
+            not_sent_octets=ex.not_sent.octets, exported_messages=st.messages, exported_flows=st.records,
+            exported_octets=st.octets, observed_packets=self.observed_packets, observed_octets=self.observed_octets,
+            ignored_packets=max(0, self.ignored_packets), ignored_octets=max(0, self.ignored_octets),
+            active_timeout_s=self.cfg.active_timeout, idle_timeout_s=self.cfg.idle_timeout,
+            system_init_ms=self.started_ms)
+
     def _encoder(self, cfg: RunConfig) -> Encoder:
-        return Encoder(odid=cfg.observation_domain, mtu=cfg.mtu, template_refresh_s=cfg.template_refresh)
+        return Encoder(odid=cfg.observation_domain, mtu=cfg.mtu, template_refresh_s=cfg.template_refresh,
+                       template_refresh_messages=cfg.template_refresh_messages,
+                       sequence_mode=cfg.sequence_mode)  # type: ignore[arg-type]
+
+    async def _open_export(self, cfg: RunConfig, ep: Endpoint) -> Export:
+        enc = self._encoder(cfg)
+        holder: list[Export] = []
+        sender = make_sender(
+            ep, on_connect=lambda: enc.templates_message(time.time()),
+            on_not_sent=lambda msgs: holder[0].lost(msgs) if holder else None,
+            options=StreamOptions(queue_messages=cfg.tcp_queue_size),
+            tls=TlsOptions(cafile=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key,
+                           server_name=cfg.tls_server_name))
+        export = Export(enc, sender)
+        holder.append(export)
+        await sender.open()
+        if ep.scheme == "udp":  # streams send templates on each connection (on_connect) instead
+            sender.send([enc.templates_message(time.time())], [0])
+        return export
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -263,8 +312,7 @@ class Exporter:
         watcher: LinkWatcher | None = None
         watch_task: asyncio.Task[None] | None = None
         try:
-            self.exports = [Export(self._encoder(self.cfg), await UdpSender(ep).open())
-                            for ep in self.cfg.collectors]
+            self.exports = [await self._open_export(self.cfg, ep) for ep in self.cfg.collectors]
             self.table = FlowTable(active_timeout_s=self.cfg.active_timeout, idle_timeout_s=self.cfg.idle_timeout,
                                    capacity=max(2 * self.cfg.max_entries, 1))
             await asyncio.to_thread(self._setup_kernel)
@@ -281,9 +329,6 @@ class Exporter:
                      collectors=[str(e.sender.endpoint) for e in self.exports],
                      scan_interval=self.cfg.scan_interval, active_timeout=self.cfg.active_timeout,
                      idle_timeout=self.cfg.idle_timeout, observation_domain=self.cfg.observation_domain)
-            # Templates go out at once, so collectors know them before the first data arrives.
-            for ex in self.exports:
-                ex.sender.send([ex.encoder.templates_message(time.time())])
             next_scan = time.monotonic() + self.cfg.scan_interval
             while not self.stop.is_set():
                 try:
@@ -299,10 +344,15 @@ class Exporter:
                     log.warning("scan overran the interval", interval=self.cfg.scan_interval)
                     next_scan = time.monotonic() + self.cfg.scan_interval
             res = await self.scan_once(shutdown=True)
+            for ex in self.exports:
+                await ex.sender.close()
             log.info("stopped", scans=self.scans, records_exported=self.records_exported,
                      final_records=len(res.expired), observed_packets=self.observed_packets,
-                     ignored_packets=self.ignored_packets,
-                     sent={str(e.sender.endpoint): vars(e.sender.stats) for e in self.exports})
+                     observed_octets=self.observed_octets, ignored_packets=self.ignored_packets,
+                     ignored_octets=self.ignored_octets,
+                     sent={str(e.sender.endpoint): {**vars(e.sender.stats), "not_sent_flows": e.not_sent.flows,
+                                                    "not_sent_packets": e.not_sent.packets}
+                           for e in self.exports})
             return 0
         finally:
             if watcher is not None:

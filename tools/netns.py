@@ -59,6 +59,8 @@ class VethPair:
                 subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True, text=True)
                 _created.add(ns)
                 ip("link", "set", "lo", "up", netns=ns)
+                # Interfaces created later in the namespace (hotplug tests) stay quiet too.
+                sysctl(ns, "net.ipv6.conf.default.disable_ipv6", "1")
             ip("link", "add", self.gen_if, "netns", self.gen, "type", "veth", "peer", "name", self.obs_if,
                "netns", self.obs)
             for ns, ifname, addr in ((self.gen, self.gen_if, "198.18.255.1/30"),
