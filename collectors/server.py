@@ -260,8 +260,26 @@ class Collector:
                 self.rcvbuf_effective = _set_rcvbuf(sock, self.rcvbuf)
         self.log.info("listening", address=format_exporter(self.address), rcvbuf=self.rcvbuf_effective)
 
+    def _drain_pending(self) -> None:
+        """Decode what is still queued in the socket: a stop must not lose data already received."""
+        assert self._transport is not None
+        sock = self._transport.get_extra_info("socket")
+        if sock is None:
+            return
+        with socket.socket(fileno=os.dup(sock.fileno())) as dup:
+            dup.setblocking(False)
+            for _ in range(1_000_000):  # bounded: a sender still blasting must not keep us here
+                try:
+                    data, addr = dup.recvfrom(65535)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    break
+                self._on_datagram(data, addr)
+
     async def close(self) -> None:
         if self._transport is not None:
+            self._drain_pending()
             self._transport.close()
             self._transport = None
             await asyncio.sleep(0)

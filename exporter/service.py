@@ -29,9 +29,11 @@ from exporter.merge import clock_offset_ns, merge
 from exporter.metrics import Metrics, parse_listen
 from exporter.records import END_FORCED, FLOW_RECORD, Records
 from exporter.transport import Endpoint, EndpointError, Sender, StreamOptions, TlsOptions, make_sender
-from xdp.loader import Datapath, LoaderError, human_bytes
+from xdp.loader import Datapath, LoaderError, human_bytes, map_memory_bytes
 
 log = structlog.get_logger("xdpflow.service")
+
+CAPACITY_WARNING_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class ScanResult:
     observed_octets: int = 0
     drained_packets: int = 0    # what the drained entries held
     drained_octets: int = 0
+    flows_created: int = 0      # kernel inserts in the drained pages' interval
 
     @property
     def ignored_packets(self) -> int:
@@ -107,6 +110,9 @@ class Exporter:
     ignored_packets: int = 0
     ignored_octets: int = 0
     started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    _last_capacity_warning: float = float("-inf")
+    _lost_since_warning: int = 0
+    _peak_created: int = 0
     metrics: Metrics | None = None
     reload: Callable[[], RunConfig] | None = None
     _fill: float = 0.0
@@ -166,6 +172,7 @@ class Exporter:
             res.observed_octets += d.stats["octets"]
             res.drained_packets += int(records["packets"].sum())
             res.drained_octets += int(records["octets"].sum())
+            res.flows_created += d.stats["flows_created"]
             expired.append(self.table.update(records, now_ms))
         if shutdown:
             expired.append(self.table.expire_all(END_FORCED))
@@ -203,6 +210,7 @@ class Exporter:
         delta = _delta(stats, self._last_stats)
         self._last_stats = stats
         self._fill = res.entries / self.cfg.max_entries if not shutdown else self._fill
+        self._check_capacity(res)
         if self.metrics is not None:
             m = self.metrics
             m.scan_seconds.observe(time.perf_counter() - t0)
@@ -272,6 +280,25 @@ class Exporter:
         log.info("reloaded", active_timeout=new.active_timeout, idle_timeout=new.idle_timeout,
                  collectors=[str(e.sender.endpoint) for e in self.exports], interfaces=list(new.interfaces),
                  changed=sorted(k for k in vars(new) if getattr(new, k) != getattr(old, k)))
+
+    def _check_capacity(self, res: ScanResult) -> None:
+        """Say, at most once a minute, that the kernel table is too small and what would fit."""
+        if res.ignored_packets <= 0:
+            return
+        self._lost_since_warning += res.ignored_packets
+        self._peak_created = max(self._peak_created, res.flows_created)
+        now = time.monotonic()
+        if now - self._last_capacity_warning < CAPACITY_WARNING_INTERVAL:
+            return
+        # An LRU map starts evicting before it is full (free nodes sit on per-CPU lists): leave headroom.
+        suggest = int(self._peak_created * 1.25) + 1024
+        log.warning("kernel flow table too small: packets lost to LRU evictions", lost_packets=self._lost_since_warning,
+                    flows_per_scan=self._peak_created, max_entries=self.cfg.max_entries,
+                    suggested_max_entries=suggest,
+                    suggested_kernel_memory=human_bytes(map_memory_bytes(suggest)))
+        self._last_capacity_warning = now
+        self._lost_since_warning = 0
+        self._peak_created = 0
 
     def _state(self, ex: Export) -> ExporterState:
         st = ex.sender.stats
