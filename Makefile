@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup venv demo test lint typecheck unit kernel interop clean
+.PHONY: setup venv demo test lint typecheck unit kernel interop bench soak fuzz clean
 
 setup venv:
 	@bash tools/setup.sh
@@ -26,6 +26,18 @@ unit: setup
 
 kernel: setup
 	$(PY) -m pytest tests/kernel $(PYTEST_ARGS)
+
+# Benchmarks: timing lives here, never in pass/fail tests (see docs/benchmarks.md).
+bench: setup
+	$(PY) -m tools.bench all --short
+
+# Long runs kept out of `make test`.
+soak: setup
+	$(PY) -m tools.soak --minutes 10
+
+fuzz: setup
+	XDPFLOW_FUZZ_EXAMPLES=20000 $(PY) -m pytest tests/kernel/test_parser.py tests/unit/test_collector_decoder.py \
+		tests/unit/test_config_fuzz.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
