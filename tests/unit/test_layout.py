@@ -1,0 +1,115 @@
+"""xdp/flow.h and exporter/layout.py agree on every size and offset.
+
+A tiny C program that includes flow.h is compiled with gcc and prints sizeof,
+alignment and, for every field the numpy dtype names, offsetof and sizeof.
+The dtypes must match exactly, and the fields they name must tile the C
+struct with no implicit hole (so no C field is missing from the dtype).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter.layout import FLOW_VALUE, STRUCTS
+
+ROOT = Path(__file__).resolve().parents[2]
+XDP_DIR = ROOT / "xdp"
+
+# (struct, field) -> (offset, size); (struct, None) -> (sizeof, alignof)
+Layout = dict[tuple[str, str | None], tuple[int, int]]
+
+
+def _program() -> str:
+    lines = [
+        "#include <stdio.h>",
+        "#include <stddef.h>",
+        '#include "flow.h"',
+        "int main(void) {",
+    ]
+    for struct_name, dtype in STRUCTS.items():
+        lines.append(f'  printf("{struct_name} - %zu %zu\\n", sizeof(struct {struct_name}), '
+                     f"_Alignof(struct {struct_name}));")
+        for name in dtype.names or ():
+            lines.append(f'  printf("{struct_name} {name} %zu %zu\\n", offsetof(struct {struct_name}, {name}), '
+                         f"sizeof(((struct {struct_name} *)0)->{name}));")
+    lines += ["  return 0;", "}"]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def c_layout(tmp_path_factory: pytest.TempPathFactory) -> Layout:
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("gcc is not installed (apt-get install gcc libc6-dev)")
+    work = tmp_path_factory.mktemp("layout")
+    src, exe = work / "layout.c", work / "layout"
+    src.write_text(_program(), encoding="ascii")
+    build = subprocess.run([gcc, "-std=c11", "-Wall", "-Wextra", "-Werror", f"-I{XDP_DIR}", "-o", str(exe), str(src)],
+                           capture_output=True, text=True, check=False)
+    # A field the dtype names but flow.h lacks fails here, with gcc's message.
+    assert build.returncode == 0, f"compiling flow.h failed:\n{build.stderr}"
+    run = subprocess.run([str(exe)], capture_output=True, text=True, check=True, env=dict(os.environ, LC_ALL="C"))
+    out: Layout = {}
+    for line in run.stdout.splitlines():
+        struct_name, field, a, b = line.split()
+        out[(struct_name, None if field == "-" else field)] = (int(a), int(b))
+    return out
+
+
+@pytest.mark.parametrize("struct_name", list(STRUCTS))
+def test_struct_size_matches(c_layout: Layout, struct_name: str) -> None:
+    size, _ = c_layout[(struct_name, None)]
+    assert STRUCTS[struct_name].itemsize == size
+
+
+@pytest.mark.parametrize("struct_name", list(STRUCTS))
+def test_field_offsets_and_sizes_match(c_layout: Layout, struct_name: str) -> None:
+    dtype = STRUCTS[struct_name]
+    assert dtype.fields is not None
+    for name in dtype.names or ():
+        sub, offset = dtype.fields[name][:2]
+        assert c_layout[(struct_name, name)] == (offset, sub.itemsize), f"struct {struct_name}.{name}"
+
+
+@pytest.mark.parametrize("struct_name", list(STRUCTS))
+def test_fields_tile_the_struct(c_layout: Layout, struct_name: str) -> None:
+    """Fields in order, each starting where the previous ended, ending at sizeof: no hole, nothing unnamed."""
+    dtype = STRUCTS[struct_name]
+    end = 0
+    for name in dtype.names or ():
+        offset, size = c_layout[(struct_name, name)]
+        assert offset == end, f"struct {struct_name}: hole or reorder before {name} (offset {offset}, expected {end})"
+        end = offset + size
+    assert end == c_layout[(struct_name, None)][0], f"struct {struct_name}: bytes after the last named field"
+
+
+def test_value_size_is_a_multiple_of_8(c_layout: Layout) -> None:
+    """bcc requires per-CPU leaves sized in multiples of 8; the batch drain strides by it."""
+    size, align = c_layout[("flow_value", None)]
+    assert size % 8 == 0
+    assert FLOW_VALUE.itemsize % 8 == 0
+    assert align == 8
+
+
+@pytest.mark.parametrize("struct_name", list(STRUCTS))
+def test_multibyte_fields_are_host_order(struct_name: str) -> None:
+    """The kernel writes host byte order; the dtypes must read it that way on this machine."""
+    dtype = STRUCTS[struct_name]
+    assert dtype.fields is not None
+    for name in dtype.names or ():
+        base = dtype.fields[name][0].base
+        assert base.itemsize == 1 or base.isnative, f"{struct_name}.{name} is {base.str}, not native order"
+
+
+def test_dtypes_are_plain_structs() -> None:
+    for struct_name, dtype in STRUCTS.items():
+        assert dtype.names, struct_name
+        assert not dtype.hasobject
+        for name in dtype.names:
+            assert np.issubdtype(dtype.fields[name][0].base, np.unsignedinteger), f"{struct_name}.{name}"  # type: ignore[index]
