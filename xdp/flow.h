@@ -30,8 +30,10 @@ struct flow_key {
 
 /* Per-CPU flow value. Size is a multiple of 8 (bcc requires it for per-CPU
  * leaves). Timestamps come from bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC at
- * tick resolution): the precise clock costs ~22 ns a packet, the coarse one
- * ~3 ns, and IPFIX exports milliseconds. A slot whose packets is 0 belongs to
+ * tick resolution): on the 2-vCPU test VM (PROG_TEST_RUN) the precise clock
+ * costs ~30 ns a packet and the coarse one ~13 ns; IPFIX exports
+ * milliseconds. bpf_jiffies64() would cost ~2 ns but needs HZ calibration in
+ * user space (see docs/benchmarks.md). A slot whose packets is 0 belongs to
  * a CPU that never saw the flow and carries no data. */
 struct flow_value {
 	__u64 packets;       /* IE 2 packetDeltaCount */
