@@ -3,11 +3,33 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import TextIO
 
 import structlog
 
 LEVELS = ("debug", "info", "warning", "error")
+
+
+_stream: TextIO | None = None
+
+
+def _log_stream() -> TextIO:
+    """A private duplicate of stderr, made once.
+
+    bcc's compile briefly points fd 2 elsewhere to keep clang's chatter out
+    (xdp.loader); log lines written meanwhile from other threads must still
+    reach the real stderr.
+    """
+    global _stream  # noqa: PLW0603 - one stream per process, shared by every configure()
+    if _stream is None:
+        try:
+            _stream = os.fdopen(os.dup(sys.stderr.fileno()), "w", buffering=1, encoding="utf-8",
+                                errors="replace")
+        except (OSError, ValueError, AttributeError):  # no real fd (captured in tests): use it as it is
+            _stream = sys.stderr
+    return _stream
 
 
 def configure(level: str = "info", fmt: str = "auto") -> None:
@@ -29,6 +51,6 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_log_stream()),
         cache_logger_on_first_use=False,
     )

@@ -29,7 +29,7 @@ KERNEL_COUNTERS = {
 }
 
 
-@dataclass
+@dataclass(eq=False)  # registries keep collectors in a set: identity hashing
 class _KernelView(Collector):
     read: Callable[[], dict[str, int]]
     fill: Callable[[], float]

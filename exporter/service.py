@@ -57,6 +57,8 @@ class RunConfig:
     tls_key: str | None = None
     tls_server_name: str | None = None
     metrics: str | None = None     # HOST:PORT of the Prometheus endpoint, None = off
+    log_level: str = "info"        # applied by the CLI; here so a reload can report the change
+    log_format: str = "auto"
 
 
 @dataclass
