@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import structlog
@@ -34,6 +34,8 @@ from xdp.loader import Datapath, LoaderError, human_bytes, map_memory_bytes
 log = structlog.get_logger("xdpflow.service")
 
 CAPACITY_WARNING_INTERVAL = 60.0
+# Sized or bound at start: the kernel maps, their budget, the metrics socket, the XDP mode.
+RESTART_ONLY = ("max_entries", "max_kernel_memory", "metrics", "mode")
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ class Exporter:
     reload: Callable[[], RunConfig] | None = None
     _fill: float = 0.0
     _attach_lock: threading.Lock = field(default_factory=threading.Lock)
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _links_changed: asyncio.Event = field(default_factory=asyncio.Event)
     _last_stats: dict[str, int] = field(default_factory=dict)
 
@@ -253,6 +256,10 @@ class Exporter:
 
     async def _apply_reload(self) -> None:
         """SIGHUP: new timeouts, collectors, log level and interface patterns; no re-attach, no flow lost."""
+        async with self._reload_lock:  # two quick SIGHUPs must not open the same collector twice
+            await self._reload_once()
+
+    async def _reload_once(self) -> None:
         if self.reload is None:
             log.warning("SIGHUP ignored: no configuration file to reload")
             return
@@ -262,6 +269,11 @@ class Exporter:
             log.error("reload failed, keeping the running configuration", error=str(e))
             return
         old = self.cfg
+        fixed = sorted(k for k in RESTART_ONLY if getattr(new, k) != getattr(old, k))
+        if fixed:
+            log.warning("these settings take effect only after a restart; keeping the running values",
+                        keys=fixed)
+            new = replace(new, **{k: getattr(old, k) for k in fixed})
         if self.table is not None:
             retime(self.table, new.active_timeout, new.idle_timeout)
         keep = {e.sender.endpoint: e for e in self.exports}
