@@ -8,6 +8,7 @@ output. They are context managers: the process is always stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -136,7 +137,9 @@ class Tshark:
     def start(self) -> Tshark:
         require("tshark", "tshark")
         cmd = [*_prefix(self.netns), "tshark", "-i", self.iface, "-f", f"udp port {self.port}", "-w", self.pcap, "-q"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Own process group: tshark captures through a dumpcap child that must die with it.
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
         deadline = time.monotonic() + 20
         assert self.proc.stderr is not None
         while time.monotonic() < deadline:  # tshark prints "Capturing on ..." once the capture runs
@@ -152,7 +155,14 @@ class Tshark:
             time.sleep(0.5)
             self.proc.send_signal(signal.SIGINT)
             self.proc.communicate(timeout=30)
+        self._kill_group()
         self.proc = None
+
+    def _kill_group(self) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     def decode(self) -> tuple[list[dict[str, Any]], str]:
         """(packets as tshark's JSON, tshark's stderr) decoding the capture as IPFIX."""
@@ -175,9 +185,12 @@ class Tshark:
         return res.stdout
 
     def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        if self.proc is not None:
+            self._kill_group()
+            if self.proc.poll() is None:
+                self.proc.kill()
             self.proc.wait()
+            self.proc = None
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Tshark:

@@ -220,6 +220,7 @@ class UdpSender:
     on_not_sent: OnNotSent | None = None
     stats: SenderStats = field(default_factory=SenderStats)
     _transport: asyncio.DatagramTransport | None = None
+    _sock: socket.socket | None = None
     _failing: bool = False
     _errors_at_last_send: int = 0
 
@@ -236,6 +237,7 @@ class UdpSender:
         sock.connect(addr)
         transport, _ = await loop.create_datagram_endpoint(lambda: _DatagramProtocol(self), sock=sock)
         self._transport = transport
+        self._sock = sock
         self.stats.connections += 1
         return self
 
@@ -272,9 +274,13 @@ class UdpSender:
             _report_not_sent(self.on_not_sent, messages, self.endpoint)
             return
         failed: list[bytes] = []
+        assert self._sock is not None
         for d, n in zip(messages, counts, strict=True):
+            # Straight on the socket, not through the transport: after an ICMP port unreachable
+            # the kernel refuses the next send (ECONNREFUSED) and transmits nothing; the
+            # transport would report that through a callback and the message would count as sent.
             try:
-                self._transport.sendto(d)
+                self._sock.send(d)
             except OSError as e:
                 self.note_error(e)
                 self.stats.messages_failed += 1
@@ -290,6 +296,7 @@ class UdpSender:
         if self._transport is not None:
             self._transport.close()
             self._transport = None
+            self._sock = None
 
 
 # -- TCP and TLS ---------------------------------------------------------------------------------
@@ -455,6 +462,22 @@ class TcpSender:
             self._queued_bytes += len(m)
         dropped: list[bytes] = []
         limit_messages, limit_bytes = self.options.queue_messages, self.options.queue_bytes
+        if len(self._queue) > limit_messages or self._queued_bytes > limit_bytes:
+            # Messages without flow records (options totals, which every scan repeats with newer
+            # values) go first, the newest one excepted; flow-carrying messages only after that.
+            keep_last = max((i for i, (_, n) in enumerate(self._queue) if n == 0), default=-1)
+            kept: deque[tuple[bytes, int]] = deque()
+            excess = len(self._queue) - limit_messages
+            for i, (m, n) in enumerate(self._queue):
+                over = excess > 0 or self._queued_bytes > limit_bytes
+                if over and n == 0 and i != keep_last:
+                    self._queued_bytes -= len(m)
+                    self.stats.messages_dropped += 1
+                    dropped.append(m)
+                    excess -= 1
+                else:
+                    kept.append((m, n))
+            self._queue = kept
         while len(self._queue) > limit_messages or self._queued_bytes > limit_bytes:
             m, n = self._queue.popleft()
             self._queued_bytes -= len(m)
