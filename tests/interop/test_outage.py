@@ -5,15 +5,17 @@ UDP: the exporter starts while nothing listens on the collector's port and keeps
 exporter must not exit, must say "collector unreachable" once per state change rather than once
 per datagram, and the collector must decode data within one template refresh interval
 (`--template-refresh 5`) of starting, with no set of an unknown template after that. What was
-exported during the outage is lost: UDP cannot know (the datagrams count as sent).
+exported during the outage is lost; datagrams the kernel refused after the ICMP errors count as
+not sent.
 
 TCP: two exporters at once, each with its own namespaces and TCP collector, share one 30 s outage
 (backoff is up to 30 s with full jitter, so the reconnect alone can take that long again):
 - a queue large enough for the outage: every flow exported while the collector was away arrives
   after the reconnect, exactly, and the sequence numbers run on across the two connections with no
   gap (the collector keeps one session for both connections on purpose);
-- `--tcp-queue-size 8`: the message holding the flows of the outage is pushed out of the queue by
-  the options-only messages of the later scans, and that loss is counted exactly: "stopped" says
+- `--tcp-queue-size 1`: options-only messages go first when the queue overflows, but a one-message
+  queue keeps only the newest of them, so the message holding the outage's flows is pushed out
+  too, and that loss is counted exactly: "stopped" says
   not_sent flows + flows received = flows exported, the last notSentFlow/Packet/OctetTotalCount
   options record the collector decoded says the same, and the sequence gap it saw across the
   reconnect is exactly the records of the dropped messages.
@@ -50,7 +52,7 @@ from tools.packets import Flow, standard_mix
 PORT = 4739
 OUTAGE = 30.0
 REFRESH = 5.0
-SMALL_QUEUE = 8
+SMALL_QUEUE = 1
 OPTIONS_PER_SCAN = 5  # options records in every scan's message (see test_sequence_modes.py)
 COMMON = ("--scan-interval", "0.5", "--idle-timeout", "1", "--active-timeout", "60", "--max-entries", "4096",
           "--log-level", "debug")

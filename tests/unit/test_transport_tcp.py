@@ -275,6 +275,23 @@ def test_queue_bounds_drop_oldest_and_count_exactly() -> None:
     assert (by_bytes.stats.messages_dropped, by_bytes.stats.records_dropped) == (8, 8 + 6 + 9)
 
 
+def test_overflow_drops_options_only_messages_before_flows() -> None:
+    """Options totals repeat every scan: on overflow they go first (the newest kept), flows after."""
+    handed_back: list[bytes] = []
+    s = tcp_sender(1, StreamOptions(queue_messages=4), on_not_sent=handed_back.extend)
+    s.send([message(0)], [7])                       # flows
+    s.send([message(i) for i in range(1, 6)], [0] * 5)  # five options-only scans
+    assert [seq_of(m) for m, _ in s._queue] == [0, 3, 4, 5]
+    assert (s.stats.messages_dropped, s.stats.records_dropped) == (2, 0)
+    s.send([message(6)], [2])                       # more flows: options 3 and 4 go, 5 (newest) stays
+    assert [seq_of(m) for m, _ in s._queue] == [0, 4, 5, 6]
+    assert s.stats.records_dropped == 0, "no flow-carrying message dropped while options-only ones remained"
+    s.send([message(7)], [1])
+    s.send([message(8)], [1])                       # only flows and the newest options left: oldest flows go
+    assert s.stats.records_dropped == 7 and seq_of(handed_back[-1]) == 0
+    assert [seq_of(m) for m, _ in s._queue] == [5, 6, 7, 8]
+
+
 def test_a_failing_not_sent_hook_does_not_break_the_sender() -> None:
     def hook(_: Any) -> None:
         raise RuntimeError("boom")
