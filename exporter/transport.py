@@ -218,6 +218,7 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
 class UdpSender:
     endpoint: Endpoint
     on_not_sent: OnNotSent | None = None
+    on_connect: OnConnect | None = None  # the templates: sent ahead of every batch while the collector is away
     stats: SenderStats = field(default_factory=SenderStats)
     _transport: asyncio.DatagramTransport | None = None
     _sock: socket.socket | None = None
@@ -268,6 +269,11 @@ class UdpSender:
             self._failing = False
             log.info("collector reachable again", collector=str(self.endpoint))
         self._errors_at_last_send = self.stats.send_errors
+        if self._failing and self.on_connect is not None and messages:
+            # A collector that comes back knows no templates: whatever reaches it first must carry them.
+            messages = [align_header(self.on_connect(), messages[0]), *messages]
+            counts = [0, *counts]
+            self.stats.template_messages += 1
         if self._transport is None or self._transport.is_closing():
             self.stats.messages_failed += len(messages)
             self.stats.records_failed += sum(counts)
@@ -745,10 +751,11 @@ class TlsSender(TcpSender):
 
 def make_sender(endpoint: Endpoint, *, on_connect: OnConnect | None = None, on_not_sent: OnNotSent | None = None,
                 options: StreamOptions | None = None, tls: TlsOptions | None = None) -> Sender:
-    """The sender for `endpoint`'s scheme. UDP ignores on_connect (its encoder refreshes templates by
-    time) and options; only a tls:// endpoint uses `tls`."""
+    """The sender for `endpoint`'s scheme. UDP sends on_connect() ahead of each batch while the collector
+    is unreachable (so one that comes back can decode what reaches it first; otherwise its encoder
+    refreshes templates by time) and ignores options; only a tls:// endpoint uses `tls`."""
     if endpoint.scheme == "udp":
-        return UdpSender(endpoint, on_not_sent=on_not_sent)
+        return UdpSender(endpoint, on_not_sent=on_not_sent, on_connect=on_connect)
     if endpoint.scheme == "tcp":
         return TcpSender(endpoint, on_connect=on_connect, on_not_sent=on_not_sent, options=options)
     if endpoint.scheme == "tls":
