@@ -355,9 +355,15 @@ def run_checks(loaded: configmod.Loaded) -> list[Result]:
     return results
 
 
-def run_preflight(cfg: Config) -> list[str]:
-    """What `xdpflow run` checks before loading anything: each failure as one line."""
-    return [r.problem() for r in system_checks() if r.status == FAIL]
+def run_preflight(cfg: Config | None = None) -> list[str]:
+    """What `xdpflow run` and `dump` check before loading anything: each failure as one line.
+
+    A missing capability is said once, by name: bpf() refused with EPERM is only its consequence.
+    """
+    failed = [r for r in system_checks() if r.status == FAIL]
+    if any(r.name == "capabilities" for r in failed):
+        failed = [r for r in failed if not (r.name == "bpf()" and os.strerror(errno.EPERM) in r.detail)]
+    return [r.problem() for r in failed]
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -73,7 +73,13 @@ def add_log_options(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_dump(args: argparse.Namespace) -> int:
-    from exporter import dump
+    from exporter import check, dump
+
+    problems = check.run_preflight()
+    if problems:
+        for p in problems:
+            print(f"xdpflow: error: preflight: {p}", file=sys.stderr)
+        return 1
 
     opts = dump.DumpOptions(interfaces=tuple(args.interface), mode=args.mode, seconds=args.seconds,
                             json=args.json, scan_interval=args.scan_interval, max_entries=args.max_entries,
@@ -140,4 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m exporter.cli` runs this file as __main__; runcli raises exporter.cli.CliError, another
+    # class than __main__.CliError. Run the imported module's main so `except CliError` catches it.
+    from exporter.cli import main as _main
+
+    sys.exit(_main())

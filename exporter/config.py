@@ -70,7 +70,10 @@ def _to_float(v: object, text: bool) -> float | None:
     if isinstance(v, bool):
         return None
     if isinstance(v, int | float):
-        x = float(v)
+        try:
+            x = float(v)
+        except OverflowError:  # an integer beyond any float
+            return None
     elif text and isinstance(v, str):
         try:
             x = float(v)
@@ -109,8 +112,11 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 def parse_size(text: str) -> int | None:
     """Bytes from "1073741824", "512M", "1G", "1.5GiB"; None if it isn't a size."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
-    return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower(), re.ASCII)
+    if not m:
+        return None
+    size = float(m.group(1)) * _UNITS[m.group(2)]
+    return int(size) if math.isfinite(size) else None
 
 
 def _size(v: object, text: bool) -> int:
@@ -175,7 +181,7 @@ def _url_port(text: str) -> str:
 
 def _port_problem(text: str) -> str | None:
     port = _url_port(text)
-    if port.isdigit() and not 1 <= int(port) <= 65535:
+    if port.isascii() and port.isdigit() and not 1 <= int(port) <= 65535:
         return f"port {port} is out of range; allowed 1..65535"
     return None
 
@@ -250,7 +256,7 @@ class Config:
     mode: str = _key("auto", _choice("auto", "native", "generic"),
                      "XDP mode: native (driver), generic (any interface, slower) or auto: native where the "
                      "driver supports it, else generic", KERNEL, metavar="auto|native|generic")
-    max_entries: int = _key(500_000, _int_range(1, None), "flow table size per page in the kernel (as Skydive)",
+    max_entries: int = _key(500_000, _int_range(1, 0xFFFFFFFF), "flow table size per page in the kernel (as Skydive)",
                             KERNEL, metavar="N")
     max_kernel_memory: int = _key(1 << 30, _size, "refuse to start if the flow maps would need more kernel memory",
                                   KERNEL, metavar="SIZE")
@@ -333,6 +339,11 @@ def _flatten(prefix: str, v: object) -> Iterable[tuple[str, object]]:
         yield prefix, v
 
 
+def _show_key(key: str) -> str:
+    """A TOML key as written in a bare key, else quoted (JSON escapes: never a line break or a control character)."""
+    return key if re.fullmatch(r"[A-Za-z0-9_.-]+", key) else json.dumps(key)
+
+
 def _unknown(key: str, value: object, source: str) -> str:
     for path, leaf in _flatten(key, value):
         if path in SKYDIVE_NAMES:
@@ -340,7 +351,7 @@ def _unknown(key: str, value: object, source: str) -> str:
                                              f"{SKYDIVE_NAMES[path]} (a top-level key)")
     close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}?" if close else "see `xdpflow run --help` or config/xdpflow.toml for the keys"
-    return _line(key, value, source, f"unknown key; {hint}")
+    return _line(_show_key(key), value, source, f"unknown key; {hint}")
 
 
 def _read_toml(path: str, errors: list[str]) -> dict[str, Any]:
@@ -349,6 +360,8 @@ def _read_toml(path: str, errors: list[str]) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         errors.append(f"config = {json.dumps(path)}: not valid TOML: {e}")
+    except UnicodeDecodeError as e:
+        errors.append(f"config = {json.dumps(path)}: not valid TOML: not UTF-8 text (byte {e.start})")
     except FileNotFoundError:
         errors.append(f"config = {json.dumps(path)}: no such file")
     except OSError as e:

@@ -168,7 +168,7 @@ BAD_FILES = {
     "zero template refresh": (LO + "template_refresh = 0\n", "template_refresh", "> 0"),
     "active shorter than idle": (LO + "active_timeout = 10\n", "active_timeout", "idle_timeout"),
     "scan longer than idle": (LO + "scan_interval = 20\n", "scan_interval", "idle_timeout"),
-    "zero max_entries": (LO + "max_entries = 0\n", "max_entries", "integer >= 1"),
+    "zero max_entries": (LO + "max_entries = 0\n", "max_entries", "integer 1..4294967295"),
     "max_entries over budget": (LO + "max_entries = 100000000\n", "max_entries", "max_kernel_memory"),
     "budget too small": (LO + 'max_kernel_memory = "1M"\nmax_entries = 100000\n', "max_entries", "at most"),
     "bad size": (LO + 'max_kernel_memory = "lots"\n', "max_kernel_memory", '"512M"'),
