@@ -22,6 +22,7 @@ from typing import Any
 
 from exporter import logs
 from exporter.transport import Endpoint, EndpointError, parse_endpoint
+from xdp import filters
 
 DEFAULT_PATH = "/etc/xdpflow/xdpflow.toml"
 ENV_PREFIX = "XDPFLOW_"
@@ -211,6 +212,22 @@ def _collectors(v: object, text: bool) -> tuple[str, ...]:
     return tuple(urls)
 
 
+def _filters(v: object, text: bool) -> tuple[str, ...]:
+    """Filter rules: a list of strings, or one string of rules separated by ';' (environment, flags)."""
+    allowed = 'must be a list of filter rules, e.g. ["exclude dst 10.0.0.0/8", "include proto tcp dport 443"]'
+    if isinstance(v, str):
+        items: list[object] = [r for r in v.split(";") if r.strip()]
+    elif isinstance(v, list):
+        items = list(v)
+    else:
+        raise _bad(allowed)
+    rules, errors = filters.check_rules(items)
+    if errors:
+        raise Invalid(*((f"[{e.index}]", items[e.index], e.problem) if e.index is not None else ("", None, e.problem)
+                        for e in errors))
+    return tuple(r.text for r in rules)
+
+
 def _optional_str(v: object, text: bool) -> str | None:
     if not isinstance(v, str):
         raise _bad('must be a string ("" for none)')
@@ -239,9 +256,10 @@ def _metrics(v: object, text: bool) -> str | None:
 # -- the settings ---------------------------------------------------------------------------------
 
 def _key(default: object, parse: Parser, help: str, group: str, flag: str | None = None, short: str | None = None,
-         metavar: str | None = None) -> Any:
+         metavar: str | None = None, sep: str = ",") -> Any:
+    """sep: how the values of a repeated flag are joined before parsing (list keys)."""
     return field(default=default, metadata={"parse": parse, "help": help, "group": group, "flag": flag,
-                                            "short": short, "metavar": metavar})
+                                            "short": short, "metavar": metavar, "sep": sep})
 
 
 KERNEL, EXPORT, TLS, OPS = "kernel datapath", "export", "TLS (tls:// collectors)", "logs and metrics"
@@ -260,6 +278,13 @@ class Config:
                             KERNEL, metavar="N")
     max_kernel_memory: int = _key(1 << 30, _size, "refuse to start if the flow maps would need more kernel memory",
                                   KERNEL, metavar="SIZE")
+    filters: tuple[str, ...] = _key((), _filters,
+                                    "filter rule, e.g. 'exclude dst 10.0.0.0/8' or 'include proto tcp dport 443' "
+                                    "(repeat; first match wins; see config/xdpflow.toml)", KERNEL, "--filter",
+                                    metavar="RULE", sep=";")
+    sampling: int = _key(1, _int_range(1, 0xFFFFFFFF),
+                         "meter 1 packet in N, chosen at random in the kernel; counters are not scaled, "
+                         "collectors scale by samplingInterval", KERNEL, metavar="N")
     scan_interval: float = _key(10.0, _seconds, "seconds between drains of the kernel table", EXPORT, metavar="S")
     active_timeout: float = _key(60.0, _seconds, "export long flows at least this often", EXPORT, metavar="S")
     idle_timeout: float = _key(15.0, _seconds, "end a flow after this long without packets", EXPORT, metavar="S")
@@ -448,7 +473,7 @@ def resolve(flags: Mapping[str, object] | None = None, *, config_path: str | Non
     for key, value in (flags or {}).items():
         if key not in FIELDS:
             raise KeyError(key)
-        joined = ",".join(value) if isinstance(value, list) else value
+        joined = FIELDS[key].metadata["sep"].join(value) if isinstance(value, list) else value
         layers.append((key, joined, f"from {flag_of(key)}", True))
 
     values: dict[str, Any] = {k: f.default for k, f in FIELDS.items()}
@@ -502,10 +527,24 @@ def _system_problems(values: dict[str, Any], sources: dict[str, str], good: Call
         fpath = values[key]
         if good(key) and fpath is not None and (p := file_problem(fpath)) is not None:
             errors.append(_line(key, fpath, sources[key], p))
+    if good("filters"):
+        errors += _filter_iface_problems(values["filters"], sources["filters"])
     if good("max_entries", "max_kernel_memory"):
         p = memory_problem(values["max_entries"], values["max_kernel_memory"])
         if p is not None:
             errors.append(_line("max_entries", values["max_entries"], sources["max_entries"], p))
+    return errors
+
+
+def _filter_iface_problems(rules: tuple[str, ...], source: str) -> list[str]:
+    """Interface names (not globs or indexes) in filter rules must exist, as interfaces do."""
+    names = {n for _, n in socket.if_nameindex()}
+    errors = []
+    for i, text in enumerate(rules):
+        for v in filters.parse_rule(text).iface or ():
+            if not v.isdigit() and not filters.is_glob(v) and v not in names:
+                errors.append(_line(f"filters[{i}]", text, source,
+                                    f"iface {json.dumps(v)}: {interface_problem(v)}"))
     return errors
 
 

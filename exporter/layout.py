@@ -41,7 +41,41 @@ FLOW_STATS = np.dtype([
     ("non_ip", "<u8"),
     ("insert_failures", "<u8"),
     ("insert_failure_octets", "<u8"),
+    ("filtered", "<u8"),
+    ("filtered_octets", "<u8"),
+    ("sampled_out", "<u8"),
+    ("sampled_out_octets", "<u8"),
+])
+
+CONTROL = np.dtype([
+    ("page", "<u4"),
+    ("config", "<u4"),
+])
+
+RULE_SET = np.dtype([
+    ("slots", "<u8"),
+    ("exclude", "<u8"),
+    ("iface_any", "<u8"),
+    ("src_any", "<u8"),
+    ("dst_any", "<u8"),
+    ("flags", "<u4"),
+    ("default_exclude", "<u4"),
+    ("sample_threshold", "<u4"),
+    ("sample_interval", "<u4"),
+])
+
+PREFIX_KEY = np.dtype([
+    ("prefixlen", "<u4"),
+    ("set", "u1"),
+    ("pad", "u1", (3,)),
+    ("addr", "u1", (16,)),
+])
+
+RULE_COUNTER = np.dtype([
+    ("packets", "<u8"),
+    ("octets", "<u8"),
 ])
 
 # C struct name -> dtype, for the layout test.
-STRUCTS = {"flow_key": FLOW_KEY, "flow_value": FLOW_VALUE, "flow_stats": FLOW_STATS}
+STRUCTS = {"flow_key": FLOW_KEY, "flow_value": FLOW_VALUE, "flow_stats": FLOW_STATS, "xdpflow_ctl": CONTROL,
+           "rule_set": RULE_SET, "prefix_key": PREFIX_KEY, "rule_counter": RULE_COUNTER}

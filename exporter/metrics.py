@@ -10,8 +10,9 @@ it happens.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -26,7 +27,29 @@ KERNEL_COUNTERS = {
     "non_ip": "Frames that are not IPv4/IPv6",
     "insert_failures": "Metered packets no flow page could hold",
     "insert_failure_octets": "Octets of metered packets no flow page could hold",
+    "filtered": "IP packets a filter rule excluded (passed on, not metered)",
+    "filtered_octets": "IP octets of packets a filter rule excluded",
+    "sampled_out": "IP packets the sampler skipped (passed on, not metered)",
+    "sampled_out_octets": "IP octets of packets the sampler skipped",
 }
+RULE_LABEL_MAX = 200  # a rule listing a thousand CIDRs still gets a readable label
+
+
+class RuleCounter(Protocol):
+    """One filter rule's totals (xdp.loader.RuleCount)."""
+
+    @property
+    def rule(self) -> str: ...
+    @property
+    def action(self) -> str: ...
+    @property
+    def packets(self) -> int: ...
+    @property
+    def octets(self) -> int: ...
+
+
+def rule_label(rule: str) -> str:
+    return rule if len(rule) <= RULE_LABEL_MAX else rule[: RULE_LABEL_MAX - 3] + "..."
 
 
 @dataclass(eq=False)  # registries keep collectors in a set: identity hashing
@@ -55,6 +78,34 @@ class _KernelView(Collector):
         return []
 
 
+@dataclass(eq=False)
+class _SelectionView(Collector):
+    """Per-rule counters (cumulative in the kernel's per-CPU maps) and the sampling interval."""
+
+    rules: Callable[[], Sequence[RuleCounter]]
+    sampling: Callable[[], int]
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        labels = ["index", "rule", "action"]
+        p = CounterMetricFamily("xdpflow_filter_rule_packets",
+                                "IP packets a filter rule decided (first match); rule \"(no match)\": "
+                                "no rule matched and the default action applied", labels=labels)
+        o = CounterMetricFamily("xdpflow_filter_rule_octets", "IP octets of the packets a filter rule decided",
+                                labels=labels)
+        for i, c in enumerate(self.rules()):
+            key = [str(i), rule_label(c.rule), c.action]
+            p.add_metric(key, c.packets)
+            o.add_metric(key, c.octets)
+        yield p
+        yield o
+        g = GaugeMetricFamily("xdpflow_sampling_interval", "Packets observed per packet metered (1: no sampling)")
+        g.add_metric([], self.sampling())
+        yield g
+
+    def describe(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        return []
+
+
 @dataclass
 class Metrics:
     registry: CollectorRegistry = field(default_factory=lambda: CollectorRegistry(auto_describe=True))
@@ -78,6 +129,9 @@ class Metrics:
     def watch_kernel(self, read: Callable[[], dict[str, int]], fill: Callable[[], float],
                      modes: Callable[[], dict[str, str]]) -> None:
         self.registry.register(_KernelView(read, fill, modes))
+
+    def watch_selection(self, rules: Callable[[], Sequence[RuleCounter]], sampling: Callable[[], int]) -> None:
+        self.registry.register(_SelectionView(rules, sampling))
 
     def sender_totals(self, collector: str, messages: int, octets: int, errors: int, queue: int) -> None:
         """Senders keep cumulative totals; turn them into counter increments."""

@@ -29,6 +29,7 @@ from exporter.merge import clock_offset_ns, merge
 from exporter.metrics import Metrics, parse_listen
 from exporter.records import END_FORCED, FLOW_RECORD, Records
 from exporter.transport import Endpoint, EndpointError, Sender, StreamOptions, TlsOptions, make_sender
+from xdp import filters
 from xdp.loader import Datapath, LoaderError, human_bytes, map_memory_bytes
 
 log = structlog.get_logger("xdpflow.service")
@@ -48,6 +49,8 @@ class RunConfig:
     idle_timeout: float = 15.0
     max_entries: int = 500_000
     max_kernel_memory: int = 1 << 30
+    filters: tuple[str, ...] = ()  # filter rules (xdp/filters.py), first match wins
+    sampling: int = 1              # meter 1 packet in N (random, in the kernel); counters not scaled
     observation_domain: int = 0
     mtu: int = 1400
     template_refresh: float = 60.0
@@ -125,10 +128,27 @@ class Exporter:
     _links_changed: asyncio.Event = field(default_factory=asyncio.Event)
     _last_stats: dict[str, int] = field(default_factory=dict)
 
+    def _compile_filters(self, cfg: RunConfig) -> filters.Tables:
+        """The kernel tables for cfg.filters, interface names resolved now; FilterError if they don't compile."""
+        tables = filters.compile_rules(filters.parse_rules(cfg.filters))
+        if tables.unresolved:
+            log.warning("filter interface not found: its rules match nothing until it appears",
+                        interfaces=list(tables.unresolved))
+        return tables
+
+    def _apply_selection(self, cfg: RunConfig, tables: filters.Tables) -> None:
+        assert self.datapath is not None
+        with self._attach_lock:
+            self.datapath.configure(tables, cfg.sampling)
+
     def _setup_kernel(self) -> None:
         dp = Datapath(max_entries=self.cfg.max_entries, memory_budget=self.cfg.max_kernel_memory).load()
         self.datapath = dp
         try:
+            try:
+                dp.configure(self._compile_filters(self.cfg), self.cfg.sampling)
+            except filters.FilterError as e:
+                raise LoaderError(str(e)) from None
             for ifname in self.cfg.interfaces:
                 if not is_glob(ifname):
                     dp.attach(ifname, self.cfg.mode)
@@ -159,6 +179,18 @@ class Exporter:
                     continue
                 if self.datapath is not None and self.pages is not None:
                     log.info("interface attached", interface=ifname, mode=att.mode, ifindex=att.ifindex)
+            self._refresh_iface_rules(links)
+
+    def _refresh_iface_rules(self, links: dict[str, int]) -> None:
+        """Filter rules name interfaces: when one comes, goes or changes index, rebuild the rule set."""
+        dp = self.datapath
+        if dp is None or not filters.uses_iface_names(dp.tables.rules):
+            return
+        resolved, _ = filters.resolve_ifaces(dp.tables.rules, links)
+        if resolved == dp.tables.iface_resolved:
+            return
+        dp.configure(filters.compile_rules(dp.tables.rules, links), dp.sampling)
+        log.info("filter interfaces changed", interfaces={k: list(v) for k, v in resolved.items()})
 
     def _scan(self, drains: list[Drained], now: float, shutdown: bool) -> ScanResult:
         """Worker-thread half of a scan: merge, fold into the table, expire."""
@@ -241,6 +273,7 @@ class Exporter:
         self.metrics = Metrics()
         self.metrics.watch_kernel(dp.read_stats, lambda: self._fill,
                                   lambda: {a.ifname: a.mode for a in dp.attachments})
+        self.metrics.watch_selection(dp.rule_counters, lambda: dp.sampling)
         try:
             self.metrics.serve(host, port)
         except OSError as e:
@@ -274,6 +307,13 @@ class Exporter:
             log.warning("these settings take effect only after a restart; keeping the running values",
                         keys=fixed)
             new = replace(new, **{k: getattr(old, k) for k in fixed})
+        tables: filters.Tables | None = None
+        if (new.filters, new.sampling) != (old.filters, old.sampling):
+            try:
+                tables = await asyncio.to_thread(self._compile_filters, new)
+            except filters.FilterError as e:
+                log.error("reload failed, keeping the running configuration", error=str(e))
+                return
         if self.table is not None:
             retime(self.table, new.active_timeout, new.idle_timeout)
         keep = {e.sender.endpoint: e for e in self.exports}
@@ -290,8 +330,12 @@ class Exporter:
             await gone.sender.close()
         self.exports = exports
         self.cfg = new
+        if tables is not None and self.datapath is not None:
+            # Map updates only: the program stays attached and the flow pages keep their flows.
+            await asyncio.to_thread(self._apply_selection, new, tables)
         await asyncio.to_thread(self._reconcile)
         log.info("reloaded", active_timeout=new.active_timeout, idle_timeout=new.idle_timeout,
+                 filters=len(new.filters), sampling=new.sampling,
                  collectors=[str(e.sender.endpoint) for e in self.exports], interfaces=list(new.interfaces),
                  changed=sorted(k for k in vars(new) if getattr(new, k) != getattr(old, k)))
 
@@ -322,7 +366,7 @@ class Exporter:
             exported_octets=st.octets, observed_packets=self.observed_packets, observed_octets=self.observed_octets,
             ignored_packets=max(0, self.ignored_packets), ignored_octets=max(0, self.ignored_octets),
             active_timeout_s=self.cfg.active_timeout, idle_timeout_s=self.cfg.idle_timeout,
-            system_init_ms=self.started_ms)
+            system_init_ms=self.started_ms, sampling_interval=self.cfg.sampling)
 
     def _encoder(self, cfg: RunConfig) -> Encoder:
         return Encoder(odid=cfg.observation_domain, mtu=cfg.mtu, template_refresh_s=cfg.template_refresh,
@@ -369,7 +413,8 @@ class Exporter:
                      max_entries=self.cfg.max_entries, kernel_memory=human_bytes(self.datapath.memory_bytes),
                      collectors=[str(e.sender.endpoint) for e in self.exports],
                      scan_interval=self.cfg.scan_interval, active_timeout=self.cfg.active_timeout,
-                     idle_timeout=self.cfg.idle_timeout, observation_domain=self.cfg.observation_domain)
+                     idle_timeout=self.cfg.idle_timeout, observation_domain=self.cfg.observation_domain,
+                     filters=list(self.cfg.filters), sampling=self.cfg.sampling)
             next_scan = time.monotonic() + self.cfg.scan_interval
             while not self.stop.is_set():
                 try:
@@ -387,7 +432,10 @@ class Exporter:
             res = await self.scan_once(shutdown=True)
             for ex in self.exports:
                 await ex.sender.close()
+            kernel = self.datapath.read_stats()
             log.info("stopped", scans=self.scans, records_exported=self.records_exported,
+                     filtered_packets=kernel.get("filtered", 0), sampled_out_packets=kernel.get("sampled_out", 0),
+                     rules=[[c.action, c.rule, c.packets] for c in self.datapath.rule_counters()],
                      final_records=len(res.expired), observed_packets=self.observed_packets,
                      observed_octets=self.observed_octets, ignored_packets=self.ignored_packets,
                      ignored_octets=self.ignored_octets,

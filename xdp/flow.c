@@ -3,10 +3,10 @@
  * Theory of operation. For every frame: parse Ethernet, up to two VLAN tags,
  * IPv4 or IPv6 (skipping a bounded chain of extension headers) and the ports
  * of TCP, UDP and SCTP (or ICMP type/code); build a struct flow_key and add
- * the packet to page `active_page` of two per-CPU LRU flow maps ("pages"),
- * counting it in that page's slot of `stats`. The index is read once per run,
+ * the packet to page `control.page` of two per-CPU LRU flow maps ("pages"),
+ * counting it in that page's slot of `stats`. The slot is read once per run,
  * so a packet's flow entry and its counters always land in the same page.
- * Every scan the exporter writes the other index into `active_page`, then
+ * Every scan the exporter writes the other index into `control.page`, then
  * rewrites a slot of the array-of-maps `pages` with the fd it already holds:
  * a map-in-map update makes the kernel wait an RCU grace period
  * (synchronize_rcu) before returning, and XDP programs run under RCU, so
@@ -16,6 +16,17 @@
  * The program never drops or modifies a packet: every path returns XDP_PASS.
  * Frames it can't parse are counted (parse_failures) and passed; so are
  * frames that are not IP (non_ip).
+ *
+ * Selection (xdp/filters.py compiles the rules; flow.h explains the tables).
+ * The control slot also names the rule set in force; 0 means none, and the
+ * packet goes straight to metering (one compare on the hot path). Otherwise
+ * IP packets go through the set's filter, then its sampler: an excluded
+ * packet counts in its rule's slot of rule_hits and in filtered; a packet the
+ * sampler skips counts in sampled_out; neither touches a flow map. The
+ * sampler is random (bpf_get_prandom_u32() below round(2^32 / N)), not
+ * every Nth packet: a count-based sampler locks onto periodic traffic (N
+ * flows sent round robin would see one flow sampled and the others never).
+ * Counters are not scaled; the exporter sends samplingInterval = N.
  *
  * Parsing rules (tests/kernel/refparser.py implements the same rules in
  * Python and the differential fuzz test holds the two equal):
@@ -44,8 +55,20 @@
 BPF_TABLE("lru_percpu_hash", struct flow_key, struct flow_value, flows0, XDPFLOW_MAX_ENTRIES);
 BPF_TABLE("lru_percpu_hash", struct flow_key, struct flow_value, flows1, XDPFLOW_MAX_ENTRIES);
 BPF_ARRAY_OF_MAPS(pages, "flows0", 2);       /* slot i -> flows<i>, set once at load */
-BPF_ARRAY(active_page, __u32, 1);            /* index of the page programs write */
+BPF_ARRAY(control, struct xdpflow_ctl, 1);   /* active page, rule set in force */
 BPF_PERCPU_ARRAY(stats, struct flow_stats, 2); /* counters of each page */
+
+/* Rule sets and their tables, two of each (index: set, or set * slots + value). */
+BPF_ARRAY(rule_sets, struct rule_set, 2);
+BPF_LPM_TRIE(src_prefixes, struct prefix_key, __u64, 2 * XDPFLOW_MAX_PREFIXES);
+BPF_LPM_TRIE(dst_prefixes, struct prefix_key, __u64, 2 * XDPFLOW_MAX_PREFIXES);
+BPF_ARRAY(proto_masks, __u64, 2 * XDPFLOW_PROTO_SLOTS);
+BPF_ARRAY(sport_masks, __u64, 2 * XDPFLOW_PORT_SLOTS);
+BPF_ARRAY(dport_masks, __u64, 2 * XDPFLOW_PORT_SLOTS);
+BPF_ARRAY(vlan_masks, __u64, 2 * XDPFLOW_VLAN_SLOTS);
+BPF_ARRAY(iface_masks, __u64, 2 * XDPFLOW_IFINDEX_SLOTS);
+BPF_HASH(iface_masks_high, __u64, __u64, 2 * XDPFLOW_MAX_IFACES); /* set << 32 | ifindex */
+BPF_PERCPU_ARRAY(rule_hits, struct rule_counter, 2 * XDPFLOW_COUNTER_SLOTS);
 
 #define ETH_HLEN_ 14
 #define ETH_P_IP_ 0x0800
@@ -57,11 +80,15 @@ BPF_PERCPU_ARRAY(stats, struct flow_stats, 2); /* counters of each page */
 #define FAIL 1
 #define NOT_IP 2
 
+#define METER 0
+#define SKIP 1
+
 struct parsed {
 	__u32 octets;
 	__u16 tcp_flags;
 	__u8 tos;
 	__u8 ttl;
+	__u8 has_ports;  /* TCP, UDP or SCTP header read (port selectors apply) */
 };
 
 static __always_inline __u16 rd16(const __u8 *p)
@@ -87,16 +114,19 @@ static __always_inline int parse_l4(struct flow_key *key, struct parsed *out,
 		key->src_port = rd16(l4);
 		key->dst_port = rd16(l4 + 2);
 		out->tcp_flags = rd16(l4 + 12) & 0x01FF;
+		out->has_ports = 1;
 	} else if (proto == 17) {
 		if (PAST(l4, 8, end, data_end))
 			return FAIL;
 		key->src_port = rd16(l4);
 		key->dst_port = rd16(l4 + 2);
+		out->has_ports = 1;
 	} else if (proto == 132) {
 		if (PAST(l4, 12, end, data_end))
 			return FAIL;
 		key->src_port = rd16(l4);
 		key->dst_port = rd16(l4 + 2);
+		out->has_ports = 1;
 	} else if (proto == icmp_proto) {
 		if (PAST(l4, 4, end, data_end))
 			return FAIL;
@@ -221,13 +251,131 @@ static __always_inline int parse(struct xdp_md *ctx, struct flow_key *key, struc
 	return NOT_IP;
 }
 
+/* Index of the single set bit of x. */
+static __always_inline __u32 bit_index(__u64 x)
+{
+	__u32 n = 0;
+	if (x & 0xFFFFFFFF00000000ULL)
+		n += 32;
+	if (x & 0xFFFF0000FFFF0000ULL)
+		n += 16;
+	if (x & 0xFF00FF00FF00FF00ULL)
+		n += 8;
+	if (x & 0xF0F0F0F0F0F0F0F0ULL)
+		n += 4;
+	if (x & 0xCCCCCCCCCCCCCCCCULL)
+		n += 2;
+	if (x & 0xAAAAAAAAAAAAAAAAULL)
+		n += 1;
+	return n;
+}
+
+/* Filter, then sample: METER, or SKIP after counting the packet where it went. */
+static __always_inline int select_packet(__u32 set, const struct flow_key *key, const struct parsed *p,
+					 struct flow_stats *st)
+{
+	struct rule_set *rs = rule_sets.lookup(&set);
+	if (!rs)
+		return METER;
+	__u32 f = rs->flags;
+	if (f & XDPFLOW_FILTER) {
+		__u64 m = rs->slots;
+		/* Cheap array and hash lookups first; the tries only while a slot is left. */
+		/* bcc rewrites map.lookup() only where a map is named, hence no helper. */
+		__u32 i;
+		__u64 *v;
+		if (f & XDPFLOW_SEL_IFACE) {
+			/* Two lookups that must stay two call sites: the verifier inlines an
+			 * array lookup only where the call sees one map (a shared call
+			 * costs ~15 ns), hence the different fallbacks. */
+			if (key->ifindex < XDPFLOW_IFINDEX_SLOTS) {
+				i = set * XDPFLOW_IFINDEX_SLOTS + key->ifindex;
+				v = iface_masks.lookup(&i);
+				m &= v ? *v : 0;
+			} else {
+				__u64 ik = ((__u64)set << 32) | key->ifindex;
+				v = iface_masks_high.lookup(&ik);
+				m &= v ? *v : rs->iface_any;
+			}
+		}
+		if (f & XDPFLOW_SEL_PROTO) {
+			i = set * XDPFLOW_PROTO_SLOTS + key->protocol;
+			v = proto_masks.lookup(&i);
+			m &= v ? *v : 0;
+		}
+		if (f & XDPFLOW_SEL_VLAN) {
+			i = set * XDPFLOW_VLAN_SLOTS + (key->vlan_id & 0x0FFF);
+			v = vlan_masks.lookup(&i);
+			m &= v ? *v : 0;
+		}
+		if (f & XDPFLOW_SEL_SPORT) {
+			i = set * XDPFLOW_PORT_SLOTS + (p->has_ports ? key->src_port : XDPFLOW_NO_PORT);
+			v = sport_masks.lookup(&i);
+			m &= v ? *v : 0;
+		}
+		if (f & XDPFLOW_SEL_DPORT) {
+			i = set * XDPFLOW_PORT_SLOTS + (p->has_ports ? key->dst_port : XDPFLOW_NO_PORT);
+			v = dport_masks.lookup(&i);
+			m &= v ? *v : 0;
+		}
+		if (f & (XDPFLOW_SEL_SRC | XDPFLOW_SEL_DST)) {
+			/* The tries cost most: skip what cannot change the first match. A
+			 * candidate without address constraints ends the search, so the
+			 * slots above it do not matter; a trie is asked only while a
+			 * remaining candidate has a constraint in its direction. */
+			__u64 sure = m & rs->src_any & rs->dst_any;
+			if (sure)
+				m &= (sure & -sure) * 2 - 1;
+			struct prefix_key pk = {};
+			pk.prefixlen = 32 + 128;
+			pk.set = set;
+			if (m & ~rs->src_any) {
+				__builtin_memcpy(pk.addr, key->src_addr, 16);
+				v = src_prefixes.lookup(&pk);
+				m &= v ? *v : rs->src_any;
+			}
+			if (m & ~rs->dst_any) {
+				__builtin_memcpy(pk.addr, key->dst_addr, 16);
+				v = dst_prefixes.lookup(&pk);
+				m &= v ? *v : rs->dst_any;
+			}
+		}
+
+		__u32 slot = XDPFLOW_MAX_SLOTS;
+		int exclude = rs->default_exclude != 0;
+		if (m) {
+			__u64 first = m & -m;  /* lowest slot: the first matching rule */
+			slot = bit_index(first);
+			exclude = (first & rs->exclude) != 0;
+		}
+		__u32 ci = set * XDPFLOW_COUNTER_SLOTS + slot;
+		struct rule_counter *c = rule_hits.lookup(&ci);
+		if (c) {
+			c->packets++;
+			c->octets += p->octets;
+		}
+		if (exclude) {
+			st->filtered++;
+			st->filtered_octets += p->octets;
+			return SKIP;
+		}
+	}
+	if ((f & XDPFLOW_SAMPLE) && bpf_get_prandom_u32() >= rs->sample_threshold) {
+		st->sampled_out++;
+		st->sampled_out_octets += p->octets;
+		return SKIP;
+	}
+	return METER;
+}
+
 int xdpflow(struct xdp_md *ctx)
 {
 	__u32 zero = 0;
-	__u32 *active = active_page.lookup(&zero);
-	if (!active)
+	struct xdpflow_ctl *ctl = control.lookup(&zero);
+	if (!ctl)
 		return XDP_PASS;
-	__u32 idx = *active & 1;
+	__u32 idx = ctl->page & 1;
+	__u32 config = ctl->config;
 	struct flow_stats *st = stats.lookup(&idx);
 	if (!st)
 		return XDP_PASS;
@@ -245,6 +393,8 @@ int xdpflow(struct xdp_md *ctx)
 		return XDP_PASS;
 	}
 	key.ifindex = ctx->ingress_ifindex;
+	if (config && select_packet((config - 1) & 1, &key, &p, st) == SKIP)
+		return XDP_PASS;
 	st->packets++;
 	st->octets += p.octets;
 

@@ -48,9 +48,11 @@ struct flow_value {
 };                           /* 40 bytes */
 
 /* Per-CPU counters (one slot of a per-CPU array). The ground truth for loss
- * accounting: every frame the program sees lands in exactly one of
- * metered, parse_failures or non_ip; every metered packet is either in a flow
- * map or in insert_failures. */
+ * accounting: every frame the program sees lands in exactly one of packets
+ * (metered), filtered, sampled_out, parse_failures or non_ip; every metered
+ * packet is either in a flow map or in insert_failures. Filtered and sampled
+ * out packets are selected out before metering: they are not "observed" in
+ * the exporter's accounting (exported + ignored = observed = packets). */
 struct flow_stats {
 	__u64 frames;               /* every frame the program ran on */
 	__u64 packets;              /* IP packets metered (observed): IE 163-ish totals */
@@ -60,7 +62,78 @@ struct flow_stats {
 	__u64 non_ip;               /* frames that are not IPv4/IPv6 (ARP, LLDP...) */
 	__u64 insert_failures;      /* metered packets no page could hold */
 	__u64 insert_failure_octets;/* their octets */
-};                                  /* 64 bytes */
+	__u64 filtered;             /* IP packets a filter rule excluded, passed unmetered */
+	__u64 filtered_octets;      /* their octets */
+	__u64 sampled_out;          /* IP packets the sampler skipped, passed unmetered */
+	__u64 sampled_out_octets;   /* their octets */
+};                                  /* 96 bytes */
+
+/* Run-time configuration: slot 0 of the array `control`, read once per run.
+ * config 0 is the fast path (no filter, no sampling): one compare. Otherwise
+ * config - 1 names the rule set (0 or 1) in force. User space fills the other
+ * set, points config at it, waits an RCU grace period (no program still uses
+ * the old set) and only then touches the old one, so every packet is judged by
+ * exactly one complete rule set and a change needs no recompile or re-attach.
+ * Both fields change by one byte at most, so a reader never sees a torn value. */
+struct xdpflow_ctl {
+	__u32 page;      /* flow page (and stats slot) programs write: 0 or 1 */
+	__u32 config;    /* 0: no filter, no sampling; else 1 + rule set index */
+};                       /* 8 bytes */
+
+/* Rule sets (array `rule_sets`, one per index). Filter rules are compiled to
+ * match slots, one bit each (a rule using `net` or `port` takes two, both
+ * four). Every selector dimension has a table giving, for a packet's value,
+ * the slots that accept it (a slot without a constraint on the dimension
+ * accepts every value). A packet's matches are the AND over the dimensions in
+ * use (flags); the lowest set bit is the first matching rule. */
+#define XDPFLOW_MAX_SLOTS     64      /* match slots per rule set (one u64 mask) */
+#define XDPFLOW_COUNTER_SLOTS 65      /* per-set counters: a slot each, then "no rule matched" */
+#define XDPFLOW_MAX_PREFIXES  16384   /* distinct CIDRs (with ::/0) per direction and rule set */
+#define XDPFLOW_PORT_SLOTS    65537   /* port tables: ports 0..65535, then "packet has no ports" */
+#define XDPFLOW_NO_PORT       65536
+#define XDPFLOW_VLAN_SLOTS    4096
+#define XDPFLOW_PROTO_SLOTS   256
+#define XDPFLOW_IFINDEX_SLOTS 4096    /* iface_masks: ifindex 0..4095 by array, higher ones by hash */
+#define XDPFLOW_MAX_IFACES    1024    /* iface_masks_high entries per rule set */
+
+#define XDPFLOW_SEL_SRC    (1u << 0)  /* src_prefixes */
+#define XDPFLOW_SEL_DST    (1u << 1)  /* dst_prefixes */
+#define XDPFLOW_SEL_PROTO  (1u << 2)  /* proto_masks */
+#define XDPFLOW_SEL_SPORT  (1u << 3)  /* sport_masks */
+#define XDPFLOW_SEL_DPORT  (1u << 4)  /* dport_masks */
+#define XDPFLOW_SEL_VLAN   (1u << 5)  /* vlan_masks */
+#define XDPFLOW_SEL_IFACE  (1u << 6)  /* iface_masks, iface_masks_high */
+#define XDPFLOW_FILTER     (1u << 8)  /* the set has rules */
+#define XDPFLOW_SAMPLE     (1u << 9)  /* sample 1 in sample_interval */
+
+struct rule_set {
+	__u64 slots;            /* bit i: match slot i exists */
+	__u64 exclude;          /* bit i: slot i belongs to an exclude rule */
+	__u64 iface_any;        /* slots accepting an interface no iface selector names */
+	__u64 src_any;          /* slots without a src constraint (no src lookup can remove them) */
+	__u64 dst_any;          /* slots without a dst constraint */
+	__u32 flags;            /* XDPFLOW_SEL_* | XDPFLOW_FILTER | XDPFLOW_SAMPLE */
+	__u32 default_exclude;  /* 1: a packet no rule matches is excluded (an include rule exists) */
+	__u32 sample_threshold; /* meter when bpf_get_prandom_u32() < this: round(2^32 / N) */
+	__u32 sample_interval;  /* N, IE 34 samplingInterval (for user space and dumps) */
+};                              /* 56 bytes */
+
+/* Key of the LPM tries src_prefixes / dst_prefixes: the rule set index, then
+ * the address (IPv4-mapped for IPv4), so one trie serves both sets and both
+ * families. prefixlen counts from set: 32 + CIDR length (IPv4: 32 + 96 + n). */
+struct prefix_key {
+	__u32 prefixlen;
+	__u8  set;               /* rule set index */
+	__u8  pad[3];            /* always zero */
+	__u8  addr[16];
+};                               /* 24 bytes */
+
+/* Per-CPU hits of a rule set's match slots (array `rule_hits`, index
+ * set * XDPFLOW_COUNTER_SLOTS + slot; slot XDPFLOW_MAX_SLOTS: no rule matched). */
+struct rule_counter {
+	__u64 packets;
+	__u64 octets;
+};                               /* 16 bytes */
 
 #define XDPFLOW_VLAN_MAX_DEPTH 2   /* 802.1Q / 802.1ad tags parsed */
 #define XDPFLOW_IPV6_MAX_EXT   6   /* IPv6 extension headers skipped before giving up */

@@ -1,7 +1,9 @@
 """Compile xdp/flow.c with bcc, own its maps, attach it to interfaces, detach.
 
 Lifecycle: `Datapath.load()` compiles (kernel headers from xdp.headers), checks
-the kernel memory budget, points the active-page slot at page 0. `attach()`
+the kernel memory budget, points the control slot at page 0 with no rule set.
+`configure()` installs filter rules and the sampling rate as map contents (a
+second rule set, switched to atomically; never a recompile). `attach()`
 binds it to interfaces with a bpf_link (BPF_LINK_CREATE) and reads back,
 through pyroute2 netlink, the mode the kernel actually gave. A bpf_link lives
 as long as its file descriptor: `detach()` closes it, and if the process dies
@@ -18,16 +20,18 @@ import ctypes
 import errno
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import structlog
 
-from exporter.layout import FLOW_KEY, FLOW_STATS, FLOW_VALUE
-from xdp import bpfsys, headers
+from exporter.layout import CONTROL, FLOW_KEY, FLOW_STATS, FLOW_VALUE, PREFIX_KEY, RULE_COUNTER, RULE_SET
+from xdp import bpfsys, filters, headers
 
 log = structlog.get_logger("xdpflow.loader")
 
@@ -45,6 +49,9 @@ ATTACHED_NAMES: dict[int | str, str] = {1: "native", 2: "generic", 3: "offload",
 DEFAULT_MAX_ENTRIES = 500_000
 DEFAULT_MEMORY_BUDGET = 1 << 30
 PAGES = 2
+# Filter tables are preallocated arrays (two rule sets each): ports dominate, about 2 MiB.
+FILTER_TABLE_BYTES = 2 * 8 * (2 * filters.PORT_SLOTS + filters.VLAN_SLOTS + filters.PROTO_SLOTS
+                              + filters.IFINDEX_SLOTS)
 
 
 class LoaderError(RuntimeError):
@@ -90,9 +97,33 @@ class Attachment:
     link_fd: int       # the bpf_link; closing it detaches
 
 
+@dataclass(frozen=True)
+class RuleCount:
+    """Packets and octets a filter rule decided, since load (rule "(no match)": no rule matched)."""
+
+    rule: str
+    action: str
+    packets: int
+    octets: int
+
+
+NO_MATCH = "(no match)"
+
+
+@dataclass
+class _RuleSet:
+    """What user space wrote into one rule set's slots of the kernel tables."""
+
+    tables: filters.Tables = field(default_factory=filters.Tables)
+    sampling: int = 1
+    src_keys: list[bytes] = field(default_factory=list)
+    dst_keys: list[bytes] = field(default_factory=list)
+    iface_keys: list[int] = field(default_factory=list)
+
+
 @dataclass
 class Datapath:
-    """The compiled program, its two flow pages and its counters."""
+    """The compiled program, its two flow pages, its counters and its rule sets."""
 
     max_entries: int = DEFAULT_MAX_ENTRIES
     memory_budget: int = DEFAULT_MEMORY_BUDGET
@@ -100,15 +131,35 @@ class Datapath:
     prog_fd: int = -1
     page_fds: tuple[int, int] = (-1, -1)
     pages_fd: int = -1
-    active_fd: int = -1
+    control_fd: int = -1
     stats_fd: int = -1
     _retired: dict[str, int] = field(default_factory=dict)
     cpus: int = field(default_factory=possible_cpus)
     attachments: list[Attachment] = field(default_factory=list)
+    _fds: dict[str, int] = field(default_factory=dict)
+    _page: int = 0
+    _set: int = 0                   # rule set index the control slot names (when _config is on)
+    _config: int = 0                # control.config: 0 (nothing to select) or 1 + _set
+    _sets: list[_RuleSet] = field(default_factory=lambda: [_RuleSet(), _RuleSet()])
+    _rule_totals: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
+    _ctl_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def memory_bytes(self) -> int:
         return map_memory_bytes(self.max_entries, self.cpus)
+
+    @property
+    def active_set(self) -> _RuleSet:
+        return self._sets[self._set]
+
+    @property
+    def tables(self) -> filters.Tables:
+        """The filter rules in force (compiled)."""
+        return self.active_set.tables
+
+    @property
+    def sampling(self) -> int:
+        return self.active_set.sampling
 
     def load(self) -> Datapath:
         if self.max_entries < 1:
@@ -141,26 +192,168 @@ class Datapath:
         self.prog_fd = fn.fd
         self.page_fds = (self.bpf[b"flows0"].map_fd, self.bpf[b"flows1"].map_fd)
         self.pages_fd = self.bpf[b"pages"].map_fd
-        self.active_fd = self.bpf[b"active_page"].map_fd
+        self.control_fd = self.bpf[b"control"].map_fd
         self.stats_fd = self.bpf[b"stats"].map_fd
+        for name in ("rule_sets", "src_prefixes", "dst_prefixes", "proto_masks", "sport_masks", "dport_masks",
+                     "vlan_masks", "iface_masks", "iface_masks_high", "rule_hits"):
+            self._fds[name] = self.bpf[name.encode()].map_fd
         for i, fd in enumerate(self.page_fds):
             bpfsys.map_update(self.pages_fd, ctypes.c_uint32(i), ctypes.c_uint32(fd))
         self.set_active(0)
         log.debug("program loaded", headers=found.description, max_entries=self.max_entries,
-                  kernel_memory=human_bytes(need))
+                  kernel_memory=human_bytes(need), filter_tables=human_bytes(FILTER_TABLE_BYTES))
         return self
 
-    def set_active(self, page: int) -> None:
-        """Make programs write page `page`; return once none still writes the other.
+    def _write_control(self) -> None:
+        ctl = np.zeros(1, dtype=CONTROL)
+        ctl["page"], ctl["config"] = self._page, self._config
+        bpfsys.map_update(self.control_fd, ctypes.c_uint32(0), ctl)
 
-        The index is a plain array slot. The fence is a rewrite of a slot of the
-        array-of-maps `pages` with the fd it already holds: for map-in-map
-        updates the kernel runs synchronize_rcu() before the syscall returns
-        (maybe_wait_bpf_programs), and XDP programs run inside an RCU read-side
-        section, so every program that read the old index has finished.
+    def _fence(self) -> None:
+        """Return once no program that read the control slot before this call is still running.
+
+        The fence is a rewrite of a slot of the array-of-maps `pages` with the fd
+        it already holds: for map-in-map updates the kernel runs synchronize_rcu()
+        before the syscall returns (maybe_wait_bpf_programs), and XDP programs
+        run inside an RCU read-side section.
         """
-        bpfsys.map_update(self.active_fd, ctypes.c_uint32(0), ctypes.c_uint32(page))
-        bpfsys.map_update(self.pages_fd, ctypes.c_uint32(page), ctypes.c_uint32(self.page_fds[page]))
+        bpfsys.map_update(self.pages_fd, ctypes.c_uint32(self._page), ctypes.c_uint32(self.page_fds[self._page]))
+
+    def set_active(self, page: int) -> None:
+        """Make programs write page `page`; return once none still writes the other (see _fence)."""
+        with self._ctl_lock:
+            self._page = page
+            self._write_control()
+            self._fence()
+
+    # -- filters and sampling --------------------------------------------
+
+    def configure(self, tables: filters.Tables | None = None, sampling: int = 1) -> None:
+        """Put `tables` (compiled filter rules) and 1-in-`sampling` sampling in force.
+
+        The rule set not in use is rewritten, the control slot switched to it,
+        and after the fence (no program still judges packets by the old set)
+        the old set's per-rule counters are folded into the totals. Attached
+        interfaces, flow pages and their counters are untouched.
+        """
+        tables = tables or filters.Tables()
+        if not 1 <= sampling <= 0xFFFFFFFF:
+            raise LoaderError(f"sampling must be 1..4294967295, got {sampling}")
+        with self._ctl_lock:
+            old, nxt = self._set, self._set ^ 1
+            self._write_set(nxt, tables, sampling)
+            self._set = nxt
+            self._config = 1 + nxt if (tables.flags & filters.FILTER or sampling > 1) else 0
+            self._write_control()
+            self._fence()
+            self._retire_counters(old)
+        log.debug("selection configured", rules=len(tables.rules), match_slots=len(tables.slot_rule),
+                  flags=hex(tables.flags), sampling=sampling, rule_set=nxt)
+
+    def _write_set(self, index: int, tables: filters.Tables, sampling: int) -> None:
+        """Fill rule set `index` (not in use: no program reads it) with `tables`."""
+        rs = self._sets[index]
+        fds = self._fds
+        for name, keys in (("src_prefixes", rs.src_keys), ("dst_prefixes", rs.dst_keys)):
+            for k in keys:
+                _delete(fds[name], np.frombuffer(k, dtype=np.uint8))
+            keys.clear()
+        for ik in rs.iface_keys:
+            _delete(fds["iface_masks_high"], np.array([ik], dtype=np.uint64))
+        rs.iface_keys.clear()
+
+        for name, prefixes, keys in (("src_prefixes", tables.src, rs.src_keys),
+                                     ("dst_prefixes", tables.dst, rs.dst_keys)):
+            for net, mask in prefixes.items():
+                pk = np.zeros(1, dtype=PREFIX_KEY)
+                pk["prefixlen"] = 32 + net.prefixlen
+                pk["set"] = index
+                pk["addr"] = np.frombuffer(net.network_address.packed, dtype=np.uint8)
+                bpfsys.map_update(fds[name], pk, np.array([mask], dtype=np.uint64))
+                keys.append(pk.tobytes())
+        for name, table, width in (("proto_masks", tables.proto, filters.PROTO_SLOTS),
+                                   ("sport_masks", tables.sport, filters.PORT_SLOTS),
+                                   ("dport_masks", tables.dport, filters.PORT_SLOTS),
+                                   ("vlan_masks", tables.vlan, filters.VLAN_SLOTS)):
+            if table is not None:
+                _write_array(fds[name], index * width, table)
+        if tables.flags & filters.SEL_IFACE:
+            low = np.full(filters.IFINDEX_SLOTS, tables.iface_any, dtype=np.uint64)
+            for ifindex, mask in tables.iface.items():
+                if ifindex < filters.IFINDEX_SLOTS:
+                    low[ifindex] = mask
+                    continue
+                ik = index << 32 | ifindex
+                bpfsys.map_update(fds["iface_masks_high"], np.array([ik], dtype=np.uint64),
+                                  np.array([mask], dtype=np.uint64))
+                rs.iface_keys.append(ik)
+            _write_array(fds["iface_masks"], index * filters.IFINDEX_SLOTS, low)
+
+        hdr = np.zeros(1, dtype=RULE_SET)
+        hdr["slots"], hdr["exclude"], hdr["iface_any"] = tables.slots, tables.exclude, tables.iface_any
+        hdr["src_any"], hdr["dst_any"] = tables.src_any, tables.dst_any
+        hdr["flags"] = tables.flags | (filters.SAMPLE if sampling > 1 else 0)
+        hdr["default_exclude"] = int(tables.default_exclude)
+        hdr["sample_threshold"] = filters.sample_threshold(sampling)
+        hdr["sample_interval"] = sampling
+        bpfsys.map_update(fds["rule_sets"], ctypes.c_uint32(index), hdr)
+        rs.tables, rs.sampling = tables, sampling
+
+    def _set_counters(self, index: int) -> npt.NDArray[np.void]:
+        """(counter slots, cpus) RULE_COUNTER of rule set `index`."""
+        out = np.zeros((filters.COUNTER_SLOTS, self.cpus), dtype=RULE_COUNTER)
+        base = index * filters.COUNTER_SLOTS
+        for slot in range(filters.COUNTER_SLOTS):
+            bpfsys.map_lookup(self._fds["rule_hits"], ctypes.c_uint32(base + slot), out[slot])
+        return out
+
+    def _set_counts(self, index: int) -> dict[tuple[str, str], tuple[int, int]]:
+        """Rule set `index`'s counters by (rule text, action), summed over CPUs and a rule's slots."""
+        rs = self._sets[index]
+        tables = rs.tables
+        if not tables.rules:
+            return {}
+        per_slot = self._set_counters(index)
+        packets = per_slot["packets"].sum(axis=1)
+        octets = per_slot["octets"].sum(axis=1)
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+
+        def add(key: tuple[str, str], p: int, o: int) -> None:
+            p0, o0 = out.get(key, (0, 0))
+            out[key] = (p0 + p, o0 + o)
+
+        for r in tables.rules:
+            add((r.text, r.action), 0, 0)
+        for slot, ri in enumerate(tables.slot_rule):
+            r = tables.rules[ri]
+            add((r.text, r.action), int(packets[slot]), int(octets[slot]))
+        add((NO_MATCH, tables.default_action()), int(packets[filters.NO_MATCH_SLOT]),
+            int(octets[filters.NO_MATCH_SLOT]))
+        return out
+
+    def _retire_counters(self, index: int) -> None:
+        """Fold rule set `index`'s counters (no program uses it any more) into the totals; zero them."""
+        for key, (p, o) in self._set_counts(index).items():
+            p0, o0 = self._rule_totals.get(key, (0, 0))
+            self._rule_totals[key] = (p0 + p, o0 + o)
+        zero = np.zeros(self.cpus, dtype=RULE_COUNTER)
+        base = index * filters.COUNTER_SLOTS
+        for slot in range(filters.COUNTER_SLOTS):
+            bpfsys.map_update(self._fds["rule_hits"], ctypes.c_uint32(base + slot), zero)
+
+    def rule_counters(self) -> list[RuleCount]:
+        """Per-rule packets and octets since load for the rules in force, in rule order, then "(no match)".
+
+        A rule keeps its totals across reloads as long as its text and action
+        stay the same.
+        """
+        with self._ctl_lock:
+            live = self._set_counts(self._set) if self._config else {}
+        out = []
+        for (rule, action), (p, o) in live.items():
+            p0, o0 = self._rule_totals.get((rule, action), (0, 0))
+            out.append(RuleCount(rule, action, p + p0, o + o0))
+        return out
 
     def _page_stats(self, page: int) -> np.ndarray:
         per_cpu = np.zeros(self.cpus, dtype=FLOW_STATS)
@@ -244,6 +437,22 @@ class Datapath:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _write_array(fd: int, base: int, values: npt.NDArray[np.uint64]) -> None:
+    """Slots base .. base + len(values) of an array map of u64, in one BPF_MAP_UPDATE_BATCH."""
+    keys = np.arange(base, base + len(values), dtype=np.uint32)
+    vals = np.ascontiguousarray(values, dtype=np.uint64)
+    done = bpfsys.map_update_batch(fd, keys, vals, len(vals))
+    if done != len(vals):
+        raise LoaderError(f"filter table update stopped after {done} of {len(vals)} entries")
+
+
+def _delete(fd: int, key: npt.NDArray[Any]) -> None:
+    """Delete one map entry (already gone is fine)."""
+    from bcc.libbcc import lib
+
+    lib.bpf_delete_elem(fd, ctypes.c_void_p(key.ctypes.data))
 
 
 def _quiet_compile(bpf_cls: Any, source: str, cflags: list[str]) -> Any:
