@@ -119,8 +119,9 @@ Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], Non
 def _extra_commands() -> list[Register]:
     from collectors import cli as collect_cli
     from exporter import check, runcli
+    from tools import bench
 
-    return [runcli.add_parser, collect_cli.add_parser, check.add_parser]
+    return [runcli.add_parser, collect_cli.add_parser, check.add_parser, bench.add_parser]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
