@@ -3,7 +3,7 @@
 - cpu_vs_flows.png: process CPU (log scale) and probe overhead vs concurrent flows, both probes;
 - memory_vs_flows.png: RSS of both probes and xdpflow's kernel maps vs flows, the 150 MB target;
 - accounted_vs_flows.png: packets accounted at the collector / packets sent vs flows;
-- cpu_vs_rate.png: process CPU and overhead vs packet rate at a fixed flow count;
+- cpu_vs_rate.png: process CPU and overhead per packet vs packet rate at a fixed flow count;
 - pipeline.png: user-space records/s per stage and in total vs flows, the 2M/s target.
 """
 
@@ -15,7 +15,8 @@ from typing import Any
 
 from tools.sweep import RATE_SWEEP_FLOWS, human_count, pivot, profile_flows
 
-STYLE = {"xdpflow": dict(color="tab:blue", marker="o"), "softflowd": dict(color="tab:red", marker="s")}
+STYLE = {"xdpflow": dict(color="tab:blue", marker="o"), "softflowd": dict(color="tab:red", marker="s"),
+         "xdp_empty": dict(color="tab:grey", marker="^", ls="--")}
 
 
 def _pyplot() -> Any:
@@ -122,15 +123,18 @@ def write_plots(out_dir: Path, sweep_rows: Sequence[dict[str, Any]],
             if pts:
                 a1.plot([p[0] for p in pts], [max(p[1], 1e-4) for p in pts], label=f"{probe} process",
                         **STYLE[probe])
-            pts = sorted(zip(*_series(rate_lines, f"{probe}_pps_sent", f"{probe}_overhead_cores"), strict=True))
+        for probe in ("xdp_empty", "xdpflow", "softflowd"):
+            pts = sorted(zip(*_series(rate_lines, f"{probe}_pps_sent", f"{probe}_overhead_ns_per_packet"),
+                             strict=True))
             if pts:
-                a2.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{probe} overhead", **STYLE[probe])
+                label = "empty XDP program" if probe == "xdp_empty" else probe
+                a2.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **STYLE[probe])
         a1.set_yscale("log")
         a1.set_ylabel("CPU (cores), user+sys of the process")
         a1.set_title(f"Process CPU vs packet rate at {human_count(rate_flows)} flows")
         a2.axhline(0, color="grey", lw=0.8)
-        a2.set_ylabel("CPU (cores): machine busy minus no-probe run")
-        a2.set_title("Probe overhead vs packet rate")
+        a2.set_ylabel("ns of machine CPU per packet, beyond the no-probe run")
+        a2.set_title("Probe overhead per packet vs packet rate")
         for ax in (a1, a2):
             ax.set_xscale("log")
             ax.set_xlabel("packets/s sent")
