@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 
 def _prefix(netns: str | None) -> list[str]:
@@ -32,8 +32,34 @@ def require(binary: str, package: str) -> str:
     return path
 
 
+class _Launched:
+    """A collector process with a work directory: a context manager that always cleans up."""
+
+    workdir: str
+    proc: subprocess.Popen[str] | None
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        self.cleanup()
+
+
 @dataclass
-class Nfcapd:
+class Nfcapd(_Launched):
     """nfcapd listening on host:port, writing to a temporary directory."""
 
     port: int
@@ -103,25 +129,9 @@ class Nfcapd:
             for p in sorted(files)
         )
 
-    def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> Nfcapd:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
-        self.cleanup()
-
 
 @dataclass
-class Tshark:
+class Tshark(_Launched):
     """tshark capturing UDP to `port` on an interface (default loopback) into a pcap."""
 
     port: int
@@ -193,19 +203,9 @@ class Tshark:
             self.proc = None
         shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> Tshark:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
-        self.cleanup()
-
 
 @dataclass
-class Nfacctd:
+class Nfacctd(_Launched):
     """pmacct's nfacctd on host:port with the print plugin writing JSON lines."""
 
     port: int
@@ -257,18 +257,4 @@ class Nfacctd:
         with open(self.output, encoding="utf-8") as f:
             return [json.loads(line) for line in f if line.strip().startswith("{")]
 
-    def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        shutil.rmtree(self.workdir, ignore_errors=True)
 
-    def __enter__(self) -> Nfacctd:
-        try:
-            return self.start()
-        except BaseException:
-            self.cleanup()
-            raise
-
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
-        self.cleanup()
