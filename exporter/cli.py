@@ -39,16 +39,11 @@ def _positive_int(text: str) -> int:
 
 
 def _bytes_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    mult = units.get(t[-1:], 1)
-    num = t[:-1] if t[-1:] in units else t
-    try:
-        v = int(float(num) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512M, 1G)") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    from exporter.config import parse_size  # the config layer's parser: one grammar for sizes
+
+    v = parse_size(text)
+    if v is None or v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512M, 1G)")
     return v
 
 
