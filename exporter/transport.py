@@ -317,6 +317,9 @@ class StreamOptions:
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     stable_after: float = 10.0  # a connection up this long restarts the backoff schedule
+    # A connection that ends sooner than this, for the same reason as the last one, is a flap:
+    # logged at debug so a collector that accepts then hangs up at once is one state, not many.
+    flap_window: float = 2.0
     connect_timeout: float = 10.0  # TCP connect, then again for the TLS handshake
     flush_timeout: float = 5.0  # close() waits this long for the queue to drain
     write_high_water: int = 256 << 10
@@ -588,14 +591,14 @@ class TcpSender:
                 self.stats.send_errors += 1
                 self._dropped_at_down = self.stats.messages_dropped
                 self._overflow_logged = False
-                stable = loop.time() - up_at >= opts.stable_after
+                lasted = loop.time() - up_at
+                stable = lasted >= opts.stable_after
                 if stable:
                     attempt = 0
                     self._last_failure = ""
                 delay = backoff_delay(attempt, opts.backoff_initial, opts.backoff_max, self._rng)
-                # A collector that accepts then hangs up at once, again and again, is one state, not many.
                 key = f"disconnected: {reason}"
-                self._flapping = not stable and key == self._last_failure
+                self._flapping = lasted < opts.flap_window and key == self._last_failure
                 self._last_failure = key
                 (log.debug if self._flapping else log.warning)(
                     "collector disconnected", collector=str(self.endpoint), reason=reason,

@@ -554,6 +554,24 @@ def test_collector_that_hangs_up_at_once_is_logged_once(loop: str, debug_logs: N
     assert sender.stats.template_messages == sender.stats.connections >= 6 and raw.accepted >= 5
 
 
+@pytest.mark.parametrize("loop", LOOPS)
+def test_restarts_of_a_collector_that_served_a_while_are_each_logged(loop: str, debug_logs: None) -> None:
+    """Connections that lived past the flap window are real state changes, though shorter than stable_after."""
+    async def go() -> tuple[TcpSender, list[MutableMapping[str, Any]]]:
+        raw = await RawServer(hold=0.3).start()
+        with capture_logs() as logs:
+            sender = await tcp_sender(raw.port, StreamOptions(backoff_initial=0.02, backoff_max=0.05,
+                                                              flap_window=0.1, stable_after=60)).open()
+            await until(lambda: sender.stats.connections >= 3 and sender._link is None, "three connections")
+            await sender.close(timeout=0)
+        return sender, logs
+
+    sender, logs = run(loop, go())
+    levels = {e["log_level"] for e in logs if e["event"] in ("collector disconnected", "collector connected")}
+    downs = [e for e in logs if e["event"] == "collector disconnected"]
+    assert levels == {"warning", "info"} and len(downs) >= 3 and sender.stats.connections >= 3
+
+
 def test_send_never_awaits() -> None:
     """send() is plain, synchronous code: callable with no running loop at all."""
     sender = tcp_sender(1)
