@@ -228,6 +228,17 @@ def _filters(v: object, text: bool) -> tuple[str, ...]:
     return tuple(r.text for r in rules)
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _boolean(v: object, text: bool) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
+        return v.strip().lower() in _TRUE
+    raise _bad("must be true or false")
+
+
 def _optional_str(v: object, text: bool) -> str | None:
     if not isinstance(v, str):
         raise _bad('must be a string ("" for none)')
@@ -285,6 +296,9 @@ class Config:
     sampling: int = _key(1, _int_range(1, 0xFFFFFFFF),
                          "meter 1 packet in N, chosen at random in the kernel; counters are not scaled, "
                          "collectors scale by samplingInterval", KERNEL, metavar="N")
+    biflow: bool = _key(False, _boolean,
+                        "one record per conversation (RFC 5103): both directions, the initiator first, reverse "
+                        "counters as enterprise 29305 elements", EXPORT, metavar="true|false")
     scan_interval: float = _key(10.0, _seconds, "seconds between drains of the kernel table", EXPORT, metavar="S")
     active_timeout: float = _key(60.0, _seconds, "export long flows at least this often", EXPORT, metavar="S")
     idle_timeout: float = _key(15.0, _seconds, "end a flow after this long without packets", EXPORT, metavar="S")
@@ -571,6 +585,8 @@ def default_text(key: str) -> str:
         return "off" if key == "metrics" else "none"
     if isinstance(default, tuple):
         return ",".join(default)
+    if isinstance(default, bool):
+        return "true" if default else "false"
     return size_text(int(default)) if key == "max_kernel_memory" else str(default)
 
 
@@ -585,8 +601,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         names = [flag_of(key)] + ([meta["short"]] if meta["short"] else [])
         text = f"{meta['help']} (default: {default_text(key)})"
         is_list = isinstance(f.default, tuple)
+        # A yes/no key's flag alone means yes (`--biflow`); `--biflow false` still overrides a file.
+        optional: dict[str, Any] = {"nargs": "?", "const": "true"} if isinstance(f.default, bool) else {}
         group.add_argument(*names, dest=_dest(key), default=argparse.SUPPRESS, metavar=meta["metavar"],
-                           action="append" if is_list else "store", help=text.replace("%", "%%"))
+                           action="append" if is_list else "store", help=text.replace("%", "%%"), **optional)
 
 
 def flags_from_args(args: argparse.Namespace) -> dict[str, object]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import timeit
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
@@ -53,7 +54,6 @@ from exporter.records import (
     Records,
 )
 
-_ROW = FLOW_RECORD.itemsize
 _END_REASONS = frozenset({END_IDLE, END_ACTIVE, END_OF_FLOW, END_FORCED, END_LACK_OF_RESOURCES})
 _WORDS = -(-KEY_SIZE // 8)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
@@ -74,11 +74,35 @@ def _timeout_ms(name: str, seconds: float) -> int:
 
 def _bytes(records: Records) -> U8:
     """(n, itemsize) uint8 rows: gathers and masks on these are ~7x faster than on the structured dtype."""
-    return np.ascontiguousarray(records).view(np.uint8).reshape(len(records), _ROW)
+    return np.ascontiguousarray(records).view(np.uint8).reshape(len(records), records.dtype.itemsize)
 
 
-def _records(rows: U8) -> Records:
-    return rows.reshape(-1).view(FLOW_RECORD)
+def _fold_uniflow(cur: Records, scan: Records) -> None:
+    for name in ("packets", "octets"):
+        cur[name] += scan[name]
+    np.maximum(cur["last_ms"], scan["last_ms"], out=cur["last_ms"])
+    cur["tcp_flags"] |= scan["tcp_flags"]
+    np.minimum(cur["min_ttl"], scan["min_ttl"], out=cur["min_ttl"])
+    np.maximum(cur["max_ttl"], scan["max_ttl"], out=cur["max_ttl"])
+    earlier = scan["first_ms"] < cur["first_ms"]
+    cur["tos"][earlier] = scan["tos"][earlier]
+    cur["first_ms"][earlier] = scan["first_ms"][earlier]
+
+
+@dataclass(frozen=True)
+class RecordKind:
+    """What the table holds: a dtype whose first KEY_SIZE bytes are the key, how two records of a key
+    fold, and the start, end and TCP flags that expiry reads (a biflow spans both of its directions)."""
+
+    dtype: np.dtype[np.void]
+    fold: Callable[[Records, Records], None]
+    first_ms: Callable[[Records], npt.NDArray[np.uint64]]
+    last_ms: Callable[[Records], npt.NDArray[np.uint64]]
+    tcp_flags: Callable[[Records], npt.NDArray[np.uint16]]
+
+
+UNIFLOW = RecordKind(FLOW_RECORD, _fold_uniflow, lambda t: t["first_ms"], lambda t: t["last_ms"],
+                     lambda t: t["tcp_flags"])
 
 
 def key_hash(key_bytes: U8) -> U64:
@@ -138,21 +162,27 @@ def _same_keys(a: U8, b: U8) -> npt.NDArray[np.bool_]:
 
 
 class FlowTable:
-    def __init__(self, active_timeout_s: float = 60, idle_timeout_s: float = 15, capacity: int | None = None) -> None:
+    def __init__(self, active_timeout_s: float = 60, idle_timeout_s: float = 15, capacity: int | None = None,
+                 kind: RecordKind = UNIFLOW) -> None:
+        self.kind = kind
+        self._row = kind.dtype.itemsize
         self.active_ms = _timeout_ms("active_timeout_s", active_timeout_s)
         self.idle_ms = _timeout_ms("idle_timeout_s", idle_timeout_s)
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer))
                                      or capacity <= 0):
             raise ValueError(f"capacity must be a positive integer or None, got {capacity!r}")
         self.capacity = None if capacity is None else int(capacity)
-        self._rows: U8 = np.zeros((0, _ROW), dtype=np.uint8)
+        self._rows: U8 = np.zeros((0, self._row), dtype=np.uint8)
         self._hash: U64 = np.zeros(0, dtype=np.uint64)
+
+    def _records(self, rows: U8) -> Records:
+        return rows.reshape(-1).view(self.kind.dtype)
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def _table(self) -> Records:
-        return _records(self._rows)
+        return self._records(self._rows)
 
     def packets_held(self) -> int:
         return int(self._table()["packets"].sum(dtype=np.uint64))
@@ -166,8 +196,9 @@ class FlowTable:
 
     def update(self, records: Records, now_ms: int) -> Records:
         """Fold one scan's merged records in, then return the flows that end at `now_ms`."""
-        if records.dtype != FLOW_RECORD or records.ndim != 1:
-            raise TypeError(f"update() wants a 1-d FLOW_RECORD array, got {records.dtype} with shape {records.shape}")
+        if records.dtype != self.kind.dtype or records.ndim != 1:
+            raise TypeError(f"update() wants a 1-d array of the table's record dtype, got {records.dtype} with shape "
+                            f"{records.shape}")
         if len(records):
             self._fold(records)
         return self._expire(int(now_ms))
@@ -178,7 +209,7 @@ class FlowTable:
             raise ValueError(f"reason must be a flowEndReason in {sorted(_END_REASONS)}, got {reason!r}")
         out = self._table()
         out["end_reason"] = reason
-        self._rows = np.zeros((0, _ROW), dtype=np.uint8)
+        self._rows = np.zeros((0, self._row), dtype=np.uint8)
         self._hash = np.zeros(0, dtype=np.uint64)
         return out
 
@@ -202,34 +233,33 @@ class FlowTable:
             this = np.flatnonzero(rank == k)
             self._fold_unique(np.take(rows, this, axis=0), hashes[this])
 
-    def _fold_unique(self, rows: U8, hashes: U64) -> None:
-        """Fold scan rows with distinct keys, sorted by (hash, key bytes)."""
+    def find(self, keys: U8, hashes: U64) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.intp]]:
+        """For (n, KEY_SIZE) key bytes and their hashes: whether the table holds each, and where.
+
+        Where it does not, the position is where the key would be inserted to keep the order.
+        """
         held = self._rows
-        held_h = self._hash
-        keys = rows[:, :KEY_SIZE]
-        pos = np.searchsorted(held_h, hashes, side="left")
-        matched = np.zeros(len(rows), dtype=bool)
+        pos = np.searchsorted(self._hash, hashes, side="left")
+        matched = np.zeros(len(keys), dtype=bool)
         if len(held):
-            found = np.flatnonzero(held_h[np.minimum(pos, len(held) - 1)] == hashes)
+            found = np.flatnonzero(self._hash[np.minimum(pos, len(held) - 1)] == hashes)
             same = _same_keys(held[pos[found], :KEY_SIZE], keys[found])
             matched[found[same]] = True
             if not same.all():
                 self._resolve_collisions(keys, hashes, found[~same], pos, matched)
+        return matched, pos
+
+    def _fold_unique(self, rows: U8, hashes: U64) -> None:
+        """Fold scan rows with distinct keys, sorted by (hash, key bytes)."""
+        held = self._rows
+        held_h = self._hash
+        matched, pos = self.find(rows[:, :KEY_SIZE], hashes)
 
         hit = np.flatnonzero(matched)
         if len(hit):
             at = pos[hit]
-            cur = _records(np.take(held, at, axis=0))
-            scan = _records(np.take(rows, hit, axis=0))
-            for name in ("packets", "octets"):
-                cur[name] += scan[name]
-            np.maximum(cur["last_ms"], scan["last_ms"], out=cur["last_ms"])
-            cur["tcp_flags"] |= scan["tcp_flags"]
-            np.minimum(cur["min_ttl"], scan["min_ttl"], out=cur["min_ttl"])
-            np.maximum(cur["max_ttl"], scan["max_ttl"], out=cur["max_ttl"])
-            earlier = scan["first_ms"] < cur["first_ms"]
-            cur["tos"][earlier] = scan["tos"][earlier]
-            cur["first_ms"][earlier] = scan["first_ms"][earlier]
+            cur = self._records(np.take(held, at, axis=0))
+            self.kind.fold(cur, self._records(np.take(rows, hit, axis=0)))
             held[at] = _bytes(cur)
 
         new = np.flatnonzero(~matched)
@@ -237,13 +267,13 @@ class FlowTable:
             # New rows go before the held row at their search position; held rows shift by the inserts before them.
             at_new = pos[new] + np.arange(len(new))
             at_held = np.arange(len(held)) + np.searchsorted(pos[new], np.arange(len(held)), side="right")
-            merged = np.empty((len(held) + len(new), _ROW), dtype=np.uint8)
+            merged = np.empty((len(held) + len(new), self._row), dtype=np.uint8)
             merged[at_held] = held
             merged[at_new] = np.take(rows, new, axis=0)
             merged_h = np.empty(len(merged), dtype=np.uint64)
             merged_h[at_held] = held_h
             merged_h[at_new] = hashes[new]
-            _records(merged)["end_reason"][at_new] = 0
+            self._records(merged)["end_reason"][at_new] = 0
             self._rows, self._hash = merged, merged_h
 
     def _resolve_collisions(self, keys: U8, hashes: U64, clash: npt.NDArray[np.intp], pos: npt.NDArray[np.intp],
@@ -268,22 +298,23 @@ class FlowTable:
 
     def _expire(self, now_ms: int) -> Records:
         table = self._table()
+        kind = self.kind
         if not len(table):
-            return np.zeros(0, dtype=FLOW_RECORD)
+            return np.zeros(0, dtype=kind.dtype)
         # Signed: a record stamped after `now_ms` (clock step, or a caller passing 0) is simply not due.
         now = np.int64(now_ms)
         reason = np.zeros(len(table), dtype=np.uint8)
-        reason[now - table["first_ms"].astype(np.int64) >= self.active_ms] = END_ACTIVE
-        reason[now - table["last_ms"].astype(np.int64) >= self.idle_ms] = END_IDLE
-        reason[(table["tcp_flags"] & (TCP_FIN | TCP_RST)) != 0] = END_OF_FLOW
+        reason[now - kind.first_ms(table).astype(np.int64) >= self.active_ms] = END_ACTIVE
+        reason[now - kind.last_ms(table).astype(np.int64) >= self.idle_ms] = END_IDLE
+        reason[(kind.tcp_flags(table) & (TCP_FIN | TCP_RST)) != 0] = END_OF_FLOW
         ended = reason != 0
         survivors = len(table) - int(np.count_nonzero(ended))
         if self.capacity is not None and survivors > self.capacity:
             self._evict_least_recent(ended, reason, survivors - self.capacity)
             ended = reason != 0
         if not ended.any():
-            return np.zeros(0, dtype=FLOW_RECORD)
-        out = _records(self._rows[ended])
+            return np.zeros(0, dtype=kind.dtype)
+        out = self._records(self._rows[ended])
         out["end_reason"] = reason[ended]
         kept = ~ended
         self._rows = self._rows[kept]
@@ -293,7 +324,7 @@ class FlowTable:
     def _evict_least_recent(self, ended: npt.NDArray[np.bool_], reason: npt.NDArray[np.uint8], excess: int) -> None:
         """Mark the `excess` surviving flows with the oldest last_ms (ties by key bytes), without a full sort."""
         survivors = np.flatnonzero(~ended)
-        last = self._table()["last_ms"][survivors]
+        last = self.kind.last_ms(self._table())[survivors]
         threshold = np.partition(last, excess - 1)[excess - 1]
         reason[survivors[last < threshold]] = END_LACK_OF_RESOURCES
         tied = survivors[last == threshold]

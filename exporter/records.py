@@ -36,6 +36,28 @@ FLOW_RECORD = np.dtype([
     ("end_reason", "u1"),     # IE 136 flowEndReason (0 while the flow is active)
 ])
 
+# biflowDirection (IE 239, RFC 5103 section 5.3)
+BIFLOW_ARBITRARY = 0
+BIFLOW_INITIATOR = 1
+
+_FORMATS = {name: FLOW_RECORD[name].str for name in FLOW_RECORD.names or ()}
+# The value fields of one direction: FLOW_RECORD names them as is, BIFLOW_RECORD's reverse side with "r_".
+DIRECTION_FIELDS = ("packets", "octets", "first_ms", "last_ms", "tcp_flags", "tos", "min_ttl", "max_ttl")
+
+# RFC 5103: a biflow record. The key is the forward (initiator's) key as the biflow table pairs it
+# (exporter/biflow.py); the interfaces each direction was metered on follow; then the forward
+# direction's values under FLOW_RECORD's names, so the uniflow columns serve the forward half, and
+# the reverse direction's values, exported as the RFC 5103 reverse elements (enterprise 29305).
+BIFLOW_RECORD = np.dtype([
+    *FLOW_KEY.descr,
+    ("fwd_ifindex", "<u4"),   # IE 10 ingressInterface: where the forward direction was metered
+    ("rev_ifindex", "<u4"),   # 29305/10 reverseIngressInterface
+    ("fwd_direction", "u1"),  # IE 61 flowDirection of the forward direction
+    *[(n, _FORMATS[n]) for n in (*DIRECTION_FIELDS, "end_reason")],
+    *[(f"r_{n}", _FORMATS[n]) for n in DIRECTION_FIELDS],
+    ("biflow_direction", "u1"),  # IE 239 biflowDirection
+])
+
 KEY_SIZE = FLOW_KEY.itemsize
 KEY_VIEW = np.dtype(f"V{KEY_SIZE}")
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import structlog
 
+from exporter.biflow import BiflowTable
 from exporter.drain import Drained, Pages
 from exporter.flowtable import FlowTable, retime
 from exporter.interfaces import LinkWatcher, is_glob, matching, present
@@ -27,7 +28,7 @@ from exporter.ipfix import Encoder, ExporterState
 from exporter.ipfix.encoder import FlowTotals
 from exporter.merge import clock_offset_ns, merge
 from exporter.metrics import Metrics, parse_listen
-from exporter.records import END_FORCED, FLOW_RECORD, Records
+from exporter.records import END_FORCED, Records
 from exporter.transport import Endpoint, EndpointError, Sender, StreamOptions, TlsOptions, make_sender
 from xdp import filters
 from xdp.loader import Datapath, LoaderError, human_bytes, map_memory_bytes
@@ -36,7 +37,8 @@ log = structlog.get_logger("xdpflow.service")
 
 CAPACITY_WARNING_INTERVAL = 60.0
 # Sized or bound at start: the kernel maps, their budget, the metrics socket, the XDP mode.
-RESTART_ONLY = ("max_entries", "max_kernel_memory", "metrics", "mode")
+# biflow: the flow table holds another kind of record.
+RESTART_ONLY = ("max_entries", "max_kernel_memory", "metrics", "mode", "biflow")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class RunConfig:
     max_kernel_memory: int = 1 << 30
     filters: tuple[str, ...] = ()  # filter rules (xdp/filters.py), first match wins
     sampling: int = 1              # meter 1 packet in N (random, in the kernel); counters not scaled
+    biflow: bool = False           # RFC 5103 records: both directions of a conversation in one
     observation_domain: int = 0
     mtu: int = 1400
     template_refresh: float = 60.0
@@ -199,7 +202,7 @@ class Exporter:
         offset = clock_offset_ns()
         now_ms = int(now * 1000)
         expired: list[Records] = []
-        res = ScanResult(0, 0, np.zeros(0, dtype=FLOW_RECORD), 0.0, 0.0)
+        res = ScanResult(0, 0, np.zeros(0, dtype=self.table.kind.dtype), 0.0, 0.0)
         for d in drains:
             records = merge(d.keys, d.values, offset)
             res.entries += len(d.keys)
@@ -371,7 +374,15 @@ class Exporter:
     def _encoder(self, cfg: RunConfig) -> Encoder:
         return Encoder(odid=cfg.observation_domain, mtu=cfg.mtu, template_refresh_s=cfg.template_refresh,
                        template_refresh_messages=cfg.template_refresh_messages,
-                       sequence_mode=cfg.sequence_mode)  # type: ignore[arg-type]
+                       sequence_mode=cfg.sequence_mode, biflow=cfg.biflow)  # type: ignore[arg-type]
+
+    @staticmethod
+    def _flow_table(cfg: RunConfig) -> FlowTable:
+        # Twice the kernel's table: a scan's flows plus those still held from earlier scans.
+        capacity = max(2 * cfg.max_entries, 1)
+        if cfg.biflow:
+            return BiflowTable(cfg.active_timeout, cfg.idle_timeout, capacity)
+        return FlowTable(active_timeout_s=cfg.active_timeout, idle_timeout_s=cfg.idle_timeout, capacity=capacity)
 
     async def _open_export(self, cfg: RunConfig, ep: Endpoint) -> Export:
         enc = self._encoder(cfg)
@@ -398,8 +409,7 @@ class Exporter:
         watch_task: asyncio.Task[None] | None = None
         try:
             self.exports = [await self._open_export(self.cfg, ep) for ep in self.cfg.collectors]
-            self.table = FlowTable(active_timeout_s=self.cfg.active_timeout, idle_timeout_s=self.cfg.idle_timeout,
-                                   capacity=max(2 * self.cfg.max_entries, 1))
+            self.table = self._flow_table(self.cfg)
             await asyncio.to_thread(self._setup_kernel)
             assert self.datapath is not None
             if self.cfg.metrics:
@@ -414,7 +424,7 @@ class Exporter:
                      collectors=[str(e.sender.endpoint) for e in self.exports],
                      scan_interval=self.cfg.scan_interval, active_timeout=self.cfg.active_timeout,
                      idle_timeout=self.cfg.idle_timeout, observation_domain=self.cfg.observation_domain,
-                     filters=list(self.cfg.filters), sampling=self.cfg.sampling)
+                     filters=list(self.cfg.filters), sampling=self.cfg.sampling, biflow=self.cfg.biflow)
             next_scan = time.monotonic() + self.cfg.scan_interval
             while not self.stop.is_set():
                 try:

@@ -16,9 +16,11 @@ from exporter.ipfix.options import (
     RELIABILITY_TEMPLATE_ID,
     ExporterState,
 )
-from exporter.ipfix.templates import FLOW_V4, FLOW_V6, Field, Template, ie, template_sets
+from exporter.ipfix.templates import BIFLOW_V4, BIFLOW_V6, FLOW_V4, FLOW_V6, Field, Template, ie, template_sets
 
 __all__ = [
+    "BIFLOW_V4",
+    "BIFLOW_V6",
     "CONFIG_TEMPLATE_ID",
     "FLOW_KEYS_TEMPLATE_ID",
     "FLOW_V4",

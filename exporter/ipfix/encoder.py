@@ -58,8 +58,8 @@ import numpy as np
 import numpy.typing as npt
 
 from exporter.ipfix.options import ExporterState, OptionsEncoder, RecordGroup
-from exporter.ipfix.templates import FLOW_V4, FLOW_V6, Template, template_sets
-from exporter.records import FLOW_RECORD, Records, empty
+from exporter.ipfix.templates import BIFLOW_V4, BIFLOW_V6, FLOW_V4, FLOW_V6, Template, template_sets
+from exporter.records import BIFLOW_RECORD, FLOW_RECORD, Records
 
 IPFIX_VERSION = 10
 MESSAGE_HEADER = struct.Struct("!HHIII")
@@ -114,6 +114,23 @@ FLOW_COLUMNS: dict[str, Column] = {
 }
 
 
+# A BIFLOW_RECORD names its forward half as FLOW_RECORD does; the reverse half has the RFC 5103 elements.
+BIFLOW_COLUMNS: dict[str, Column] = {
+    **FLOW_COLUMNS,
+    "ingressInterface": _field("fwd_ifindex"),
+    "reverseIngressInterface": _field("rev_ifindex"),
+    "reversePacketDeltaCount": _field("r_packets"),
+    "reverseOctetDeltaCount": _field("r_octets"),
+    "reverseFlowStartMilliseconds": _field("r_first_ms"),
+    "reverseFlowEndMilliseconds": _field("r_last_ms"),
+    "reverseTcpControlBits": _field("r_tcp_flags"),
+    "reverseIpClassOfService": _field("r_tos"),
+    "reverseMinimumTTL": _field("r_min_ttl"),
+    "reverseMaximumTTL": _field("r_max_ttl"),
+    "biflowDirection": _field("biflow_direction"),
+}
+
+
 def encode_records(template: Template, records: Records, columns: dict[str, Column] = FLOW_COLUMNS) -> memoryview:
     """The data records of `records` under `template`, back to back, without a set header."""
     out = np.empty(len(records), dtype=template.wire_dtype)
@@ -164,6 +181,7 @@ class Encoder:
         sequence_mode: SequenceMode = "rfc",
         exporting_process_id: int = 0,
         exporter_address: str | IPv4Address | IPv6Address | None = None,
+        biflow: bool = False,
     ) -> None:
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise ValueError(f"mtu {mtu} outside {MIN_MTU}..{MAX_MTU}")
@@ -182,7 +200,11 @@ class Encoder:
         self.template_refresh_s = float(template_refresh_s)
         self.template_refresh_messages = template_refresh_messages
         self.sequence_mode: SequenceMode = sequence_mode
-        self._data_templates: tuple[tuple[int, Template], ...] = ((4, FLOW_V4), (6, FLOW_V6))
+        self.biflow = biflow
+        self.record_dtype = BIFLOW_RECORD if biflow else FLOW_RECORD
+        self._columns = BIFLOW_COLUMNS if biflow else FLOW_COLUMNS
+        self._data_templates: tuple[tuple[int, Template], ...] = (
+            ((4, BIFLOW_V4), (6, BIFLOW_V6)) if biflow else ((4, FLOW_V4), (6, FLOW_V6)))
         self._options = OptionsEncoder(tuple(t for _, t in self._data_templates), odid,
                                        exporting_process_id, exporter_address)
         self._template_sets = template_sets(self.templates)
@@ -234,13 +256,15 @@ class Encoder:
 
     def encode_options(self, state: ExporterState, now: float) -> list[bytes]:
         """Messages holding only the options records for `state` (templates first when due)."""
-        return self.encode(empty(0), now, options=state)
+        return self.encode(np.zeros(0, dtype=self.record_dtype), now, options=state)
 
     def encode(self, records: Records, now: float, options: ExporterState | None = None) -> list[bytes]:
-        """Encode a FLOW_RECORD array, after the options records for `options` if given, into messages <= mtu."""
+        """Encode a FLOW_RECORD (BIFLOW_RECORD) array, after the options records for `options` if given,
+        into messages <= mtu."""
         export_time = self._export_time(now)
-        if records.dtype != FLOW_RECORD:
-            raise TypeError(f"expected a FLOW_RECORD array, got dtype {records.dtype}")
+        if records.dtype != self.record_dtype:
+            kind = "BIFLOW_RECORD" if self.biflow else "FLOW_RECORD"
+            raise TypeError(f"expected a {kind} array, got dtype {records.dtype}")
         groups: list[RecordGroup] = []
         if options is not None:
             groups.extend(self._options.groups(options))
@@ -272,6 +296,9 @@ class Encoder:
                 recs = np.frombuffer(raw[pos + SET_HEADER.size:pos + set_len], dtype=template.wire_dtype)
                 total += FlowTotals(len(recs), sum(recs["packetDeltaCount"].tolist()),
                                     sum(recs["octetDeltaCount"].tolist()))
+                if self.biflow:
+                    total += FlowTotals(0, sum(recs["reversePacketDeltaCount"].tolist()),
+                                        sum(recs["reverseOctetDeltaCount"].tolist()))
             pos += set_len
         return total
 
@@ -348,7 +375,7 @@ class Encoder:
             if count == 0:
                 continue
             subset = records if count == len(records) else records[mask]
-            groups.append((template, encode_records(template, subset), count))
+            groups.append((template, encode_records(template, subset, self._columns), count))
         if selected != len(records):
             raise ValueError("records with an ip_version other than 4 or 6")
         return groups

@@ -27,6 +27,7 @@ ENTERPRISE_BIT = 0x8000
 FLOW_KEY_BITS = 64
 
 ipfix.ie.use_iana_default()
+ipfix.ie.use_5103_default()  # the reverse elements of RFC 5103 (enterprise 29305), for biflows
 
 # Abstract data types (RFC 7011 6.1) that are numbers on the wire; every other
 # type is carried as raw octets. Only integers may use reduced-size encoding.
@@ -175,7 +176,13 @@ def template_sets(templates: Sequence[Template]) -> bytes:
     return b"".join(out)
 
 
-def _flow_template(template_id: int, family: str) -> Template:
+# RFC 5103 biflows: the uniflow fields (the forward direction), then the reverse direction's values.
+REVERSE_FIELDS = ("reverseIngressInterface", "reversePacketDeltaCount", "reverseOctetDeltaCount",
+                  "reverseFlowStartMilliseconds", "reverseFlowEndMilliseconds", "reverseTcpControlBits",
+                  "reverseIpClassOfService", "reverseMinimumTTL", "reverseMaximumTTL", "biflowDirection")
+
+
+def _flow_template(template_id: int, family: str, biflow: bool = False) -> Template:
     # The flow key of exporter/layout.py (ip_version picks the template); ICMP type/code lives in the key's dst_port.
     keys = [f"source{family}Address", f"destination{family}Address", "sourceTransportPort",
             "destinationTransportPort", "protocolIdentifier", "ingressInterface", "vlanId", f"icmpTypeCode{family}"]
@@ -197,8 +204,11 @@ def _flow_template(template_id: int, family: str) -> Template:
         "flowStartMilliseconds",
         "flowEndMilliseconds",
         "flowEndReason",
+        *(REVERSE_FIELDS if biflow else ()),
     ], keys=keys)
 
 
 FLOW_V4 = _flow_template(256, "IPv4")
 FLOW_V6 = _flow_template(257, "IPv6")
+BIFLOW_V4 = _flow_template(262, "IPv4", biflow=True)
+BIFLOW_V6 = _flow_template(263, "IPv6", biflow=True)

@@ -96,6 +96,17 @@ def test_argv_reaches_the_config(tmp_path: Path) -> None:
     assert cfg.max_kernel_memory == 512 << 20 and cfg.log_level == "debug" and cfg.collectors == ("h:9995",)
 
 
+def test_yes_no_keys_take_a_bare_flag(tmp_path: Path) -> None:
+    def parsed(*argv: str, env: dict[str, str] | None = None, text: str = "") -> bool:
+        args = cli.build_parser().parse_args(["run", "-i", "lo", *argv, *(["--config", toml(tmp_path, text)]
+                                                                          if text else [])])
+        return configmod.from_args(args, environ=env or {}, system=False).config.biflow
+
+    assert parsed() is False and parsed("--biflow") is True and parsed("--biflow", "no") is False
+    assert parsed(env={"XDPFLOW_BIFLOW": "yes"}) is True
+    assert parsed("--biflow", "false", text="biflow = true\n") is False and parsed(text="biflow = true\n") is True
+
+
 def test_config_file_location(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     a = toml(tmp_path, "mtu = 1000\n", "a.toml")
     b = toml(tmp_path, "mtu = 1100\n", "b.toml")
@@ -189,6 +200,8 @@ BAD_FILES = {
     "log level": (LO + 'log_level = "verbose"\n', "log_level", "debug, info, warning, error"),
     "log format": (LO + 'log_format = "xml"\n', "log_format", "auto, console, json"),
     "sequence mode": (LO + 'sequence_mode = "ipfix"\n', "sequence_mode", "rfc, nfdump"),
+    "biflow not a yes/no": (LO + 'biflow = "both"\n', "biflow", "true or false"),
+    "biflow number": (LO + "biflow = 2\n", "biflow", "true or false"),
     "metrics port": (LO + 'metrics = "127.0.0.1:99999"\n', "metrics", "1..65535"),
     "metrics type": (LO + "metrics = 9477\n", "metrics", "HOST:PORT"),
     "tls file missing": (LO + 'tls_ca = "/nonexistent/ca.pem"\n', "tls_ca", "file not found"),

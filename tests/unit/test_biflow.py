@@ -1,0 +1,214 @@
+"""Biflow table (exporter/biflow.py) and biflow encoding, without a kernel.
+
+Properties: packets and octets are conserved whatever the scans hold; the two
+directions of a conversation end up in one record; the initiator follows the
+rules of the module docstring. Then the records through the encoder and the
+built-in collector's decoder, with the RFC 5103 reverse elements by name.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from collectors.decoder import Decoder
+from exporter.biflow import BiflowTable
+from exporter.ipfix import Encoder
+from exporter.records import (
+    BIFLOW_ARBITRARY,
+    BIFLOW_INITIATOR,
+    BIFLOW_RECORD,
+    END_IDLE,
+    END_OF_FLOW,
+    FLOW_RECORD,
+    Records,
+)
+
+A, B, C = (198, 18, 0, 1), (198, 18, 0, 2), (198, 19, 7, 9)
+T0 = 1_700_000_000_000
+SYN, ACK, FIN = 0x02, 0x10, 0x01
+
+
+def uni(src: tuple[int, ...], dst: tuple[int, ...], sport: int, dport: int, *, proto: int = 6, first: int = T0,
+        last: int | None = None, packets: int = 1, flags: int = 0, ifindex: int = 2, ttl: int = 64,
+        tos: int = 0) -> np.void:
+    r = np.zeros(1, dtype=FLOW_RECORD)[0]
+    for name, addr in (("src_addr", src), ("dst_addr", dst)):
+        r[name][10:12] = 0xFF
+        r[name][12:] = addr
+    r["src_port"], r["dst_port"], r["protocol"], r["ip_version"] = sport, dport, proto, 4
+    r["first_ms"], r["last_ms"] = first, first if last is None else last
+    r["packets"], r["octets"], r["tcp_flags"], r["ifindex"] = packets, packets * 100, flags, ifindex
+    r["min_ttl"] = r["max_ttl"] = ttl
+    r["tos"] = tos
+    return r
+
+
+def scan(*recs: np.void) -> Records:
+    return np.array(list(recs), dtype=FLOW_RECORD)
+
+
+def addr(rec: np.void, name: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in rec[name][12:])
+
+
+def test_a_handshake_in_one_scan_is_one_record_initiator_first() -> None:
+    t = BiflowTable(60, 15)
+    t.update(scan(uni(B, A, 80, 40000, first=T0 + 1, flags=SYN | ACK, packets=5, ifindex=3, ttl=60, tos=8),
+                  uni(A, B, 40000, 80, flags=SYN, packets=3)), T0 + 2)
+    (r,) = t.flows()
+    assert (addr(r, "src_addr"), int(r["src_port"]), int(r["dst_port"])) == (A, 40000, 80)
+    assert (int(r["packets"]), int(r["r_packets"]), int(r["octets"]), int(r["r_octets"])) == (3, 5, 300, 500)
+    assert (int(r["fwd_ifindex"]), int(r["rev_ifindex"]), int(r["ifindex"])) == (2, 3, 0)
+    assert (int(r["first_ms"]), int(r["r_first_ms"]), int(r["r_min_ttl"]), int(r["r_tos"])) == (T0, T0 + 1, 60, 8)
+    assert int(r["biflow_direction"]) == BIFLOW_INITIATOR
+
+
+def test_same_millisecond_the_bare_syn_initiates() -> None:
+    t = BiflowTable(60, 15)
+    t.update(scan(uni(B, A, 80, 40000, flags=SYN | ACK), uni(A, B, 40000, 80, flags=SYN)), T0)
+    (r,) = t.flows()
+    assert addr(r, "src_addr") == A and int(r["biflow_direction"]) == BIFLOW_INITIATOR
+
+
+def test_same_millisecond_icmp_request_initiates() -> None:
+    t = BiflowTable(60, 15)
+    t.update(scan(uni(B, A, 0, 0x0000, proto=1), uni(A, B, 0, 0x0800, proto=1, packets=4)), T0)
+    (r,) = t.flows()
+    assert addr(r, "src_addr") == A and int(r["dst_port"]) == 0x0800
+    assert (int(r["packets"]), int(r["r_packets"]), int(r["biflow_direction"])) == (4, 1, BIFLOW_INITIATOR)
+
+
+def test_same_millisecond_without_clues_the_higher_source_port_is_a_guess() -> None:
+    t = BiflowTable(60, 15)
+    t.update(scan(uni(B, A, 53, 51000, proto=17), uni(A, B, 51000, 53, proto=17)), T0)
+    (r,) = t.flows()
+    assert int(r["src_port"]) == 51000 and int(r["biflow_direction"]) == BIFLOW_ARBITRARY
+
+
+def test_a_lone_side_is_confirmed_when_its_answer_comes_later() -> None:
+    t = BiflowTable(60, 15)
+    t.update(scan(uni(A, B, 40000, 80, flags=SYN)), T0)
+    assert int(t.flows()[0]["biflow_direction"]) == BIFLOW_ARBITRARY
+    t.update(scan(uni(B, A, 80, 40000, first=T0 + 5, flags=SYN | ACK)), T0 + 10)
+    (r,) = t.flows()
+    assert addr(r, "src_addr") == A and (int(r["packets"]), int(r["r_packets"])) == (1, 1)
+    assert int(r["biflow_direction"]) == BIFLOW_INITIATOR
+
+
+def test_held_orientation_wins_over_later_scans() -> None:
+    """Once a conversation is held, its sides do not swap, whatever a later scan's timing says."""
+    t = BiflowTable(60, 15)
+    t.update(scan(uni(A, B, 40000, 80, first=T0)), T0)
+    t.update(scan(uni(B, A, 80, 40000, first=T0 + 100), uni(A, B, 40000, 80, first=T0 + 200)), T0 + 300)
+    (r,) = t.flows()
+    assert addr(r, "src_addr") == A and (int(r["packets"]), int(r["r_packets"])) == (2, 1)
+
+
+def test_ingress_only_pairs_across_interfaces_per_interface_does_not() -> None:
+    both = scan(uni(A, B, 40000, 80, ifindex=2), uni(B, A, 80, 40000, first=T0 + 1, ifindex=3))
+    gateway = BiflowTable(60, 15)
+    gateway.update(both, T0)
+    assert len(gateway) == 1
+    per_if = BiflowTable(60, 15, per_interface=True)
+    per_if.update(both, T0)
+    assert len(per_if) == 2
+    per_if.update(scan(uni(B, A, 80, 40000, first=T0 + 2, ifindex=2)), T0 + 3)
+    assert len(per_if) == 2
+    r = next(x for x in per_if.flows() if int(x["ifindex"]) == 2)
+    assert (int(r["fwd_ifindex"]), int(r["rev_ifindex"]), int(r["r_packets"])) == (2, 2, 1)
+
+
+def test_fin_from_either_side_ends_and_idle_needs_both_sides_quiet() -> None:
+    t = BiflowTable(60, 15)
+    t.update(scan(uni(A, B, 40000, 80, first=T0), uni(B, A, 80, 40000, first=T0 + 1)), T0 + 1)
+    # The forward side went quiet at T0, the reverse is still talking: not idle.
+    assert len(t.update(scan(uni(B, A, 80, 40000, first=T0 + 10_000)), T0 + 15_500)) == 0
+    (r,) = t.update(scan(), T0 + 25_000)
+    assert int(r["end_reason"]) == END_IDLE and int(r["r_packets"]) == 2
+    t.update(scan(uni(A, B, 40001, 80, first=T0 + 30_000)), T0 + 30_000)
+    (r,) = t.update(scan(uni(B, A, 80, 40001, first=T0 + 30_001, flags=FIN | ACK)), T0 + 30_001)
+    assert int(r["end_reason"]) == END_OF_FLOW and int(r["r_tcp_flags"]) == FIN | ACK
+
+
+def test_an_empty_side_is_exported_as_zeros() -> None:
+    t = BiflowTable(60, 15)
+    t.update(scan(uni(A, B, 40000, 80)), T0)
+    (r,) = t.expire_all()
+    assert (int(r["r_packets"]), int(r["r_first_ms"]), int(r["r_last_ms"]), int(r["r_min_ttl"])) == (0, 0, 0, 0)
+    assert int(r["rev_ifindex"]) == 0 and r.dtype == BIFLOW_RECORD
+
+
+def _conversation(draw: st.DrawFn) -> list[np.void]:
+    hosts = [A, B, C]
+    i, j = draw(st.permutations(range(3)))[:2]
+    sport = draw(st.sampled_from([40000, 40001, 53]))
+    dport = draw(st.sampled_from([80, 53]))
+    proto = draw(st.sampled_from([6, 17]))
+    out = []
+    for _ in range(draw(st.integers(1, 4))):
+        fwd = draw(st.booleans())
+        s, d = (hosts[i], hosts[j]) if fwd else (hosts[j], hosts[i])
+        sp, dp = (sport, dport) if fwd else (dport, sport)
+        out.append(uni(s, d, sp, dp, proto=proto, first=T0 + draw(st.integers(0, 3)),
+                       packets=draw(st.integers(1, 1000)), flags=draw(st.sampled_from([0, SYN, SYN | ACK, ACK])),
+                       ifindex=draw(st.integers(2, 4))))
+    return out
+
+
+@settings(max_examples=int(os.environ.get("XDPFLOW_FUZZ_EXAMPLES", "200")), deadline=None)
+@given(data=st.data())
+def test_conservation_and_complete_pairing(data: st.DataObject) -> None:
+    """Whatever the scans hold: nothing lost or doubled, and one record per conversation at the end."""
+    convs = data.draw(st.lists(st.composite(_conversation)(), min_size=1, max_size=6))
+    uniflows = [u for c in convs for u in c]
+    scans = data.draw(st.integers(1, 3))
+    cut = sorted(data.draw(st.lists(st.integers(0, len(uniflows)), min_size=scans - 1, max_size=scans - 1)))
+    order = data.draw(st.permutations(uniflows))
+    t = BiflowTable(3600, 3600)
+    out = []
+    bounds = [0, *cut, len(order)]
+    for k in range(scans):
+        out.append(t.update(scan(*order[bounds[k]:bounds[k + 1]]) if bounds[k + 1] > bounds[k]
+                            else np.zeros(0, dtype=FLOW_RECORD), T0 + 10))
+    out.append(t.expire_all())
+    recs = np.concatenate(out)
+    assert int(recs["packets"].sum() + recs["r_packets"].sum()) == sum(int(u["packets"]) for u in uniflows)
+    assert int(recs["octets"].sum() + recs["r_octets"].sum()) == sum(int(u["octets"]) for u in uniflows)
+
+    def conversation(r: np.void) -> tuple[object, ...]:
+        ends = sorted([(addr(r, "src_addr"), int(r["src_port"])), (addr(r, "dst_addr"), int(r["dst_port"]))])
+        return (*ends, int(r["protocol"]))
+
+    counts = Counter(conversation(r) for r in recs)
+    assert max(counts.values()) == 1, counts
+    assert all(int(r["packets"]) > 0 for r in recs), "every record has its initiator's side"
+
+
+def test_biflow_records_through_the_encoder_and_the_builtin_decoder() -> None:
+    t = BiflowTable(60, 15)
+    t.update(scan(uni(A, B, 40000, 80, flags=SYN, packets=3),
+                  uni(B, A, 80, 40000, first=T0 + 7, flags=SYN | ACK, packets=5, ifindex=3, ttl=61, tos=4)), T0 + 7)
+    recs = t.expire_all()
+    enc = Encoder(biflow=True)
+    msgs = enc.encode(recs, T0 / 1000)
+    assert enc.flow_totals(msgs[0]).packets == 8 and enc.flow_totals(msgs[0]).octets == 800
+    dec = Decoder()
+    decoded = [r for m in msgs for r in dec.feed(m, "x").records if not r.is_options]
+    assert [r.template_id for r in decoded] == [262]
+    f = decoded[0].fields
+    want = {"sourceIPv4Address": "198.18.0.1", "sourceTransportPort": 40000, "packetDeltaCount": 3,
+            "reversePacketDeltaCount": 5, "reverseOctetDeltaCount": 500, "ingressInterface": 2,
+            "reverseIngressInterface": 3, "reverseFlowStartMilliseconds": T0 + 7, "reverseTcpControlBits": SYN | ACK,
+            "reverseMinimumTTL": 61, "reverseIpClassOfService": 4, "biflowDirection": BIFLOW_INITIATOR}
+    assert {k: f[k] for k in want} == want
+
+
+def test_biflow_encoder_refuses_uniflow_records() -> None:
+    with pytest.raises(TypeError, match="BIFLOW_RECORD"):
+        Encoder(biflow=True).encode(scan(uni(A, B, 1, 2)), T0 / 1000)
