@@ -21,7 +21,7 @@ import structlog
 
 from exporter.drain import Pages
 from exporter.flowtable import FlowTable
-from exporter.merge import clock_offset_ns, merge
+from exporter.merge import clock_offset_ns
 from exporter.records import Records, to_ipfix_dict
 from xdp.loader import Datapath, human_bytes
 
@@ -65,13 +65,12 @@ def run(opts: DumpOptions, out: TextIO = sys.stdout) -> int:
                     step = min(step, left)
                 if stop.wait(step) or not opts.scan_interval:
                     continue
-                d = pages.flip_and_drain()
                 drains += 1
-                ended.append(table.update(merge(d.keys, d.values, clock_offset_ns()), 0))
+                ended.append(table.update(pages.flip_and_merge(clock_offset_ns()).records, 0))
             dp.detach_all()
-            for d in pages.drain_all():
+            for m in pages.merge_all(clock_offset_ns()):
                 drains += 1
-                ended.append(table.update(merge(d.keys, d.values, clock_offset_ns()), 0))
+                ended.append(table.update(m.records, 0))
             stats = dp.read_stats()
     finally:
         for s, h in previous.items():

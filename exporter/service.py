@@ -21,12 +21,12 @@ import numpy as np
 import structlog
 
 from exporter.biflow import BiflowTable
-from exporter.drain import Drained, Pages
+from exporter.drain import Merged, Pages
 from exporter.flowtable import FlowTable, retime
 from exporter.interfaces import LinkWatcher, is_glob, matching, present
 from exporter.ipfix import Encoder, ExporterState
 from exporter.ipfix.encoder import FlowTotals
-from exporter.merge import clock_offset_ns, merge
+from exporter.merge import clock_offset_ns
 from exporter.metrics import Metrics, parse_listen
 from exporter.records import END_FORCED, Records
 from exporter.transport import Endpoint, EndpointError, Sender, StreamOptions, TlsOptions, make_sender
@@ -195,17 +195,16 @@ class Exporter:
         dp.configure(filters.compile_rules(dp.tables.rules, links), dp.sampling)
         log.info("filter interfaces changed", interfaces={k: list(v) for k, v in resolved.items()})
 
-    def _scan(self, drains: list[Drained], now: float, shutdown: bool) -> ScanResult:
-        """Worker-thread half of a scan: merge, fold into the table, expire."""
+    def _scan(self, drains: list[Merged], now: float, shutdown: bool) -> ScanResult:
+        """Worker-thread half of a scan: fold into the table, expire."""
         t0 = time.perf_counter()
         assert self.table is not None
-        offset = clock_offset_ns()
         now_ms = int(now * 1000)
         expired: list[Records] = []
         res = ScanResult(0, 0, np.zeros(0, dtype=self.table.kind.dtype), 0.0, 0.0)
         for d in drains:
-            records = merge(d.keys, d.values, offset)
-            res.entries += len(d.keys)
+            records = d.records
+            res.entries += d.entries
             res.flows += len(records)
             res.flip_seconds += d.flip_seconds
             res.observed_packets += d.stats["packets"]
@@ -221,12 +220,12 @@ class Exporter:
         res.seconds = time.perf_counter() - t0
         return res
 
-    def _drain(self, shutdown: bool) -> list[Drained]:
+    def _drain(self, shutdown: bool) -> list[Merged]:
         assert self.pages is not None and self.datapath is not None
         if shutdown:
             self.datapath.detach_all()
-            return self.pages.drain_all()
-        return [self.pages.flip_and_drain()]
+            return self.pages.merge_all(clock_offset_ns())
+        return [self.pages.flip_and_merge(clock_offset_ns())]
 
     async def scan_once(self, shutdown: bool = False) -> ScanResult:
         t0 = time.perf_counter()

@@ -17,6 +17,7 @@ import errno
 import os
 import platform
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,3 +172,34 @@ def prog_id(prog_fd: int) -> int:
     struct.pack_into("=IIQ", attr, 0, prog_fd, len(info), ctypes.addressof(info))
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
     return int(struct.unpack_from("=I", info, 4)[0])
+
+
+def map_batch_chunks(map_fd: int, keys: Any, values: Any, delete: bool) -> Iterator[int]:
+    """Read (and delete) the whole map a buffer-full at a time: fills `keys`/`values` from index 0 and
+    yields the count, again until the map has been walked. Consume each chunk before asking for the next.
+
+    The kernel resumes from an opaque bucket token, so the buffers need only hold the largest
+    bucket, not the map: memory stays O(buffer) whatever max_entries and the CPU count are.
+    """
+    cmd = BPF_MAP_LOOKUP_AND_DELETE_BATCH if delete else BPF_MAP_LOOKUP_BATCH
+    capacity = len(keys)
+    in_token, out_token = ctypes.create_string_buffer(8), ctypes.create_string_buffer(8)
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    first = True
+    while True:
+        struct.pack_into("=QQQQIIQQ", attr, 0, 0 if first else ctypes.addressof(in_token),
+                         ctypes.addressof(out_token), _addr(keys), _addr(values), capacity, map_fd, 0, 0)
+        try:
+            _bpf(cmd, attr)
+            done = False
+        except BpfError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            done = True
+        n = struct.unpack_from("=I", attr, 32)[0]
+        if n:
+            yield n
+        if done:
+            return
+        ctypes.memmove(in_token, out_token, 8)
+        first = False
