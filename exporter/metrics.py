@@ -5,7 +5,8 @@ exporters share a process in tests). Kernel counters are cumulative in the
 per-CPU stats map, so they are exported as they are read each scan, through a
 custom collector rather than by incrementing client-side counters; everything
 the exporter itself does (records, messages, errors, scan time) is counted as
-it happens.
+it happens. The kernel's own counters for attached interfaces and CPUs (exporter.kstats:
+who dropped what) move once per scan, by the deltas the scan read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from exporter.kstats import KernelDelta
 
 KERNEL_COUNTERS = {
     "frames": "Frames the XDP program ran on",
@@ -31,6 +34,22 @@ KERNEL_COUNTERS = {
     "filtered_octets": "IP octets of packets a filter rule excluded",
     "sampled_out": "IP packets the sampler skipped (passed on, not metered)",
     "sampled_out_octets": "IP octets of packets the sampler skipped",
+}
+# The kernel's and the driver's counters for each attached interface (IFLA_STATS64, ethtool), since attach.
+NETDEV_COUNTERS = {
+    "rx_packets": "Frames the interface received (kernel counter)",
+    "rx_dropped": "Received frames the kernel dropped (backlog full, forward refused): not xdpflow",
+    "rx_missed_errors": "Frames the NIC had no buffer for, lost before XDP",
+    "rx_fifo_errors": "Frames lost to a NIC FIFO overrun, before XDP",
+    "rx_over_errors": "Frames lost to a receive ring overflow, before XDP",
+    "rx_errors": "Bad frames the interface received (CRC, length, overruns)",
+    "tx_packets": "Frames the interface sent (kernel counter)",
+    "tx_dropped": "Frames the kernel dropped on transmit (veth: the peer could not take them)",
+    "tx_errors": "Transmit errors",
+}
+DRIVER_COUNTERS = {
+    "xdp_packets": "Frames the native XDP program ran on, as the driver counts them (0: not counted)",
+    "xdp_drops": "XDP_DROP verdicts the driver counted (xdpflow never drops)",
 }
 RULE_LABEL_MAX = 200  # a rule listing a thousand CIDRs still gets a readable label
 
@@ -125,6 +144,16 @@ class Metrics:
         self.scan_seconds = Histogram("xdpflow_scan_seconds", "Duration of one scan (drain to send)", registry=r,
                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self._sent: dict[str, tuple[int, int, int]] = {}
+        self.netdev = {k: Counter(f"xdpflow_netdev_{k}", h, ["interface"], registry=r)
+                       for k, h in NETDEV_COUNTERS.items()}
+        self.netdev |= {k: Counter(f"xdpflow_driver_{k}", h, ["interface"], registry=r)
+                        for k, h in DRIVER_COUNTERS.items()}
+        self.softnet_dropped = Counter("xdpflow_softnet_dropped",
+                                       "Frames dropped because this CPU's backlog was full (softnet_stat, "
+                                       "whole machine)", ["cpu"], registry=r)
+        self.softnet_time_squeeze = Counter("xdpflow_softnet_time_squeeze",
+                                            "NAPI runs stopped with work left on this CPU (softnet_stat, "
+                                            "whole machine; deferred, not lost)", ["cpu"], registry=r)
 
     def watch_kernel(self, read: Callable[[], dict[str, int]], fill: Callable[[], float],
                      modes: Callable[[], dict[str, str]]) -> None:
@@ -141,6 +170,21 @@ class Metrics:
         self.send_errors.labels(collector).inc(max(0, errors - e0))
         self.queue_depth.labels(collector).set(queue)
         self._sent[collector] = (messages, octets, errors)
+
+    def kernel_deltas(self, delta: KernelDelta) -> None:
+        """One scan's kernel counters; interfaces no longer attached lose their series."""
+        for ifname, counters in delta.interfaces.items():
+            for k, c in self.netdev.items():
+                c.labels(ifname).inc(getattr(counters, k))
+        for cpu in delta.softnet:
+            self.softnet_dropped.labels(str(cpu.cpu)).inc(cpu.dropped)
+            self.softnet_time_squeeze.labels(str(cpu.cpu)).inc(cpu.time_squeeze)
+        for ifname in delta.released:
+            for c in self.netdev.values():
+                try:
+                    c.remove(ifname)
+                except KeyError:
+                    pass
 
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)

@@ -26,6 +26,7 @@ from exporter.flowtable import FlowTable, retime
 from exporter.interfaces import LinkWatcher, is_glob, matching, present
 from exporter.ipfix import Encoder, ExporterState
 from exporter.ipfix.encoder import FlowTotals
+from exporter.kstats import DropWarning, KernelStats
 from exporter.merge import clock_offset_ns
 from exporter.metrics import Metrics, parse_listen
 from exporter.records import END_FORCED, Records
@@ -130,6 +131,8 @@ class Exporter:
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _links_changed: asyncio.Event = field(default_factory=asyncio.Event)
     _last_stats: dict[str, int] = field(default_factory=dict)
+    kstats: KernelStats = field(default_factory=KernelStats)  # the kernel's own drop counters, beside ours
+    _drop_warning: DropWarning = field(default_factory=DropWarning)
 
     def _compile_filters(self, cfg: RunConfig) -> filters.Tables:
         """The kernel tables for cfg.filters, interface names resolved now; FilterError if they don't compile."""
@@ -182,6 +185,7 @@ class Exporter:
                     continue
                 if self.datapath is not None and self.pages is not None:
                     log.info("interface attached", interface=ifname, mode=att.mode, ifindex=att.ifindex)
+            self.kstats.sync({a.ifname: a.ifindex for a in dp.attachments})
             self._refresh_iface_rules(links)
 
     def _refresh_iface_rules(self, links: dict[str, int]) -> None:
@@ -248,14 +252,17 @@ class Exporter:
         stats = self.datapath.read_stats()
         delta = _delta(stats, self._last_stats)
         self._last_stats = stats
+        kernel = await asyncio.to_thread(self.kstats.scan)
         self._fill = res.entries / self.cfg.max_entries if not shutdown else self._fill
         self._check_capacity(res)
+        self._drop_warning.note(kernel)
         if self.metrics is not None:
             m = self.metrics
             m.scan_seconds.observe(time.perf_counter() - t0)
             m.records_exported.inc(len(res.expired))
             m.ignored_packets.inc(max(0, res.ignored_packets))
             m.active_flows.set(len(self.table) if self.table is not None else 0)
+            m.kernel_deltas(kernel)
             for ex in self.exports:
                 st = ex.sender.stats
                 m.sender_totals(str(ex.sender.endpoint), st.messages, st.octets, st.send_errors,
@@ -265,7 +272,7 @@ class Exporter:
                   observed_packets=res.observed_packets, observed_octets=res.observed_octets,
                   ignored_packets=res.ignored_packets, ignored_octets=res.ignored_octets,
                   flip_ms=round(res.flip_seconds * 1000, 2), seconds=round(time.perf_counter() - t0, 4),
-                  **{f"kernel_{k}": v for k, v in delta.items()})
+                  **{f"kernel_{k}": v for k, v in delta.items()}, **kernel.log_fields())
         return res
 
     def _start_metrics(self, listen: str) -> None:
@@ -460,6 +467,7 @@ class Exporter:
             if self.datapath is not None:
                 with self._attach_lock:
                     self.datapath.close()
+            self.kstats.close()
             for ex in self.exports:
                 await ex.sender.close()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
