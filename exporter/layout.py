@@ -18,7 +18,14 @@ FLOW_KEY = np.dtype([
     ("vlan_id", "<u2"),
     ("protocol", "u1"),
     ("ip_version", "u1"),
+    ("direction", "u1"),     # IE 61 flowDirection: INGRESS (XDP) or EGRESS (TC)
+    ("pad", "u1", (3,)),
 ])
+
+# flow_key.direction (XDPFLOW_INGRESS / XDPFLOW_EGRESS in flow.h): ifindex is
+# IE 10 ingressInterface for INGRESS, IE 14 egressInterface for EGRESS.
+INGRESS = 0
+EGRESS = 1
 
 FLOW_VALUE = np.dtype([
     ("packets", "<u8"),

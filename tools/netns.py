@@ -1,4 +1,4 @@
-"""Throw-away test topologies: network namespaces joined by a veth pair.
+"""Throw-away test topologies: network namespaces joined by veth pairs.
 
 `VethPair` creates a generator namespace and an observer namespace with one
 veth end in each, addressed from 198.18.0.0/15 (the benchmarking range). The
@@ -9,14 +9,28 @@ solicitations do not mix with the generated flows (the generated IPv6 frames
 use fd00::/8 addresses and need no configured address). Leaving the context
 deletes both namespaces, which destroys the veth pair and any XDP program on
 it, whatever happened inside.
+
+`Router` is a gateway topology: namespaces a, router and b, with veth pairs
+a <-> router and router <-> b, IPv4 (198.18.0.0/15) and IPv6 (fd00::/8) on
+every end, forwarding on in the router only, a and b routing through it.
+
+`inside(netns)` moves the calling thread into a namespace for the length of a
+`with` block (setns(2) on the thread, restored after): sockets, netlink
+handles and interface lookups made there belong to that namespace and keep
+belonging to it afterwards. That is how a test process loads the datapath
+once and attaches it in a namespace, or sends from one namespace and
+receives in another, without a subprocess.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
+import os
 import secrets
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -94,6 +108,120 @@ class VethPair:
 
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
         self.destroy()
+
+
+@dataclass
+class Router:
+    """a:<a_if> <-> router:<ra_if> | router:<rb_if> <-> b:<b_if>; the router forwards between them.
+
+    Addresses: a 198.18.1.2/24 fd00:1::2/64, router 198.18.1.1 fd00:1::1 on ra_if and 198.18.2.1
+    fd00:2::1 on rb_if, b 198.18.2.2/24 fd00:2::2/64; a and b have default routes via the router.
+    IPv6 addresses skip DAD (usable at once) and nobody sends router solicitations, but the kernel's
+    own neighbour discovery and MLD still speak now and then: tests match the flows they make.
+    """
+
+    tag: str = ""
+    a: str = ""
+    router: str = ""
+    b: str = ""
+    a_if: str = ""
+    ra_if: str = ""
+    rb_if: str = ""
+    b_if: str = ""
+
+    A4, RA4, RB4, B4 = "198.18.1.2", "198.18.1.1", "198.18.2.1", "198.18.2.2"
+    A6, RA6, RB6, B6 = "fd00:1::2", "fd00:1::1", "fd00:2::1", "fd00:2::2"
+
+    def __post_init__(self) -> None:
+        tag = self.tag or f"{_TOKEN}{next(_counter)}"
+        self.a = self.a or f"xf{tag}a"
+        self.router = self.router or f"xf{tag}r"
+        self.b = self.b or f"xf{tag}b"
+        self.a_if = self.a_if or f"xa{tag}"[:15]
+        self.ra_if = self.ra_if or f"xra{tag}"[:15]
+        self.rb_if = self.rb_if or f"xrb{tag}"[:15]
+        self.b_if = self.b_if or f"xb{tag}"[:15]
+
+    @property
+    def namespaces(self) -> tuple[str, str, str]:
+        return self.a, self.router, self.b
+
+    def create(self) -> Router:
+        try:
+            for ns in self.namespaces:
+                subprocess.run(["ip", "netns", "add", ns], check=True, capture_output=True, text=True)
+                _created.add(ns)
+                ip("link", "set", "lo", "up", netns=ns)
+                for conf in ("all", "default"):
+                    sysctl(ns, f"net.ipv6.conf.{conf}.accept_dad", "0")
+                    sysctl(ns, f"net.ipv6.conf.{conf}.router_solicitations", "0")
+                    sysctl(ns, f"net.ipv6.conf.{conf}.accept_ra", "0")
+            sysctl(self.router, "net.ipv4.ip_forward", "1")
+            sysctl(self.router, "net.ipv6.conf.all.forwarding", "1")
+            ip("link", "add", self.a_if, "netns", self.a, "type", "veth", "peer", "name", self.ra_if,
+               "netns", self.router)
+            ip("link", "add", self.rb_if, "netns", self.router, "type", "veth", "peer", "name", self.b_if,
+               "netns", self.b)
+            for ns, ifname, v4, v6 in ((self.a, self.a_if, self.A4, self.A6),
+                                       (self.router, self.ra_if, self.RA4, self.RA6),
+                                       (self.router, self.rb_if, self.RB4, self.RB6),
+                                       (self.b, self.b_if, self.B4, self.B6)):
+                ip("addr", "add", f"{v4}/24", "dev", ifname, netns=ns)
+                ip("-6", "addr", "add", f"{v6}/64", "dev", ifname, "nodad", netns=ns)
+                ip("link", "set", ifname, "up", netns=ns)
+            for ns, via4, via6 in ((self.a, self.RA4, self.RA6), (self.b, self.RB4, self.RB6)):
+                ip("route", "add", "default", "via", via4, netns=ns)
+                ip("-6", "route", "add", "default", "via", via6, netns=ns)
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def destroy(self) -> None:
+        for ns in self.namespaces:
+            if ns in _created:
+                subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+                _created.discard(ns)
+
+    def __enter__(self) -> Router:
+        return self.create()
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        self.destroy()
+
+
+def ifindex(netns: str, ifname: str) -> int:
+    """The ifindex of `ifname` in `netns`."""
+    out = ip("-o", "link", "show", ifname, netns=netns).stdout
+    return int(out.split(":", 1)[0])
+
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"setns: {os.strerror(e)}")
+
+
+@contextmanager
+def inside(netns: str) -> Iterator[None]:
+    """Run the body with the calling thread in network namespace `netns` (see the module docstring)."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+        try:
+            _setns(target)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(home)
 
 
 def sysctl(netns: str, key: str, value: str) -> None:

@@ -1,4 +1,4 @@
-/* xdpflow: XDP flow metering.
+/* xdpflow: flow metering at XDP ingress and, optionally, TC egress.
  *
  * Theory of operation. For every frame: parse Ethernet, up to two VLAN tags,
  * IPv4 or IPv6 (skipping a bounded chain of extension headers) and the ports
@@ -9,13 +9,52 @@
  * Every scan the exporter writes the other index into `control.page`, then
  * rewrites a slot of the array-of-maps `pages` with the fd it already holds:
  * a map-in-map update makes the kernel wait an RCU grace period
- * (synchronize_rcu) before returning, and XDP programs run under RCU, so
- * afterwards no program that read the old index is still running. The old
+ * (synchronize_rcu) before returning, and XDP and TC programs run under RCU,
+ * so afterwards no program that read the old index is still running. The old
  * page and its counters then have no writer and are drained exactly.
  *
- * The program never drops or modifies a packet: every path returns XDP_PASS.
- * Frames it can't parse are counted (parse_failures) and passed; so are
+ * Two programs share everything above (maps, key layout, filters, sampling,
+ * counters) through one inline parse and one inline meter():
+ * - xdpflow (XDP) on the interface a packet enters: direction 0 (ingress),
+ *   ifindex = ingress_ifindex. Every path returns XDP_PASS.
+ * - xdpflow_egress (TC, sched_cls, attached at egress with a TCX bpf_link or
+ *   a clsact/cls_bpf filter) on the interface a packet leaves: direction 1
+ *   (egress), ifindex = the skb's device. Every path returns TC_ACT_UNSPEC:
+ *   "no opinion", so the packet goes on to the next program of the egress
+ *   chain and leaves when none is left. Not TC_ACT_OK: that ends a TCX chain
+ *   (and a cls_bpf filter list), so a policy program attached after this one
+ *   would silently stop running. Neither program drops or modifies a packet.
+ * Frames they can't parse are counted (parse_failures) and passed; so are
  * frames that are not IP (non_ip).
+ *
+ * De-duplication rule: each packet is counted at most once per direction:
+ * ingress by the XDP program of the interface it entered, egress by the TC
+ * program of the interface it left. On a gateway with both hooks on both
+ * interfaces a forwarded packet yields one ingress record (direction 0,
+ * ifindex = the interface it came in on) and one egress record (direction 1,
+ * ifindex = the interface it went out of); a collector sums one direction to
+ * count each packet once. Host-originated packets appear only as egress,
+ * host-terminated ones only as ingress. (A packet sent back out of the
+ * interface it came in on is still one record per direction.)
+ *
+ * Egress specifics (the skb, not an XDP buffer):
+ * - The frame length is skb->len; direct packet access reaches only the
+ *   linear part. A frame whose headers lie beyond the linear part fails the
+ *   first parse; then, and only then, the first XDPFLOW_TC_PULL bytes are
+ *   pulled into the linear part (bpf_skb_pull_data) and the frame parsed
+ *   again. Locally built and forwarded packets keep their headers linear, so
+ *   the pull is rare. Headers past XDPFLOW_TC_PULL are a parse failure.
+ * - GSO: an skb leaving as gso_segs > 1 segments (TSO, GRO-merged forwarded
+ *   traffic) counts gso_segs packets, and octets = its IP total length +
+ *   (gso_segs - 1) x its IP + transport header length (each segment repeats
+ *   the headers): the segments' IP total lengths, exact for TCP and UDP
+ *   (tunnelled GSO: inner headers past the first segment are not counted).
+ *   Sampling keeps or skips the skb as a whole. BIG TCP super-packets (GSO
+ *   beyond 64 KiB, opt-in; IPv4 total length 0, IPv6 payload length 0) are
+ *   parse failures.
+ * - A VLAN tag held in the skb's metadata (vlan_present: set by a VLAN device
+ *   above the interface, not in the packet bytes yet) is the outer tag: its
+ *   VID is the key's vlan_id; tags in the bytes are inner ones.
  *
  * Selection (xdp/filters.py compiles the rules; flow.h explains the tables).
  * The control slot also names the rule set in force; 0 means none, and the
@@ -47,6 +86,9 @@
  */
 #include <uapi/linux/bpf.h>
 #include "flow.h"
+
+#define TC_ACT_UNSPEC_ (-1)       /* TCX_NEXT: no verdict, the next program decides */
+#define XDPFLOW_TC_PULL 512       /* bytes pulled when headers are past an skb's linear part */
 
 #ifndef XDPFLOW_MAX_ENTRIES
 #define XDPFLOW_MAX_ENTRIES 500000
@@ -84,7 +126,9 @@ BPF_PERCPU_ARRAY(rule_hits, struct rule_counter, 2 * XDPFLOW_COUNTER_SLOTS);
 #define SKIP 1
 
 struct parsed {
-	__u32 octets;
+	__u32 octets;     /* IP total length; for GSO the segments' sum (meter()) */
+	__u32 packets;    /* frames on the wire: 1, or gso_segs at egress */
+	__u16 hdr_len;    /* IP + transport header bytes (GSO octets) */
 	__u16 tcp_flags;
 	__u8 tos;
 	__u8 ttl;
@@ -96,18 +140,22 @@ static __always_inline __u16 rd16(const __u8 *p)
 	return ((__u16)p[0] << 8) | p[1];
 }
 
-/* True when n bytes at p run past the IP packet (end) or the frame
- * (data_end). end <= data_end always holds; the second test is for the
- * verifier, which bounds packet reads only against data_end. */
+/* True when n bytes at p run past the IP packet (end) or the readable bytes
+ * (data_end). At XDP end <= data_end always holds and the second test is for
+ * the verifier, which bounds packet reads only against data_end; at TC egress
+ * the IP packet may go on past the linear part, and running past data_end
+ * before end is what makes the egress program pull the headers in. */
 #define PAST(p, n, end, data_end) \
 	((const void *)((p) + (n)) > (end) || (const void *)((p) + (n)) > (data_end))
 
+/* The transport header at l4; l3_len: IP header bytes before it. */
 static __always_inline int parse_l4(struct flow_key *key, struct parsed *out,
 				    const __u8 *l4, const void *end, const void *data_end,
-				    __u8 icmp_proto)
+				    __u8 icmp_proto, __u32 l3_len)
 {
 	__u8 proto = key->protocol;
 
+	out->hdr_len = l3_len;
 	if (proto == 6) {
 		if (PAST(l4, 20, end, data_end))
 			return FAIL;
@@ -115,18 +163,21 @@ static __always_inline int parse_l4(struct flow_key *key, struct parsed *out,
 		key->dst_port = rd16(l4 + 2);
 		out->tcp_flags = rd16(l4 + 12) & 0x01FF;
 		out->has_ports = 1;
+		out->hdr_len = l3_len + (l4[12] >> 4) * 4;
 	} else if (proto == 17) {
 		if (PAST(l4, 8, end, data_end))
 			return FAIL;
 		key->src_port = rd16(l4);
 		key->dst_port = rd16(l4 + 2);
 		out->has_ports = 1;
+		out->hdr_len = l3_len + 8;
 	} else if (proto == 132) {
 		if (PAST(l4, 12, end, data_end))
 			return FAIL;
 		key->src_port = rd16(l4);
 		key->dst_port = rd16(l4 + 2);
 		out->has_ports = 1;
+		out->hdr_len = l3_len + 12;
 	} else if (proto == icmp_proto) {
 		if (PAST(l4, 4, end, data_end))
 			return FAIL;
@@ -135,8 +186,9 @@ static __always_inline int parse_l4(struct flow_key *key, struct parsed *out,
 	return OK;
 }
 
+/* ip: the IPv4 header; room: bytes of the frame from ip on (readable or not). */
 static __always_inline int parse_ipv4(struct flow_key *key, struct parsed *out,
-				      const __u8 *ip, const void *data_end)
+				      const __u8 *ip, const void *data_end, __u32 room)
 {
 	if ((const void *)(ip + 20) > data_end)
 		return FAIL;
@@ -148,7 +200,7 @@ static __always_inline int parse_ipv4(struct flow_key *key, struct parsed *out,
 	__u32 tot = rd16(ip + 2);
 	if (tot < hlen)
 		return FAIL;
-	if ((const void *)(ip + tot) > data_end)
+	if (tot > room)
 		return FAIL;
 	const void *end = ip + tot;
 
@@ -164,20 +216,22 @@ static __always_inline int parse_ipv4(struct flow_key *key, struct parsed *out,
 	out->tos = ip[1];
 	out->ttl = ip[8];
 
-	if (rd16(ip + 6) & 0x1FFF)
+	if (rd16(ip + 6) & 0x1FFF) {
+		out->hdr_len = hlen;
 		return OK;  /* non-first fragment: no transport header */
-	return parse_l4(key, out, ip + hlen, end, data_end, 1);
+	}
+	return parse_l4(key, out, ip + hlen, end, data_end, 1, hlen);
 }
 
 static __always_inline int parse_ipv6(struct flow_key *key, struct parsed *out,
-				      const __u8 *ip, const void *data_end)
+				      const __u8 *ip, const void *data_end, __u32 room)
 {
 	if ((const void *)(ip + 40) > data_end)
 		return FAIL;
 	if ((ip[0] >> 4) != 6)
 		return FAIL;
 	__u32 tot = 40 + (__u32)rd16(ip + 4);
-	if ((const void *)(ip + tot) > data_end)
+	if (tot > room)
 		return FAIL;
 	const void *end = ip + tot;
 
@@ -206,6 +260,7 @@ static __always_inline int parse_ipv6(struct flow_key *key, struct parsed *out,
 			cur += 8;
 			if (frag) {
 				key->protocol = nh;
+				out->hdr_len = cur - ip;
 				return OK;  /* non-first fragment */
 			}
 		} else {
@@ -217,13 +272,14 @@ static __always_inline int parse_ipv6(struct flow_key *key, struct parsed *out,
 	if ((const void *)cur > end)
 		return FAIL;
 	key->protocol = nh;
-	return parse_l4(key, out, cur, end, data_end, 58);
+	return parse_l4(key, out, cur, end, data_end, 58, cur - ip);
 }
 
-static __always_inline int parse(struct xdp_md *ctx, struct flow_key *key, struct parsed *out)
+/* Parse the frame at data: data_end bounds the bytes the program can read,
+ * frame_len is the whole frame's length (XDP: data_end - data; TC: skb->len). */
+static __always_inline int parse(const void *data, const void *data_end, __u32 frame_len,
+				 struct flow_key *key, struct parsed *out)
 {
-	const void *data = (const void *)(long)ctx->data;
-	const void *data_end = (const void *)(long)ctx->data_end;
 	const __u8 *cur = data;
 
 	if ((const void *)(cur + ETH_HLEN_) > data_end)
@@ -242,10 +298,12 @@ static __always_inline int parse(struct xdp_md *ctx, struct flow_key *key, struc
 		proto = rd16(cur + 2);
 		cur += 4;
 	}
+	/* cur <= data_end <= data + frame_len: no underflow. */
+	__u32 room = frame_len - (__u32)(cur - (const __u8 *)data);
 	if (proto == ETH_P_IP_)
-		return parse_ipv4(key, out, cur, data_end);
+		return parse_ipv4(key, out, cur, data_end, room);
 	if (proto == ETH_P_IPV6_)
-		return parse_ipv6(key, out, cur, data_end);
+		return parse_ipv6(key, out, cur, data_end, room);
 	if (proto == ETH_P_8021Q_ || proto == ETH_P_8021AD_)
 		return FAIL;  /* VLAN stack deeper than we follow */
 	return NOT_IP;
@@ -351,98 +409,170 @@ static __always_inline int select_packet(__u32 set, const struct flow_key *key, 
 		__u32 ci = set * XDPFLOW_COUNTER_SLOTS + slot;
 		struct rule_counter *c = rule_hits.lookup(&ci);
 		if (c) {
-			c->packets++;
+			c->packets += p->packets;
 			c->octets += p->octets;
 		}
 		if (exclude) {
-			st->filtered++;
+			st->filtered += p->packets;
 			st->filtered_octets += p->octets;
 			return SKIP;
 		}
 	}
 	if ((f & XDPFLOW_SAMPLE) && bpf_get_prandom_u32() >= rs->sample_threshold) {
-		st->sampled_out++;
+		st->sampled_out += p->packets;
 		st->sampled_out_octets += p->octets;
 		return SKIP;
 	}
 	return METER;
 }
 
-int xdpflow(struct xdp_md *ctx)
+/* What a run reads once: the page (and stats slot) to write, the rule set in force. */
+struct run {
+	struct flow_stats *st;
+	__u32 idx;
+	__u32 config;
+};
+
+static __always_inline int begin(struct run *r)
 {
 	__u32 zero = 0;
 	struct xdpflow_ctl *ctl = control.lookup(&zero);
 	if (!ctl)
-		return XDP_PASS;
-	__u32 idx = ctl->page & 1;
-	__u32 config = ctl->config;
-	struct flow_stats *st = stats.lookup(&idx);
-	if (!st)
-		return XDP_PASS;
-	st->frames++;
+		return 0;
+	r->idx = ctl->page & 1;
+	r->config = ctl->config;
+	r->st = stats.lookup(&r->idx);
+	return r->st != 0;
+}
 
-	struct flow_key key = {};
-	struct parsed p = {};
-	int rc = parse(ctx, &key, &p);
-	if (rc == FAIL) {
-		st->parse_failures++;
-		return XDP_PASS;
-	}
-	if (rc == NOT_IP) {
-		st->non_ip++;
-		return XDP_PASS;
-	}
-	key.ifindex = ctx->ingress_ifindex;
-	if (config && select_packet((config - 1) & 1, &key, &p, st) == SKIP)
-		return XDP_PASS;
-	st->packets++;
-	st->octets += p.octets;
+/* Count a frame the parse did not meter (rc FAIL or NOT_IP); segs: the frames on the wire it stands for. */
+static __always_inline void not_metered(struct flow_stats *st, int rc, __u32 segs)
+{
+	if (rc == FAIL)
+		st->parse_failures += segs;
+	else
+		st->non_ip += segs;
+}
 
-	void *page = pages.lookup(&idx);
+/* Meter a parsed IP packet seen on `ifindex` in `direction`; segs: the frames
+ * on the wire it stands for (1 but for GSO at egress). */
+static __always_inline void meter(struct run *r, struct flow_key *key, struct parsed *p, __u32 ifindex,
+				  __u8 direction, __u32 segs)
+{
+	struct flow_stats *st = r->st;
+	key->ifindex = ifindex;
+	key->direction = direction;
+	p->packets = segs;
+	if (segs > 1)
+		p->octets += (segs - 1) * p->hdr_len;  /* each segment repeats the headers */
+	if (r->config && select_packet((r->config - 1) & 1, key, p, st) == SKIP)
+		return;
+	st->packets += segs;
+	st->octets += p->octets;
+
+	void *page = pages.lookup(&r->idx);
 	if (!page)
 		goto lost;
 
 	__u64 now = bpf_ktime_get_coarse_ns();
-	struct flow_value *v = bpf_map_lookup_elem(page, &key);
+	struct flow_value *v = bpf_map_lookup_elem(page, key);
 	if (!v) {
 		struct flow_value nv = {};
-		nv.packets = 1;
-		nv.octets = p.octets;
+		nv.packets = segs;
+		nv.octets = p->octets;
 		nv.first_seen_ns = now;
 		nv.last_seen_ns = now;
-		nv.tcp_flags = p.tcp_flags;
-		nv.tos = p.tos;
-		nv.min_ttl = p.ttl;
-		nv.max_ttl = p.ttl;
-		long err = bpf_map_update_elem(page, &key, &nv, BPF_NOEXIST);
+		nv.tcp_flags = p->tcp_flags;
+		nv.tos = p->tos;
+		nv.min_ttl = p->ttl;
+		nv.max_ttl = p->ttl;
+		long err = bpf_map_update_elem(page, key, &nv, BPF_NOEXIST);
 		if (err == 0) {
 			st->flows_created++;
-			return XDP_PASS;
+			return;
 		}
 		if (err != -17 /* EEXIST: another CPU inserted the key first */)
 			goto lost;
-		v = bpf_map_lookup_elem(page, &key);
+		v = bpf_map_lookup_elem(page, key);
 		if (!v)
 			goto lost;
 	}
 	if (v->packets == 0) {
 		/* This CPU's slot of an entry another CPU created. */
 		v->first_seen_ns = now;
-		v->tos = p.tos;
-		v->min_ttl = p.ttl;
+		v->tos = p->tos;
+		v->min_ttl = p->ttl;
 	}
-	v->packets++;
-	v->octets += p.octets;
+	v->packets += segs;
+	v->octets += p->octets;
 	v->last_seen_ns = now;
-	v->tcp_flags |= p.tcp_flags;
-	if (p.ttl < v->min_ttl)
-		v->min_ttl = p.ttl;
-	if (p.ttl > v->max_ttl)
-		v->max_ttl = p.ttl;
-	return XDP_PASS;
+	v->tcp_flags |= p->tcp_flags;
+	if (p->ttl < v->min_ttl)
+		v->min_ttl = p->ttl;
+	if (p->ttl > v->max_ttl)
+		v->max_ttl = p->ttl;
+	return;
 
 lost:
-	st->insert_failures++;
-	st->insert_failure_octets += p.octets;
+	st->insert_failures += segs;
+	st->insert_failure_octets += p->octets;
+}
+
+/* Ingress: every frame the interface receives, before the stack sees it. */
+int xdpflow(struct xdp_md *ctx)
+{
+	struct run r;
+	if (!begin(&r))
+		return XDP_PASS;
+	r.st->frames++;
+
+	const void *data = (const void *)(long)ctx->data;
+	const void *data_end = (const void *)(long)ctx->data_end;
+	struct flow_key key = {};
+	struct parsed p = {};
+	int rc = parse(data, data_end, (__u32)(data_end - data), &key, &p);
+	if (rc != OK) {
+		not_metered(r.st, rc, 1);
+		return XDP_PASS;
+	}
+	meter(&r, &key, &p, ctx->ingress_ifindex, XDPFLOW_INGRESS, 1);
 	return XDP_PASS;
+}
+
+/* Egress: every skb the interface sends (locally built or forwarded). */
+int xdpflow_egress(struct __sk_buff *skb)
+{
+	struct run r;
+	if (!begin(&r))
+		return TC_ACT_UNSPEC_;
+	__u32 segs = 1;
+	if (skb->gso_size && skb->gso_segs > 1)
+		segs = skb->gso_segs;
+	r.st->frames += segs;
+
+	const void *data = (const void *)(long)skb->data;
+	const void *data_end = (const void *)(long)skb->data_end;
+	__u32 len = skb->len;
+	struct flow_key key = {};
+	struct parsed p = {};
+	int rc = parse(data, data_end, len, &key, &p);
+	__u32 linear = (__u32)(data_end - data);
+	if (rc == FAIL && linear < len && linear < XDPFLOW_TC_PULL) {
+		/* Maybe only the headers' place is the problem: make them linear, parse again. */
+		if (bpf_skb_pull_data(skb, len < XDPFLOW_TC_PULL ? len : XDPFLOW_TC_PULL) == 0) {
+			data = (const void *)(long)skb->data;
+			data_end = (const void *)(long)skb->data_end;
+			__builtin_memset(&key, 0, sizeof(key));
+			__builtin_memset(&p, 0, sizeof(p));
+			rc = parse(data, data_end, len, &key, &p);
+		}
+	}
+	if (rc != OK) {
+		not_metered(r.st, rc, segs);
+		return TC_ACT_UNSPEC_;
+	}
+	if (skb->vlan_present)
+		key.vlan_id = skb->vlan_tci & 0x0FFF;  /* the outer tag, not yet in the bytes */
+	meter(&r, &key, &p, skb->ifindex, XDPFLOW_EGRESS, segs);
+	return TC_ACT_UNSPEC_;
 }

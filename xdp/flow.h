@@ -1,6 +1,6 @@
 /* xdpflow: the one definition of the kernel/user-space layout.
  *
- * Shared by xdp/flow.c (the XDP program) and mirrored in exporter/layout.py
+ * Shared by xdp/flow.c (the XDP ingress and TC egress programs) and mirrored in exporter/layout.py
  * (numpy dtypes); tests/unit/test_layout.py compiles this header and checks
  * that both agree on every size and offset. Every field names the IPFIX
  * information element (IANA id) it feeds.
@@ -16,17 +16,29 @@
 /* Flow key. IPv4 addresses are stored IPv4-mapped (::ffff:a.b.c.d) so one key
  * serves both families; ip_version says which template the record uses.
  * Ports are in host byte order. For ICMP/ICMPv6 the source port is 0 and the
- * destination port holds type << 8 | code (as nfdump and others expect). */
+ * destination port holds type << 8 | code (as nfdump and others expect).
+ *
+ * direction says which hook metered the packet, and with it what ifindex is:
+ * 0, the XDP program on the interface the packet entered (ifindex feeds IE 10
+ * ingressInterface); 1, the TC egress program on the interface it left
+ * (ifindex feeds IE 14 egressInterface). A packet is counted at most once per
+ * direction (xdp/flow.c explains the rule for gateways), so the same 5-tuple
+ * seen both ways is two flows that differ in direction and ifindex. */
 struct flow_key {
 	__u8  src_addr[16];  /* IE 8 sourceIPv4Address / IE 27 sourceIPv6Address */
 	__u8  dst_addr[16];  /* IE 12 destinationIPv4Address / IE 28 destinationIPv6Address */
 	__u16 src_port;      /* IE 7 sourceTransportPort */
 	__u16 dst_port;      /* IE 11 destinationTransportPort; IE 32/139 icmpTypeCode */
-	__u32 ifindex;       /* IE 10 ingressInterface */
+	__u32 ifindex;       /* direction 0: IE 10 ingressInterface; 1: IE 14 egressInterface */
 	__u16 vlan_id;       /* IE 58 vlanId (outer tag, 0 when untagged) */
 	__u8  protocol;      /* IE 4 protocolIdentifier */
 	__u8  ip_version;    /* IE 60 ipVersion (4 or 6) */
-};                           /* 44 bytes */
+	__u8  direction;     /* IE 61 flowDirection: XDPFLOW_INGRESS (0) or XDPFLOW_EGRESS (1) */
+	__u8  pad[3];        /* always zero */
+};                           /* 48 bytes */
+
+#define XDPFLOW_INGRESS 0    /* metered by the XDP program (flow.c: xdpflow) */
+#define XDPFLOW_EGRESS  1    /* metered by the TC egress program (flow.c: xdpflow_egress) */
 
 /* Per-CPU flow value. Size is a multiple of 8 (bcc requires it for per-CPU
  * leaves). Timestamps come from bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC at
@@ -47,14 +59,18 @@ struct flow_value {
 	__u8  pad[3];        /* always zero */
 };                           /* 40 bytes */
 
-/* Per-CPU counters (one slot of a per-CPU array). The ground truth for loss
- * accounting: every frame the program sees lands in exactly one of packets
- * (metered), filtered, sampled_out, parse_failures or non_ip; every metered
- * packet is either in a flow map or in insert_failures. Filtered and sampled
- * out packets are selected out before metering: they are not "observed" in
- * the exporter's accounting (exported + ignored = observed = packets). */
+/* Per-CPU counters (one slot of a per-CPU array), shared by both programs:
+ * ingress and egress packets count in the same slots. The ground truth for
+ * loss accounting: every frame the programs see lands in exactly one of
+ * packets (metered), filtered, sampled_out, parse_failures or non_ip; every
+ * metered packet is either in a flow map or in insert_failures. Filtered and
+ * sampled out packets are selected out before metering: they are not
+ * "observed" in the exporter's accounting (exported + ignored = observed =
+ * packets). Counts are of frames on the wire: a GSO packet the egress program
+ * sees (one skb leaving as gso_segs frames) counts gso_segs times, its octets
+ * as the sum of the segments' IP total lengths (flow.c). */
 struct flow_stats {
-	__u64 frames;               /* every frame the program ran on */
+	__u64 frames;               /* every frame the programs ran on (GSO: each segment) */
 	__u64 packets;              /* IP packets metered (observed): IE 163-ish totals */
 	__u64 octets;               /* IP octets metered (sum of IP total length) */
 	__u64 flows_created;        /* successful inserts of a new key into a page */

@@ -12,6 +12,18 @@ so no attachment outlives xdpflow and a restart never finds a stale one. The
 kernel also refuses a link on an interface that already has an XDP program,
 so a program xdpflow did not attach is never touched. Use Datapath as a
 context manager so every exit path detaches.
+
+Egress (optional): `attach_egress()` loads the TC program of the same source
+(xdpflow_egress, sharing every map with the XDP program) on first use and
+attaches it at an interface's egress hook. Where the kernel has TCX (>= 6.6)
+that is a bpf_link too (BPF_LINK_CREATE, BPF_TCX_EGRESS), appended after the
+hook's other programs and gone with its fd, SIGKILL included. Older kernels
+get a clsact qdisc and a cls_bpf filter (pyroute2) instead: a filter is not
+tied to the process, so `detach_egress()` deletes it (and the clsact qdisc
+if xdpflow added it), and after a SIGKILL it stays until removed by hand:
+`tc filter del dev IF egress pref 49152` (EGRESS_TC_PREF), or
+`tc qdisc del dev IF clsact` when nothing else uses that qdisc. A restart
+refuses an interface that still carries such a filter, naming that command.
 """
 
 from __future__ import annotations
@@ -45,6 +57,15 @@ MODE_FLAGS = {"generic": XDP_FLAGS_SKB_MODE, "native": XDP_FLAGS_DRV_MODE}
 ATTACHED_NAMES: dict[int | str, str] = {1: "native", 2: "generic", 3: "offload", 4: "multi",
                                         "xdp": "native", "xdpdrv": "native", "xdpgeneric": "generic",
                                         "xdpoffload": "offload", "xdpmulti": "multi", "none": ""}
+
+EGRESS_PROG = "xdpflow_egress"      # the TC program in flow.c
+EGRESS_METHODS = ("auto", "tcx", "tc")
+EGRESS_TC_PREF = 49152               # cls_bpf filter priority of the clsact fallback (tc's "pref")
+EGRESS_TC_HANDLE = 1
+TC_H_CLSACT_EGRESS = 0xFFFFFFF3      # parent "ffff:fff3": the egress hook of the clsact qdisc
+TC_H_CLSACT_INGRESS = 0xFFFFFFF2
+ARPHRD_ETHER = 1
+ARPHRD_LOOPBACK = 772
 
 DEFAULT_MAX_ENTRIES = 500_000
 DEFAULT_MEMORY_BUDGET = 1 << 30
@@ -97,6 +118,16 @@ class Attachment:
     link_fd: int       # the bpf_link; closing it detaches
 
 
+@dataclass
+class EgressAttachment:
+    ifname: str
+    ifindex: int
+    method: str                  # "tcx" (bpf_link) or "tc" (clsact + cls_bpf filter)
+    link_fd: int = -1            # tcx: the bpf_link; closing it detaches
+    added_qdisc: bool = False    # tc: xdpflow added the clsact qdisc (and removes it on detach)
+    netns_fd: int = -1           # tc: the network namespace attached in (ifindex is only valid there)
+
+
 @dataclass(frozen=True)
 class RuleCount:
     """Packets and octets a filter rule decided, since load (rule "(no match)": no rule matched)."""
@@ -136,6 +167,8 @@ class Datapath:
     _retired: dict[str, int] = field(default_factory=dict)
     cpus: int = field(default_factory=possible_cpus)
     attachments: list[Attachment] = field(default_factory=list)
+    egress_prog_fd: int = -1        # the TC program, loaded by the first load_egress() / attach_egress()
+    egress_attachments: list[EgressAttachment] = field(default_factory=list)
     _fds: dict[str, int] = field(default_factory=dict)
     _page: int = 0
     _set: int = 0                   # rule set index the control slot names (when _config is on)
@@ -425,12 +458,111 @@ class Datapath:
     def detach_all(self) -> None:
         for att in list(self.attachments):
             self.detach(att)
+        for eg in list(self.egress_attachments):
+            self.detach_egress(eg)
+
+    # -- egress (TC) -----------------------------------------------------
+
+    def load_egress(self) -> int:
+        """Load the TC egress program (same maps as the XDP program) once; its fd."""
+        if self.egress_prog_fd >= 0:
+            return self.egress_prog_fd
+        if self.bpf is None:
+            raise LoaderError("load() the datapath before its egress program")
+        from bcc import BPF
+
+        try:
+            fn = self.bpf.load_func(EGRESS_PROG.encode(), BPF.SCHED_CLS)
+        except Exception as e:  # bcc raises bare Exception
+            raise LoaderError(f"could not load the egress program {EGRESS_PROG}: {e}") from None
+        self.egress_prog_fd = fn.fd
+        return self.egress_prog_fd
+
+    def attach_egress(self, ifname: str, method: str = "auto") -> EgressAttachment:
+        """Meter what `ifname` sends (direction 1, ifindex = `ifname`'s) with the TC program.
+
+        method "tcx": a TCX bpf_link (kernel >= 6.6); "tc": a clsact qdisc and
+        cls_bpf filter; "auto": TCX where the kernel has it, else tc. Other
+        programs at the hook keep running: the program is appended and always
+        returns TC_ACT_UNSPEC (no verdict of its own).
+        """
+        if method not in EGRESS_METHODS:
+            raise LoaderError(f"unknown egress method {method!r}: use auto, tcx or tc")
+        ifindex = _ifindex(ifname)
+        if any(e.ifindex == ifindex for e in self.egress_attachments):
+            raise LoaderError(f"{ifname} egress is already metered by this process")
+        kind = _link_type(ifindex)
+        if kind not in (ARPHRD_ETHER, ARPHRD_LOOPBACK):
+            raise LoaderError(f"{ifname} is not an Ethernet interface (link type {kind}): "
+                              "egress metering parses Ethernet frames")
+        prog_fd = self.load_egress()
+        att: EgressAttachment | None = None
+        if method in ("auto", "tcx"):
+            try:
+                att = EgressAttachment(ifname, ifindex, "tcx",
+                                       link_fd=bpfsys.tcx_link_create(prog_fd, ifindex, bpfsys.BPF_TCX_EGRESS))
+            except OSError as e:
+                if e.errno == errno.EPERM:
+                    raise LoaderError("attaching at egress needs root or CAP_NET_ADMIN + CAP_BPF") from None
+                # EINVAL: a kernel before TCX (6.6) does not know the attach type.
+                if method == "tcx" or e.errno != errno.EINVAL:
+                    raise LoaderError(f"could not attach to {ifname} egress with TCX: "
+                                      f"{os.strerror(e.errno or 0)}") from None
+                log.debug("no TCX in this kernel, using clsact + cls_bpf", interface=ifname)
+        if att is None:
+            att = self._attach_egress_tc(ifname, ifindex, prog_fd)
+            att.netns_fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        self.egress_attachments.append(att)
+        log.debug("attached at egress", interface=ifname, ifindex=ifindex, method=att.method)
+        return att
+
+    def _attach_egress_tc(self, ifname: str, ifindex: int, prog_fd: int) -> EgressAttachment:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        with _ipr() as ipr:
+            added = False
+            try:
+                ipr.tc("add", "clsact", index=ifindex)
+                added = True
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise LoaderError(f"could not add a clsact qdisc to {ifname}: {os.strerror(e.code)}") from None
+            if not added and _tc_egress_filter(ipr, ifindex):
+                raise LoaderError(
+                    f"{ifname} egress already has a filter at pref {EGRESS_TC_PREF} (a previous xdpflow that did "
+                    f"not exit cleanly?): remove it with `tc filter del dev {ifname} egress pref {EGRESS_TC_PREF}`")
+            try:
+                ipr.tc("add-filter", "bpf", index=ifindex, handle=EGRESS_TC_HANDLE, fd=prog_fd, name=EGRESS_PROG,
+                       parent=TC_H_CLSACT_EGRESS, prio=EGRESS_TC_PREF, direct_action=True)
+            except NetlinkError as e:
+                if added:
+                    _del_clsact(ipr, ifindex)
+                raise LoaderError(f"could not add the egress filter to {ifname}: {os.strerror(e.code)}") from None
+        return EgressAttachment(ifname, ifindex, "tc", added_qdisc=added)
+
+    def detach_egress(self, att: EgressAttachment) -> None:
+        if att.method == "tcx":
+            try:
+                os.close(att.link_fd)
+            except OSError as e:
+                log.debug("egress detach skipped", interface=att.ifname, reason=str(e))
+        else:
+            try:
+                with _netns(att.netns_fd):
+                    _detach_egress_tc(att)
+            finally:
+                if att.netns_fd >= 0:
+                    os.close(att.netns_fd)
+                    att.netns_fd = -1
+        if att in self.egress_attachments:
+            self.egress_attachments.remove(att)
 
     def close(self) -> None:
         self.detach_all()
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+            self.egress_prog_fd = -1
 
     def __enter__(self) -> Datapath:
         return self
@@ -491,6 +623,75 @@ def _ifindex(ifname: str) -> int:
         return socket.if_nametoindex(ifname)
     except OSError:
         raise LoaderError(f"no interface named {ifname}") from None
+
+
+def _link_type(ifindex: int) -> int:
+    """ARPHRD_* type of an interface of this network namespace (1: Ethernet), over netlink."""
+    with _ipr() as ipr:
+        links = ipr.link("get", index=ifindex)
+    return int(links[0]["ifi_type"]) if links else ARPHRD_ETHER
+
+
+def _tc_egress_filter(ipr: Any, ifindex: int) -> bool:
+    """Whether the clsact egress hook of `ifindex` has a filter at EGRESS_TC_PREF."""
+    for msg in ipr.get_filters(index=ifindex, parent=TC_H_CLSACT_EGRESS):
+        if (msg["info"] >> 16) == EGRESS_TC_PREF:
+            return True
+    return False
+
+
+def _del_clsact(ipr: Any, ifindex: int) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    try:
+        ipr.tc("del", "clsact", index=ifindex)
+    except NetlinkError as e:
+        log.debug("clsact qdisc not removed", ifindex=ifindex, reason=os.strerror(e.code))
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"setns: {os.strerror(e)}")
+
+
+@contextmanager
+def _netns(fd: int) -> Iterator[None]:
+    """The calling thread in the network namespace of `fd` (an open nsfs file) for the body; -1: stay."""
+    if fd < 0 or os.fstat(fd).st_ino == os.stat("/proc/thread-self/ns/net").st_ino:
+        yield
+        return
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(fd)
+        try:
+            yield
+        finally:
+            _setns(home)
+    finally:
+        os.close(home)
+
+
+def _detach_egress_tc(att: EgressAttachment) -> None:
+    """Delete the cls_bpf filter; and the clsact qdisc when xdpflow added it and it holds nothing else."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with _ipr() as ipr:
+        try:
+            ipr.tc("del-filter", "bpf", index=att.ifindex, handle=EGRESS_TC_HANDLE, parent=TC_H_CLSACT_EGRESS,
+                   prio=EGRESS_TC_PREF)
+        except NetlinkError as e:  # ENODEV: the interface is gone, and its qdisc with it
+            log.debug("egress filter not removed", interface=att.ifname, reason=os.strerror(e.code))
+            return
+        if att.added_qdisc:
+            others = [m for parent in (TC_H_CLSACT_EGRESS, TC_H_CLSACT_INGRESS)
+                      for m in ipr.get_filters(index=att.ifindex, parent=parent)]
+            if not others:
+                _del_clsact(ipr, att.ifindex)
 
 
 def _attached_mode(ipr: Any, ifindex: int) -> str | None:

@@ -2,9 +2,12 @@
 
 Written from the rules, not from the C: the differential fuzz test
 (tests/kernel/test_parser.py) runs both on the same frames and holds them
-equal. The input is the bytes the XDP program can read (data .. data_end)
-and the ingress ifindex; the output is a Verdict (parse failure, not IP) or a
-Metered packet: the flow key plus what the packet adds to the flow value.
+equal. The input is the bytes the program can read (data .. data_end), the
+interface's ifindex and the direction (0: the XDP ingress program, 1: the TC
+egress program; both parse alike); the output is a Verdict (parse failure, not
+IP) or a Metered packet: the flow key plus what the packet adds to the flow
+value. (At egress a GSO skb stands for several packets and a VLAN tag may sit
+in the skb's metadata: flow.c's header comment; neither is modelled here.)
 
 The rules, restated:
 - Ethernet needs 14 bytes. Up to VLAN_MAX_DEPTH tags of 0x8100 or 0x88a8, 4
@@ -26,6 +29,7 @@ The rules, restated:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
 from dataclasses import dataclass
@@ -49,7 +53,9 @@ IPPROTO_SCTP = 132
 
 IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
-_KEY_STRUCT = struct.Struct("<16s16sHHIHBB")  # struct flow_key, host (little-endian) order
+_KEY_STRUCT = struct.Struct("<16s16sHHIHBBB3x")  # struct flow_key, host (little-endian) order
+INGRESS = 0   # flow_key.direction: XDPFLOW_INGRESS / XDPFLOW_EGRESS in xdp/flow.h
+EGRESS = 1
 KEY_SIZE = _KEY_STRUCT.size
 
 
@@ -68,11 +74,12 @@ class FlowKey:
     vlan_id: int
     protocol: int
     ip_version: int
+    direction: int = INGRESS
 
     def pack(self) -> bytes:
-        """The 44 bytes of struct flow_key as the kernel stores it (little-endian host)."""
+        """The 48 bytes of struct flow_key as the kernel stores it (little-endian host, pad zero)."""
         return _KEY_STRUCT.pack(self.src_addr, self.dst_addr, self.src_port, self.dst_port, self.ifindex,
-                                self.vlan_id, self.protocol, self.ip_version)
+                                self.vlan_id, self.protocol, self.ip_version, self.direction)
 
     @classmethod
     def unpack(cls, raw: bytes) -> FlowKey:
@@ -82,15 +89,17 @@ class FlowKey:
     def from_record(cls, rec: Any) -> FlowKey:
         """From a numpy record with FLOW_KEY's field names (a FLOW_KEY or FLOW_RECORD row)."""
         return cls(bytes(rec["src_addr"]), bytes(rec["dst_addr"]), int(rec["src_port"]), int(rec["dst_port"]),
-                   int(rec["ifindex"]), int(rec["vlan_id"]), int(rec["protocol"]), int(rec["ip_version"]))
+                   int(rec["ifindex"]), int(rec["vlan_id"]), int(rec["protocol"]), int(rec["ip_version"]),
+                   int(rec["direction"]))
 
     def __str__(self) -> str:
         def addr(a: bytes) -> str:
             if self.ip_version == 4 and a[:12] == IPV4_MAPPED_PREFIX:
                 return ".".join(str(b) for b in a[12:])
             return a.hex()
+        way = "in" if self.direction == INGRESS else "out" if self.direction == EGRESS else f"dir {self.direction}"
         return (f"v{self.ip_version} proto {self.protocol} {addr(self.src_addr)}:{self.src_port} -> "
-                f"{addr(self.dst_addr)}:{self.dst_port} if {self.ifindex} vlan {self.vlan_id}")
+                f"{addr(self.dst_addr)}:{self.dst_port} {way} if {self.ifindex} vlan {self.vlan_id}")
 
 
 @dataclass(frozen=True)
@@ -111,8 +120,16 @@ def _u16(b: bytes, off: int) -> int:
     return (b[off] << 8) | b[off + 1]
 
 
-def parse(frame: bytes, ifindex: int = 1) -> Result:
-    """Apply the rules to the bytes the program sees; `ifindex` is ingress_ifindex."""
+def parse(frame: bytes, ifindex: int = 1, direction: int = INGRESS) -> Result:
+    """Apply the rules to the bytes the program sees; `ifindex`: the interface it ran on
+    (XDP: ingress_ifindex; TC egress: the skb's device), `direction`: which program."""
+    result = _parse(frame, ifindex)
+    if direction != INGRESS and isinstance(result, Metered):
+        return dataclasses.replace(result, key=dataclasses.replace(result.key, direction=direction))
+    return result
+
+
+def _parse(frame: bytes, ifindex: int) -> Result:
     if len(frame) < ETH_HLEN:
         return Verdict.PARSE_FAILURE
     ethertype = _u16(frame, 12)

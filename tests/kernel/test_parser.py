@@ -14,6 +14,11 @@ Frames longer than one page are delivered by PROG_TEST_RUN as multi-buffer
 XDP: the program only sees the linear part (measured at start-up, 3520 bytes
 with 4 KiB pages on x86_64). The reference is given exactly that view.
 
+The harness runs the TC egress program (xdpflow_egress, direction 1) the same
+way with `run(batch, direction=EGRESS)`: a sched_cls test run puts the whole
+frame in the skb's linear part, and refuses frames over one page less the
+skb's head- and tailroom (`egress_max`, measured on first use).
+
 Fuzz example counts: XDPFLOW_FUZZ_EXAMPLES (default 150 per fuzz test).
 """
 
@@ -33,6 +38,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from exporter.drain import Pages
+from exporter.layout import FLOW_KEY
 from exporter.merge import merge
 from tests.kernel import frames as fr
 from tests.kernel import refparser as ref
@@ -43,6 +49,7 @@ from xdp.loader import Datapath
 pytestmark = pytest.mark.kernel
 
 XDP_PASS = 2
+TC_ACT_UNSPEC = 0xFFFFFFFF  # -1 as the test run's u32 retval: the egress program's only verdict
 LOOPBACK_IFINDEX = 1  # PROG_TEST_RUN without a context: the frame arrives on lo
 MAX_ENTRIES = 4096
 FLOW_H = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "xdp", "flow.h")
@@ -88,6 +95,7 @@ class Harness:
     cpu: int = 0
     allowed: tuple[int, ...] = ()
     linear_max: int = 0
+    egress_max: int = 0      # largest frame a sched_cls test run takes (0: not measured yet)
     last_values: npt.NDArray[np.void] | None = None  # (flows, cpus) FLOW_VALUE of the last drain
     drained_packets: int = 0
     drained_octets: int = 0
@@ -97,9 +105,31 @@ class Harness:
         s = self.dp.read_stats()
         return {name: int(s[name]) for name in COUNTERS}
 
-    def view(self, frame: bytes) -> bytes:
+    def view(self, frame: bytes, direction: int = ref.INGRESS) -> bytes:
         """The bytes the program can read (data .. data_end) for this frame under PROG_TEST_RUN."""
+        if direction == ref.EGRESS:
+            return frame
         return frame[: self.linear_max] if self.linear_max else frame
+
+    def program(self, direction: int = ref.INGRESS) -> tuple[int, int]:
+        """(program fd, the verdict it must return) of the program metering `direction`."""
+        if direction == ref.EGRESS:
+            if not self.egress_max:
+                self.egress_max = _probe_egress_max(self)
+            return self.dp.load_egress(), TC_ACT_UNSPEC
+        return self.dp.prog_fd, XDP_PASS
+
+    def refused(self, frame: bytes, direction: int = ref.INGRESS) -> bool:
+        """The kernel refuses to run a program on this frame: less than an Ethernet header; at egress
+        also more than a sched_cls test run takes, or an untagged IPv4 / IPv6 ethertype followed by
+        less than a minimal IP header (20 / 40 bytes; the test run reads the addresses)."""
+        if len(frame) < ref.ETH_HLEN:
+            return True
+        if direction != ref.EGRESS:
+            return False
+        ethertype, l3 = int.from_bytes(frame[12:14], "big"), len(frame) - ref.ETH_HLEN
+        return (len(frame) > self.egress_max or (ethertype == ref.ETH_P_IP and l3 < 20)
+                or (ethertype == ref.ETH_P_IPV6 and l3 < 40))
 
     def drain(self) -> tuple[dict[FlowKey, dict[str, int]], list[tuple[int, int]]]:
         """Flip, drain the page just written; (merged flows by key, per-entry (first, last) ns)."""
@@ -131,19 +161,23 @@ class Harness:
             self.drain()
             self.drain()
 
-    def run(self, batch: Sequence[bytes], cpus: Sequence[int] | None = None) -> list[ref.Result]:
+    def run(self, batch: Sequence[bytes], cpus: Sequence[int] | None = None,
+            direction: int = ref.INGRESS) -> list[ref.Result]:
         """Run every frame once, check it, then drain and check the flows; return the reference results.
 
         `cpus`: run frame i on CPU cpus[i] (default: all on the pinned CPU). Across CPUs the merged ToS
         is that of the slot with the earliest first-seen time, which the coarse clock often ties (merge
         then takes the highest): the merged ToS is not compared then; callers check the slots themselves.
+        `direction`: the XDP program (INGRESS) or the TC egress program (EGRESS). A frame the kernel
+        refuses to run (see `refused`) must move no counter; its reference result is still returned.
         """
         try:
-            return self._run(batch, cpus)
+            return self._run(batch, cpus, direction)
         finally:
             os.sched_setaffinity(0, {self.cpu})
 
-    def _run(self, batch: Sequence[bytes], cpus: Sequence[int] | None) -> list[ref.Result]:
+    def _run(self, batch: Sequence[bytes], cpus: Sequence[int] | None, direction: int) -> list[ref.Result]:
+        prog_fd, verdict = self.program(direction)
         self.clean()
         self.dirty = True
         results: list[ref.Result] = []
@@ -153,19 +187,19 @@ class Harness:
         for i, frame in enumerate(batch):
             if cpus is not None:
                 os.sched_setaffinity(0, {cpus[i]})
-            want = ref.parse(self.view(frame), LOOPBACK_IFINDEX)
+            want = ref.parse(self.view(frame, direction), LOOPBACK_IFINDEX, direction)
             results.append(want)
             where = f"frame {i}: {_show(frame)}; reference: {want}"
-            if len(frame) < ref.ETH_HLEN:
-                # The kernel refuses to run a program on less than an Ethernet header.
+            if self.refused(frame, direction):
                 with pytest.raises(bpfsys.BpfError) as exc:
-                    bpfsys.prog_test_run(self.dp.prog_fd, frame)
+                    bpfsys.prog_test_run(prog_fd, frame)
                 assert exc.value.errno == errno.EINVAL, where
-                assert want is Verdict.PARSE_FAILURE, where
+                oversized = direction == ref.EGRESS and len(frame) > self.egress_max
+                assert oversized or want is Verdict.PARSE_FAILURE, where
                 assert self.stats() == before, where
                 continue
-            r = bpfsys.prog_test_run(self.dp.prog_fd, frame)
-            assert r.retval == XDP_PASS, f"retval {r.retval}; {where}"
+            r = bpfsys.prog_test_run(prog_fd, frame)
+            assert r.retval == verdict, f"retval {r.retval:#x}; {where}"
             assert r.data_out == frame, f"frame modified; {where}"
             after = self.stats()
             delta = {name: after[name] - before[name] for name in COUNTERS}
@@ -243,6 +277,31 @@ def _probe_linear_max(h: Harness) -> int:
     return lo
 
 
+def _probe_egress_max(h: Harness) -> int:
+    """Largest frame a sched_cls test run accepts (the skb's head must fit one page with its tailroom)."""
+
+    def runs(n: int) -> bool:
+        h.dirty = True
+        frame = fr.ethernet(fr.ETH_P_IP, fr.ipv4(fr.PROTO_UDP, fr.udp(9, 9, bytes(n - 14 - 28))))
+        try:
+            bpfsys.prog_test_run(h.dp.load_egress(), frame)
+        except bpfsys.BpfError as e:
+            assert e.errno == errno.EINVAL, e
+            return False
+        return True
+
+    lo, hi = 128, 65535
+    assert runs(lo)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if runs(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    h.clean()
+    return lo
+
+
 @pytest.fixture(scope="module")
 def harness() -> Iterator[Harness]:
     if os.geteuid() != 0:
@@ -270,6 +329,8 @@ def test_reference_limits_match_flow_h() -> None:
     defines = dict(re.findall(r"#define\s+(XDPFLOW_\w+)\s+(\d+)", text))
     assert int(defines["XDPFLOW_VLAN_MAX_DEPTH"]) == ref.VLAN_MAX_DEPTH
     assert int(defines["XDPFLOW_IPV6_MAX_EXT"]) == ref.IPV6_MAX_EXT
+    assert (int(defines["XDPFLOW_INGRESS"]), int(defines["XDPFLOW_EGRESS"])) == (ref.INGRESS, ref.EGRESS)
+    assert ref.KEY_SIZE == FLOW_KEY.itemsize
 
 
 # -- a hand-checked catalogue ----------------------------------------------------------

@@ -9,6 +9,7 @@ struct with no implicit hole (so no C field is missing from the dtype).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter.layout import FLOW_VALUE, STRUCTS
+from exporter.layout import EGRESS, FLOW_VALUE, INGRESS, STRUCTS
 
 ROOT = Path(__file__).resolve().parents[2]
 XDP_DIR = ROOT / "xdp"
@@ -105,6 +106,13 @@ def test_multibyte_fields_are_host_order(struct_name: str) -> None:
     for name in dtype.names or ():
         base = dtype.fields[name][0].base
         assert base.itemsize == 1 or base.isnative, f"{struct_name}.{name} is {base.str}, not native order"
+
+
+def test_direction_values_match_flow_h() -> None:
+    """flow_key.direction: the header's XDPFLOW_INGRESS / XDPFLOW_EGRESS are layout.INGRESS / EGRESS."""
+    text = (XDP_DIR / "flow.h").read_text(encoding="ascii")
+    defines = dict(re.findall(r"#define\s+(XDPFLOW_\w+)\s+(\d+)", text))
+    assert (int(defines["XDPFLOW_INGRESS"]), int(defines["XDPFLOW_EGRESS"])) == (INGRESS, EGRESS) == (0, 1)
 
 
 def test_dtypes_are_plain_structs() -> None:
