@@ -36,7 +36,8 @@ soak: setup
 	$(PY) -m tools.soak --minutes 10
 
 fuzz: setup
-	XDPFLOW_FUZZ_EXAMPLES=20000 $(PY) -m pytest tests/kernel/test_parser.py tests/unit/test_collector_decoder.py \
+	XDPFLOW_FUZZ_EXAMPLES=20000 $(PY) -m pytest tests/kernel/test_parser.py tests/kernel/test_capture_replay.py \
+		tests/unit/test_collector_decoder.py tests/unit/test_biflow.py \
 		tests/unit/test_config_fuzz.py $(PYTEST_ARGS)
 
 clean:
