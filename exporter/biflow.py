@@ -96,6 +96,7 @@ def _fold_biflow(cur: Records, scan: Records) -> None:
     cur["fwd_ifindex"][no_fwd] = scan["fwd_ifindex"][no_fwd]
     cur["fwd_direction"][no_fwd] = scan["fwd_direction"][no_fwd]
     cur["rev_ifindex"][no_rev] = scan["rev_ifindex"][no_rev]
+    cur["rev_direction"][no_rev] = scan["rev_direction"][no_rev]
     cur["biflow_direction"][answered] = BIFLOW_INITIATOR
 
 
@@ -246,6 +247,7 @@ class BiflowTable(FlowTable):
         rows["rev_ifindex"][reverse] = u["ifindex"][reverse]
         if _HAS_DIRECTION:
             rows["fwd_direction"][fwd] = u["direction"][fwd]
+            rows["rev_direction"][reverse] = u["direction"][reverse]
         rows["biflow_direction"] = initiator
         self.paired += int(np.count_nonzero(reverse))
         return rows

@@ -296,6 +296,10 @@ class Config:
     sampling: int = _key(1, _int_range(1, 0xFFFFFFFF),
                          "meter 1 packet in N, chosen at random in the kernel; counters are not scaled, "
                          "collectors scale by samplingInterval", KERNEL, metavar="N")
+    egress: bool = _key(False, _boolean,
+                        "also meter what the interfaces send, with a TC egress program (flowDirection 1, "
+                        "egressInterface); a forwarded packet then counts once per direction", KERNEL,
+                        metavar="true|false")
     biflow: bool = _key(False, _boolean,
                         "one record per conversation (RFC 5103): both directions, the initiator first, reverse "
                         "counters as enterprise 29305 elements", EXPORT, metavar="true|false")

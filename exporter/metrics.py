@@ -76,6 +76,7 @@ class _KernelView(Collector):
     read: Callable[[], dict[str, int]]
     fill: Callable[[], float]
     modes: Callable[[], dict[str, str]]
+    egress: Callable[[], dict[str, str]] = dict
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         stats = self.read()
@@ -92,6 +93,12 @@ class _KernelView(Collector):
         for ifname, mode in self.modes().items():
             m.add_metric([ifname, mode], 1)
         yield m
+        e = GaugeMetricFamily("xdpflow_egress_attached",
+                              "1 per interface metered at egress (--egress), labelled tcx (bpf_link) or tc (clsact)",
+                              labels=["interface", "method"])
+        for ifname, method in self.egress().items():
+            e.add_metric([ifname, method], 1)
+        yield e
 
     def describe(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
         return []
@@ -141,6 +148,9 @@ class Metrics:
         self.queue_depth = Gauge("xdpflow_queue_depth", "Messages waiting for a collector", ["collector"],
                                  registry=r)
         self.active_flows = Gauge("xdpflow_active_flows", "Flows held in the user-space flow table", registry=r)
+        self.biflow_reverse = Counter("xdpflow_biflow_reverse_uniflows",
+                                      "Uniflows folded in as the reverse side of a conversation (--biflow)",
+                                      registry=r)
         self.scan_seconds = Histogram("xdpflow_scan_seconds", "Duration of one scan (drain to send)", registry=r,
                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self._sent: dict[str, tuple[int, int, int]] = {}
@@ -156,8 +166,8 @@ class Metrics:
                                             "whole machine; deferred, not lost)", ["cpu"], registry=r)
 
     def watch_kernel(self, read: Callable[[], dict[str, int]], fill: Callable[[], float],
-                     modes: Callable[[], dict[str, str]]) -> None:
-        self.registry.register(_KernelView(read, fill, modes))
+                     modes: Callable[[], dict[str, str]], egress: Callable[[], dict[str, str]] = dict) -> None:
+        self.registry.register(_KernelView(read, fill, modes, egress))
 
     def watch_selection(self, rules: Callable[[], Sequence[RuleCounter]], sampling: Callable[[], int]) -> None:
         self.registry.register(_SelectionView(rules, sampling))

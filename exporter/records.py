@@ -13,6 +13,10 @@ import numpy.typing as npt
 
 from exporter.layout import FLOW_KEY
 
+# flowDirection (IE 61): the hook that metered a flow (flow.h XDPFLOW_INGRESS / XDPFLOW_EGRESS)
+INGRESS = 0
+EGRESS = 1
+
 # flowEndReason (IE 136)
 END_IDLE = 1
 END_ACTIVE = 2
@@ -50,9 +54,10 @@ DIRECTION_FIELDS = ("packets", "octets", "first_ms", "last_ms", "tcp_flags", "to
 # the reverse direction's values, exported as the RFC 5103 reverse elements (enterprise 29305).
 BIFLOW_RECORD = np.dtype([
     *FLOW_KEY.descr,
-    ("fwd_ifindex", "<u4"),   # IE 10 ingressInterface: where the forward direction was metered
-    ("rev_ifindex", "<u4"),   # 29305/10 reverseIngressInterface
-    ("fwd_direction", "u1"),  # IE 61 flowDirection of the forward direction
+    ("fwd_ifindex", "<u4"),   # IE 10 ingressInterface / 14 egressInterface: where the forward side was metered
+    ("rev_ifindex", "<u4"),   # 29305/10 reverseIngressInterface / 29305/14 reverseEgressInterface
+    ("fwd_direction", "u1"),  # IE 61 flowDirection: the hook that metered the forward side
+    ("rev_direction", "u1"),  # ... and the reverse side
     *[(n, _FORMATS[n]) for n in (*DIRECTION_FIELDS, "end_reason")],
     *[(f"r_{n}", _FORMATS[n]) for n in DIRECTION_FIELDS],
     ("biflow_direction", "u1"),  # IE 239 biflowDirection
@@ -96,7 +101,8 @@ def to_ipfix_dict(rec: np.void) -> dict[str, int | str]:
         "sourceTransportPort": int(rec["src_port"]),
         "destinationTransportPort": int(rec["dst_port"]),
         "protocolIdentifier": int(rec["protocol"]),
-        "ingressInterface": int(rec["ifindex"]),
+        "ingressInterface" if int(rec["direction"]) == INGRESS else "egressInterface": int(rec["ifindex"]),
+        "flowDirection": int(rec["direction"]),
         "vlanId": int(rec["vlan_id"]),
         "ipClassOfService": int(rec["tos"]),
         "tcpControlBits": int(rec["tcp_flags"]),

@@ -39,7 +39,8 @@ log = structlog.get_logger("xdpflow.service")
 CAPACITY_WARNING_INTERVAL = 60.0
 # Sized or bound at start: the kernel maps, their budget, the metrics socket, the XDP mode.
 # biflow: the flow table holds another kind of record.
-RESTART_ONLY = ("max_entries", "max_kernel_memory", "metrics", "mode", "biflow")
+# egress: it decides how biflows pair (exporter/biflow.py).
+RESTART_ONLY = ("max_entries", "max_kernel_memory", "metrics", "mode", "biflow", "egress")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ class RunConfig:
     filters: tuple[str, ...] = ()  # filter rules (xdp/filters.py), first match wins
     sampling: int = 1              # meter 1 packet in N (random, in the kernel); counters not scaled
     biflow: bool = False           # RFC 5103 records: both directions of a conversation in one
+    egress: bool = False           # also meter what the interfaces send (TC egress program)
     observation_domain: int = 0
     mtu: int = 1400
     template_refresh: float = 60.0
@@ -131,6 +133,7 @@ class Exporter:
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _links_changed: asyncio.Event = field(default_factory=asyncio.Event)
     _last_stats: dict[str, int] = field(default_factory=dict)
+    _paired_reported: int = 0
     kstats: KernelStats = field(default_factory=KernelStats)  # the kernel's own drop counters, beside ours
     _drop_warning: DropWarning = field(default_factory=DropWarning)
 
@@ -158,6 +161,8 @@ class Exporter:
             for ifname in self.cfg.interfaces:
                 if not is_glob(ifname):
                     dp.attach(ifname, self.cfg.mode)
+                    if self.cfg.egress:
+                        dp.attach_egress(ifname)
             self._reconcile()
         except BaseException:
             dp.close()
@@ -171,6 +176,9 @@ class Exporter:
             return
         with self._attach_lock:
             links = present()
+            for eg in list(dp.egress_attachments):
+                if links.get(eg.ifname) != eg.ifindex or not matching(self.cfg.interfaces, {eg.ifname: 0}):
+                    dp.detach_egress(eg)
             for att in list(dp.attachments):
                 if links.get(att.ifname) != att.ifindex or not matching(self.cfg.interfaces, {att.ifname: 0}):
                     dp.detach(att)
@@ -185,8 +193,24 @@ class Exporter:
                     continue
                 if self.datapath is not None and self.pages is not None:
                     log.info("interface attached", interface=ifname, mode=att.mode, ifindex=att.ifindex)
+            if self.cfg.egress:
+                self._attach_egress(dp, links)
             self.kstats.sync({a.ifname: a.ifindex for a in dp.attachments})
             self._refresh_iface_rules(links)
+
+    def _attach_egress(self, dp: Datapath, links: dict[str, int]) -> None:
+        """Egress on every interface XDP meters (so one that came back gets both hooks again)."""
+        held = {e.ifname for e in dp.egress_attachments}
+        for att in list(dp.attachments):
+            if att.ifname in held or links.get(att.ifname) != att.ifindex:
+                continue
+            try:
+                eg = dp.attach_egress(att.ifname)
+            except LoaderError as e:
+                log.warning("interface egress not attached", interface=att.ifname, error=str(e))
+                continue
+            if self.pages is not None:
+                log.info("interface egress attached", interface=att.ifname, method=eg.method, ifindex=eg.ifindex)
 
     def _refresh_iface_rules(self, links: dict[str, int]) -> None:
         """Filter rules name interfaces: when one comes, goes or changes index, rebuild the rule set."""
@@ -262,6 +286,9 @@ class Exporter:
             m.records_exported.inc(len(res.expired))
             m.ignored_packets.inc(max(0, res.ignored_packets))
             m.active_flows.set(len(self.table) if self.table is not None else 0)
+            if isinstance(self.table, BiflowTable):
+                m.biflow_reverse.inc(self.table.paired - self._paired_reported)
+                self._paired_reported = self.table.paired
             m.kernel_deltas(kernel)
             for ex in self.exports:
                 st = ex.sender.stats
@@ -281,7 +308,8 @@ class Exporter:
         host, port = parse_listen(listen)
         self.metrics = Metrics()
         self.metrics.watch_kernel(dp.read_stats, lambda: self._fill,
-                                  lambda: {a.ifname: a.mode for a in dp.attachments})
+                                  lambda: {a.ifname: a.mode for a in dp.attachments},
+                                  lambda: {e.ifname: e.method for e in dp.egress_attachments})
         self.metrics.watch_selection(dp.rule_counters, lambda: dp.sampling)
         try:
             self.metrics.serve(host, port)
@@ -387,7 +415,7 @@ class Exporter:
         # Twice the kernel's table: a scan's flows plus those still held from earlier scans.
         capacity = max(2 * cfg.max_entries, 1)
         if cfg.biflow:
-            return BiflowTable(cfg.active_timeout, cfg.idle_timeout, capacity)
+            return BiflowTable(cfg.active_timeout, cfg.idle_timeout, capacity, per_interface=cfg.egress)
         return FlowTable(active_timeout_s=cfg.active_timeout, idle_timeout_s=cfg.idle_timeout, capacity=capacity)
 
     async def _open_export(self, cfg: RunConfig, ep: Endpoint) -> Export:
@@ -430,7 +458,8 @@ class Exporter:
                      collectors=[str(e.sender.endpoint) for e in self.exports],
                      scan_interval=self.cfg.scan_interval, active_timeout=self.cfg.active_timeout,
                      idle_timeout=self.cfg.idle_timeout, observation_domain=self.cfg.observation_domain,
-                     filters=list(self.cfg.filters), sampling=self.cfg.sampling, biflow=self.cfg.biflow)
+                     filters=list(self.cfg.filters), sampling=self.cfg.sampling, biflow=self.cfg.biflow,
+                     egress={e.ifname: e.method for e in self.datapath.egress_attachments})
             next_scan = time.monotonic() + self.cfg.scan_interval
             while not self.stop.is_set():
                 try:

@@ -59,7 +59,7 @@ import numpy.typing as npt
 
 from exporter.ipfix.options import ExporterState, OptionsEncoder, RecordGroup
 from exporter.ipfix.templates import BIFLOW_V4, BIFLOW_V6, FLOW_V4, FLOW_V6, Template, template_sets
-from exporter.records import BIFLOW_RECORD, FLOW_RECORD, Records
+from exporter.records import BIFLOW_RECORD, EGRESS, FLOW_RECORD, INGRESS, Records
 
 IPFIX_VERSION = 10
 MESSAGE_HEADER = struct.Struct("!HHIII")
@@ -84,6 +84,11 @@ def _field(name: str) -> Column:
     return lambda recs: recs[name]
 
 
+def _on_hook(ifindex: str, direction: str, hook: int) -> Column:
+    # One interface field per hook: the one that metered the flow carries the ifindex, the other 0.
+    return lambda recs: np.where(recs[direction] == hook, recs[ifindex], np.uint32(0))
+
+
 def _ipv4(name: str) -> Column:
     # FLOW_RECORD stores IPv4 IPv4-mapped (::ffff:a.b.c.d); the address is the last 4 bytes.
     return lambda recs: recs[name][:, 12:16]
@@ -98,7 +103,9 @@ FLOW_COLUMNS: dict[str, Column] = {
     "sourceTransportPort": _field("src_port"),
     "destinationTransportPort": _field("dst_port"),
     "protocolIdentifier": _field("protocol"),
-    "ingressInterface": _field("ifindex"),
+    "ingressInterface": _on_hook("ifindex", "direction", INGRESS),
+    "egressInterface": _on_hook("ifindex", "direction", EGRESS),
+    "flowDirection": _field("direction"),
     "vlanId": _field("vlan_id"),
     "ipClassOfService": _field("tos"),
     "tcpControlBits": _field("tcp_flags"),
@@ -117,8 +124,11 @@ FLOW_COLUMNS: dict[str, Column] = {
 # A BIFLOW_RECORD names its forward half as FLOW_RECORD does; the reverse half has the RFC 5103 elements.
 BIFLOW_COLUMNS: dict[str, Column] = {
     **FLOW_COLUMNS,
-    "ingressInterface": _field("fwd_ifindex"),
-    "reverseIngressInterface": _field("rev_ifindex"),
+    "ingressInterface": _on_hook("fwd_ifindex", "fwd_direction", INGRESS),
+    "egressInterface": _on_hook("fwd_ifindex", "fwd_direction", EGRESS),
+    "flowDirection": _field("fwd_direction"),
+    "reverseIngressInterface": _on_hook("rev_ifindex", "rev_direction", INGRESS),
+    "reverseEgressInterface": _on_hook("rev_ifindex", "rev_direction", EGRESS),
     "reversePacketDeltaCount": _field("r_packets"),
     "reverseOctetDeltaCount": _field("r_octets"),
     "reverseFlowStartMilliseconds": _field("r_first_ms"),

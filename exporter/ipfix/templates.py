@@ -177,15 +177,19 @@ def template_sets(templates: Sequence[Template]) -> bytes:
 
 
 # RFC 5103 biflows: the uniflow fields (the forward direction), then the reverse direction's values.
-REVERSE_FIELDS = ("reverseIngressInterface", "reversePacketDeltaCount", "reverseOctetDeltaCount",
-                  "reverseFlowStartMilliseconds", "reverseFlowEndMilliseconds", "reverseTcpControlBits",
+REVERSE_FIELDS = ("reverseIngressInterface", "reverseEgressInterface", "reversePacketDeltaCount",
+                  "reverseOctetDeltaCount", "reverseFlowStartMilliseconds", "reverseFlowEndMilliseconds",
+                  "reverseTcpControlBits",
                   "reverseIpClassOfService", "reverseMinimumTTL", "reverseMaximumTTL", "biflowDirection")
 
 
 def _flow_template(template_id: int, family: str, biflow: bool = False) -> Template:
     # The flow key of exporter/layout.py (ip_version picks the template); ICMP type/code lives in the key's dst_port.
+    # flowDirection says which hook metered the flow: 0 XDP ingress (ingressInterface), 1 TC egress
+    # (egressInterface); the other interface field is 0.
     keys = [f"source{family}Address", f"destination{family}Address", "sourceTransportPort",
-            "destinationTransportPort", "protocolIdentifier", "ingressInterface", "vlanId", f"icmpTypeCode{family}"]
+            "destinationTransportPort", "protocolIdentifier", "ingressInterface", "egressInterface", "vlanId",
+            f"icmpTypeCode{family}", "flowDirection"]
     return Template.from_names(template_id, [
         f"source{family}Address",
         f"destination{family}Address",
@@ -193,6 +197,8 @@ def _flow_template(template_id: int, family: str, biflow: bool = False) -> Templ
         "destinationTransportPort",
         "protocolIdentifier",
         "ingressInterface",
+        "egressInterface",
+        "flowDirection",
         "vlanId",
         "ipClassOfService",
         "tcpControlBits",

@@ -41,7 +41,8 @@ EPOCH = datetime(1970, 1, 1)
 IANA_IDS = {
     "sourceIPv4Address": 8, "destinationIPv4Address": 12, "sourceIPv6Address": 27, "destinationIPv6Address": 28,
     "sourceTransportPort": 7, "destinationTransportPort": 11, "protocolIdentifier": 4, "ingressInterface": 10,
-    "vlanId": 58, "ipClassOfService": 5, "tcpControlBits": 6, "icmpTypeCodeIPv4": 32, "icmpTypeCodeIPv6": 139,
+    "egressInterface": 14, "flowDirection": 61, "vlanId": 58, "ipClassOfService": 5, "tcpControlBits": 6,
+    "icmpTypeCodeIPv4": 32, "icmpTypeCodeIPv6": 139,
     "minimumTTL": 52, "maximumTTL": 53, "packetDeltaCount": 2, "octetDeltaCount": 1,
     "flowStartMilliseconds": 152, "flowEndMilliseconds": 153, "flowEndReason": 136,
 }
@@ -144,6 +145,7 @@ def flow_records(draw: st.DrawFn, max_size: int = 40) -> Records:
         recs[name] = draw(hnp.arrays(dtype, n))
     for name in ("first_ms", "last_ms"):
         recs[name] = draw(hnp.arrays(np.uint64, n, elements=st.integers(0, MAX_MS)))
+    recs["direction"] = draw(hnp.arrays(np.uint8, n, elements=st.sampled_from([0, 1])))
     return recs
 
 
@@ -161,7 +163,9 @@ def expected_record(rec: Any) -> dict[str, Any]:
         "sourceTransportPort": int(rec["src_port"]),
         "destinationTransportPort": int(rec["dst_port"]),
         "protocolIdentifier": int(rec["protocol"]),
-        "ingressInterface": int(rec["ifindex"]),
+        "ingressInterface": int(rec["ifindex"]) if int(rec["direction"]) == 0 else 0,
+        "egressInterface": int(rec["ifindex"]) if int(rec["direction"]) == 1 else 0,
+        "flowDirection": int(rec["direction"]),
         "vlanId": int(rec["vlan_id"]),
         "ipClassOfService": int(rec["tos"]),
         "tcpControlBits": int(rec["tcp_flags"]),

@@ -61,7 +61,8 @@ SCOPES = {CONFIG_TEMPLATE_ID: "observationDomainId", FLOW_KEYS_TEMPLATE_ID: "tem
 # The flow key of exporter/layout.py as the data templates name it; ICMP type/code is carried in dst_port.
 FLOW_KEY_FIELDS = {
     family: {f"source{family}Address", f"destination{family}Address", "sourceTransportPort",
-             "destinationTransportPort", "protocolIdentifier", "ingressInterface", "vlanId", f"icmpTypeCode{family}"}
+             "destinationTransportPort", "protocolIdentifier", "ingressInterface", "egressInterface", "vlanId",
+             f"icmpTypeCode{family}", "flowDirection"}
     for family in ("IPv4", "IPv6")
 }
 
@@ -116,8 +117,8 @@ def expected_options(s: ExporterState, odid: int, epid: int, address: Any) -> di
             "samplingPacketInterval": s.sampling_interval, "flowActiveTimeout": round(s.active_timeout_s),
             "flowIdleTimeout": round(s.idle_timeout_s), "systemInitTimeMilliseconds": s.system_init_ms,
         }],
-        FLOW_KEYS_TEMPLATE_ID: [{"templateId": 256, "flowKeyIndicator": 0b1001111111},
-                                {"templateId": 257, "flowKeyIndicator": 0b1001111111}],
+        FLOW_KEYS_TEMPLATE_ID: [{"templateId": 256, "flowKeyIndicator": 0b100111111111},
+                                {"templateId": 257, "flowKeyIndicator": 0b100111111111}],
         METERING_TEMPLATE_ID: [{
             "observationDomainId": odid, "exportedMessageTotalCount": s.exported_messages,
             "exportedFlowRecordTotalCount": s.exported_flows, "exportedOctetTotalCount": s.exported_octets,
