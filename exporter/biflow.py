@@ -23,7 +23,8 @@ are folded in, each uniflow is given a side, with array passes:
    ports. biflowDirection says how sure that is: 1 (initiator) when time,
    SYN or ICMP type decided, 0 (arbitrary) otherwise. A uniflow without a
    partner starts a biflow of its own as the forward side, biflowDirection
-   0, raised to 1 when its reverse side shows up later, after it.
+   1 if its first packet opened the conversation (bare SYN, ICMP request),
+   else 0, raised to 1 when its reverse side shows up later, after it.
 4. Fold: forward and reverse values accumulate separately (sums, min/max,
    OR of TCP flags, ToS of the earliest packet), and expiry reads the
    conversation as a whole: idle when both sides are, ended by a FIN or RST
@@ -82,6 +83,7 @@ def _fold_side(cur: Records, scan: Records, p: str) -> None:
     np.maximum(cur[p + "max_ttl"], scan[p + "max_ttl"], out=cur[p + "max_ttl"])
     earlier = scan[p + "first_ms"] < cur[p + "first_ms"]
     cur[p + "tos"][earlier] = scan[p + "tos"][earlier]
+    cur[p + "first_flags"][earlier] = scan[p + "first_flags"][earlier]
     cur[p + "first_ms"][earlier] = scan[p + "first_ms"][earlier]
 
 
@@ -138,8 +140,8 @@ def _key_bytes(keys: Records) -> U8:
 
 def _initiates(first: npt.NDArray[np.uint64], flags: npt.NDArray[np.uint16], u: Records, own: U8,
                i: npt.NDArray[np.intp], j: npt.NDArray[np.intp]) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
-    """For pairs (i, j) of distinct new keys (`first`, `flags` folded per key; `u`, `own`: one uniflow and its
-    pairing key per key): does i initiate, and was that decided rather than guessed."""
+    """For pairs (i, j) of distinct new keys (`first` ms and first-packet TCP `flags` per key; `u`, `own`: one
+    uniflow and its pairing key per key): does i initiate, and was that decided rather than guessed."""
     ti, tj = first[i], first[j]
     tie = ti == tj
     icmp4 = u["protocol"][i] == 1
@@ -147,8 +149,7 @@ def _initiates(first: npt.NDArray[np.uint64], flags: npt.NDArray[np.uint16], u: 
     kind_i, kind_j = u["dst_port"][i] >> 8, u["dst_port"][j] >> 8
     req_i = np.where(icmp4, _ICMP4_REQUEST[kind_i], icmp6 & _ICMP6_REQUEST[kind_i])
     req_j = np.where(icmp4, _ICMP4_REQUEST[kind_j], icmp6 & _ICMP6_REQUEST[kind_j])
-    # tcp_flags is an OR over the direction's packets: a bare SYN side has SYN, the answering side SYN+ACK
-    # too, but so does the initiator after its handshake; only "SYN without ACK" is conclusive.
+    # The flags of each side's first packet: the initiator's is a bare SYN, the answer's SYN+ACK.
     tcp = u["protocol"][i] == 6
     syn_i = tcp & ((flags[i] & (TCP_SYN | TCP_ACK)) == TCP_SYN)
     syn_j = tcp & ((flags[j] & (TCP_SYN | TCP_ACK)) == TCP_SYN)
@@ -157,6 +158,15 @@ def _initiates(first: npt.NDArray[np.uint64], flags: npt.NDArray[np.uint16], u: 
     told = np.where(req_i != req_j, req_i, np.where(syn_i != syn_j, syn_i, guess))
     decided = ~tie | (req_i != req_j) | (syn_i != syn_j)
     return np.where(tie, told, ti < tj), decided
+
+
+def _opens(u: Records, flags: npt.NDArray[np.uint16]) -> npt.NDArray[np.bool_]:
+    """Uniflows whose first packet opens a conversation: a bare TCP SYN, an ICMP request."""
+    kind = u["dst_port"] >> 8
+    syn = (u["protocol"] == 6) & ((flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+    icmp4 = (u["protocol"] == 1) & _ICMP4_REQUEST[kind]
+    icmp6 = (u["protocol"] == 58) & _ICMP6_REQUEST[kind]
+    return syn | icmp4 | icmp6
 
 
 def _less_rows(a: U8, b: U8) -> npt.NDArray[np.bool_]:
@@ -216,8 +226,8 @@ class BiflowTable(FlowTable):
             keys = new[first_of]
             first = np.full(len(keys), _NO_TIME, dtype=np.uint64)
             np.minimum.at(first, inv, u["first_ms"][new])
-            flags = np.zeros(len(keys), dtype=np.uint16)
-            np.bitwise_or.at(flags, inv, u["tcp_flags"][new])
+            # A key repeated in the scan: the first flags of its first uniflow stand for it (repeats are rare).
+            flags = u["first_flags"][keys].astype(np.uint16)
             h = h_own[keys]
             order = np.argsort(h, kind="stable")
             at = np.minimum(np.searchsorted(h[order], h_rev[keys]), len(keys) - 1)
@@ -227,7 +237,8 @@ class BiflowTable(FlowTable):
             starts, decided = _initiates(first, flags, u[keys], own[keys], i, j)
             key_reverse = np.zeros(len(keys), dtype=bool)
             key_reverse[i[~starts]] = True
-            key_initiator = np.zeros(len(keys), dtype=np.uint8)
+            # Alone in the scan, a side still opens its conversation if its first packet says so.
+            key_initiator = np.where(_opens(u[keys], flags), BIFLOW_INITIATOR, BIFLOW_ARBITRARY).astype(np.uint8)
             key_initiator[i] = np.where(decided, BIFLOW_INITIATOR, BIFLOW_ARBITRARY)
             reverse[new] = key_reverse[inv]
             initiator[new] = key_initiator[inv]

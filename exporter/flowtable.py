@@ -86,6 +86,7 @@ def _fold_uniflow(cur: Records, scan: Records) -> None:
     np.maximum(cur["max_ttl"], scan["max_ttl"], out=cur["max_ttl"])
     earlier = scan["first_ms"] < cur["first_ms"]
     cur["tos"][earlier] = scan["tos"][earlier]
+    cur["first_flags"][earlier] = scan["first_flags"][earlier]
     cur["first_ms"][earlier] = scan["first_ms"][earlier]
 
 

@@ -36,7 +36,8 @@ FLOW_VALUE = np.dtype([
     ("tos", "u1"),
     ("min_ttl", "u1"),
     ("max_ttl", "u1"),
-    ("pad", "u1", (3,)),
+    ("first_flags", "u1"),
+    ("pad", "u1", (2,)),
 ])
 
 FLOW_STATS = np.dtype([

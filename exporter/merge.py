@@ -53,6 +53,11 @@ def merge(keys: npt.NDArray[np.void], values: npt.NDArray[np.void], offset_ns: i
     # ToS of the earliest slot; on a tie the highest, so CPU order never matters.
     earliest = seen & (first == first_ns[:, None])
     out["tos"] = np.where(earliest, values["tos"], 0).max(axis=1)
+    # Slots that started in the same clock tick: a bare SYN is the connection's first packet wherever it
+    # landed, so it wins; otherwise the highest flags, again independent of CPU order.
+    flags = values["first_flags"].astype(np.uint16)
+    bare_syn = (flags & 0x12) == 0x02
+    out["first_flags"] = (np.where(earliest, flags | (bare_syn << 8), 0).max(axis=1) & 0xFF).astype(np.uint8)
     out["min_ttl"] = np.where(seen, values["min_ttl"], 255).min(axis=1)
     out["max_ttl"] = np.where(seen, values["max_ttl"], 0).max(axis=1)
     out["first_ms"] = ns_to_epoch_ms(first_ns, offset_ns)

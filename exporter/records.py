@@ -38,6 +38,7 @@ FLOW_RECORD = np.dtype([
     ("min_ttl", "u1"),        # IE 52 minimumTTL
     ("max_ttl", "u1"),        # IE 53 maximumTTL
     ("end_reason", "u1"),     # IE 136 flowEndReason (0 while the flow is active)
+    ("first_flags", "u1"),    # TCP flags of the first packet (not exported: a biflow's initiator sends a bare SYN)
 ])
 
 # biflowDirection (IE 239, RFC 5103 section 5.3)
@@ -46,7 +47,8 @@ BIFLOW_INITIATOR = 1
 
 _FORMATS = {name: FLOW_RECORD[name].str for name in FLOW_RECORD.names or ()}
 # The value fields of one direction: FLOW_RECORD names them as is, BIFLOW_RECORD's reverse side with "r_".
-DIRECTION_FIELDS = ("packets", "octets", "first_ms", "last_ms", "tcp_flags", "tos", "min_ttl", "max_ttl")
+DIRECTION_FIELDS = ("packets", "octets", "first_ms", "last_ms", "tcp_flags", "tos", "min_ttl", "max_ttl",
+                    "first_flags")
 
 # RFC 5103: a biflow record. The key is the forward (initiator's) key as the biflow table pairs it
 # (exporter/biflow.py); the interfaces each direction was metered on follow; then the forward

@@ -484,6 +484,7 @@ static __always_inline void meter(struct run *r, struct flow_key *key, struct pa
 		nv.last_seen_ns = now;
 		nv.tcp_flags = p->tcp_flags;
 		nv.tos = p->tos;
+		nv.first_flags = (__u8)p->tcp_flags;
 		nv.min_ttl = p->ttl;
 		nv.max_ttl = p->ttl;
 		long err = bpf_map_update_elem(page, key, &nv, BPF_NOEXIST);
@@ -501,6 +502,7 @@ static __always_inline void meter(struct run *r, struct flow_key *key, struct pa
 		/* This CPU's slot of an entry another CPU created. */
 		v->first_seen_ns = now;
 		v->tos = p->tos;
+		v->first_flags = (__u8)p->tcp_flags;
 		v->min_ttl = p->ttl;
 	}
 	v->packets += segs;

@@ -56,7 +56,9 @@ struct flow_value {
 	__u8  tos;           /* IE 5 ipClassOfService of the flow's first packet */
 	__u8  min_ttl;       /* IE 52 minimumTTL (IPv6: hop limit) */
 	__u8  max_ttl;       /* IE 53 maximumTTL */
-	__u8  pad[3];        /* always zero */
+	__u8  first_flags;   /* TCP flags (low 8 bits) of the slot's first packet: not exported, tells
+	                      * a biflow's initiator (bare SYN) from its answer (SYN+ACK) */
+	__u8  pad[2];        /* always zero */
 };                           /* 40 bytes */
 
 /* Per-CPU counters (one slot of a per-CPU array), shared by both programs:

@@ -610,7 +610,8 @@ def test_skb_context_ifindex_is_the_key_ifindex(harness: Harness, veth: VethPair
     flows, _ = harness.drain()
     want = ref.parse(frame, idx, ref.EGRESS)
     assert isinstance(want, ref.Metered) and idx != LOOPBACK_IFINDEX
-    assert flows == {want.key: {"packets": 1, "octets": 29, "tcp_flags": 0, "tos": 0, "min_ttl": 64, "max_ttl": 64}}
+    assert flows == {want.key: {"packets": 1, "octets": 29, "tcp_flags": 0, "tos": 0, "first_flags": 0, "min_ttl": 64,
+                                "max_ttl": 64}}
 
 
 def test_verdict_constant_is_tcx_next() -> None:

@@ -68,6 +68,7 @@ class Aggregate:
     octets: int = 0
     tcp_flags: int = 0
     tos: int = 0
+    first_flags: int = 0
     min_ttl: int = 255
     max_ttl: int = 0
     frames: list[int] = field(default_factory=list)
@@ -75,6 +76,7 @@ class Aggregate:
     def add(self, m: Metered, index: int) -> None:
         if self.packets == 0:
             self.tos = m.tos
+            self.first_flags = m.tcp_flags & 0xFF
         self.packets += 1
         self.octets += m.octets
         self.tcp_flags |= m.tcp_flags
@@ -148,8 +150,8 @@ class Harness:
             key = FlowKey.unpack(raw.tobytes())
             assert key == FlowKey.from_record(rec)
             assert key not in flows, f"key drained twice: {key}"
-            flows[key] = {name: int(rec[name]) for name in ("packets", "octets", "tcp_flags", "tos", "min_ttl",
-                                                            "max_ttl")}
+            flows[key] = {name: int(rec[name]) for name in ("packets", "octets", "tcp_flags", "tos", "first_flags",
+                                                            "min_ttl", "max_ttl")}
             self.drained_packets += int(rec["packets"])
             self.drained_octets += int(rec["octets"])
         seen = d.values["packets"] > 0
@@ -230,9 +232,10 @@ class Harness:
         one_cpu = cpus is None or len(set(cpus)) == 1
         for key, agg in expected.items():
             want_value = {"packets": agg.packets, "octets": agg.octets, "tcp_flags": agg.tcp_flags, "tos": agg.tos,
-                          "min_ttl": agg.min_ttl, "max_ttl": agg.max_ttl}
+                          "first_flags": agg.first_flags, "min_ttl": agg.min_ttl, "max_ttl": agg.max_ttl}
             if not one_cpu:
                 want_value["tos"] = got[key]["tos"]
+                want_value["first_flags"] = got[key]["first_flags"]
             assert got[key] == want_value, (
                 f"flow {key}: drained {got[key]}, expected {want_value}; "
                 f"frames {[_show(batch[i], 80) for i in agg.frames]}")

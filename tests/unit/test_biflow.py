@@ -45,6 +45,7 @@ def uni(src: tuple[int, ...], dst: tuple[int, ...], sport: int, dport: int, *, p
     r["first_ms"], r["last_ms"] = first, first if last is None else last
     r["packets"], r["octets"], r["tcp_flags"], r["ifindex"] = packets, packets * 100, flags, ifindex
     r["min_ttl"] = r["max_ttl"] = ttl
+    r["first_flags"] = flags & 0xFF
     r["tos"] = tos
     return r
 
@@ -93,12 +94,20 @@ def test_same_millisecond_without_clues_the_higher_source_port_is_a_guess() -> N
 
 def test_a_lone_side_is_confirmed_when_its_answer_comes_later() -> None:
     t = BiflowTable(60, 15)
-    t.update(scan(uni(A, B, 40000, 80, flags=SYN)), T0)
+    t.update(scan(uni(A, B, 40000, 53, proto=17)), T0)
     assert int(t.flows()[0]["biflow_direction"]) == BIFLOW_ARBITRARY
-    t.update(scan(uni(B, A, 80, 40000, first=T0 + 5, flags=SYN | ACK)), T0 + 10)
+    t.update(scan(uni(B, A, 53, 40000, proto=17, first=T0 + 5)), T0 + 10)
     (r,) = t.flows()
     assert addr(r, "src_addr") == A and (int(r["packets"]), int(r["r_packets"])) == (1, 1)
     assert int(r["biflow_direction"]) == BIFLOW_INITIATOR
+
+
+def test_a_lone_bare_syn_or_echo_request_initiates_at_once() -> None:
+    t = BiflowTable(60, 15)
+    t.update(scan(uni(A, B, 40000, 80, flags=SYN), uni(A, C, 0, 0x0800, proto=1),
+                  uni(B, C, 40001, 80, flags=SYN | ACK)), T0)
+    got = {(addr(r, "dst_addr"), int(r["dst_port"])): int(r["biflow_direction"]) for r in t.flows()}
+    assert got == {(B, 80): BIFLOW_INITIATOR, (C, 0x0800): BIFLOW_INITIATOR, (C, 80): BIFLOW_ARBITRARY}
 
 
 def test_held_orientation_wins_over_later_scans() -> None:

@@ -64,9 +64,16 @@ def per_cpu_maps(draw: st.DrawFn, max_flows: int = 10, max_cpus: int = 6) -> tup
     for i in range(n):
         for c in range(cpus):
             s = draw(st.one_of(seen_slot, unseen_slot))
+            # first_flags: the slot's first packet's flags, drawn independently of the OR (merge does not care).
             values[i, c] = (s.packets, s.octets, s.first, s.last, s.flags, s.tos, s.min_ttl, s.max_ttl,
-                            draw(st.lists(st.integers(0, 255), min_size=3, max_size=3)))
+                            draw(st.integers(0, 255)), draw(st.lists(st.integers(0, 255), min_size=2, max_size=2)))
     return keys, values
+
+
+def _first_flags_choices(earliest: list[np.void]) -> set[int]:
+    flags = {int(v["first_flags"]) for v in earliest}
+    bare_syn = {f for f in flags if f & 0x12 == 0x02}
+    return bare_syn or flags
 
 
 def reference(keys: np.ndarray, values: np.ndarray, offset_ns: int) -> list[dict[str, object]]:
@@ -88,6 +95,7 @@ def reference(keys: np.ndarray, values: np.ndarray, offset_ns: int) -> list[dict
             "last_ms": (max(int(v["last_seen_ns"]) for v in seen) + offset_ns) // MS,
             "tcp_flags": flags,
             "tos_choices": {int(v["tos"]) for v in seen if int(v["first_seen_ns"]) == first},
+            "first_flags_choices": _first_flags_choices([v for v in seen if int(v["first_seen_ns"]) == first]),
             "min_ttl": min(int(v["min_ttl"]) for v in seen),
             "max_ttl": max(int(v["max_ttl"]) for v in seen),
         })
@@ -99,7 +107,7 @@ def as_dicts(records: np.ndarray) -> list[dict[str, object]]:
     return [{
         "key": r.tobytes()[:KEY_SIZE],
         **{f: int(r[f]) for f in ("packets", "octets", "first_ms", "last_ms", "tcp_flags", "tos", "min_ttl",
-                                  "max_ttl", "end_reason")},
+                                  "max_ttl", "end_reason", "first_flags")},
     } for r in records]
 
 
@@ -115,6 +123,7 @@ def test_merge_matches_reference_fold(maps: tuple[np.ndarray, np.ndarray], offse
         for f in ("packets", "octets", "first_ms", "last_ms", "tcp_flags", "min_ttl"):
             assert g[f] == w[f], f
         assert g["tos"] in w["tos_choices"]  # type: ignore[operator]
+        assert g["first_flags"] in w["first_flags_choices"]  # type: ignore[operator]
         assert g["end_reason"] == 0
 
 
@@ -128,7 +137,7 @@ def test_merge_is_independent_of_cpu_order(maps: tuple[np.ndarray, np.ndarray], 
         shuffled[i] = values[i, perm]
     a = merge(keys, values, OFFSET_NOW)
     b = merge(keys, shuffled, OFFSET_NOW)
-    fields = [f for f in FLOW_RECORD.names or () if f != "tos"]
+    fields = [f for f in FLOW_RECORD.names or () if f not in ("tos", "first_flags")]
     assert len(a) == len(b)
     for f in fields:
         np.testing.assert_array_equal(a[f], b[f], err_msg=f)
@@ -138,6 +147,7 @@ def test_merge_is_independent_of_cpu_order(maps: tuple[np.ndarray, np.ndarray], 
     first = np.where(kept["packets"] > 0, kept["first_seen_ns"], np.iinfo(np.uint64).max)
     unique_earliest = (first == first.min(axis=1, keepdims=True)).sum(axis=1) == 1
     np.testing.assert_array_equal(a["tos"][unique_earliest], b["tos"][unique_earliest])
+    np.testing.assert_array_equal(a["first_flags"][unique_earliest], b["first_flags"][unique_earliest])
 
 
 @settings(max_examples=100, deadline=None)
@@ -175,9 +185,9 @@ def test_ns_to_epoch_ms_floors_with_offset() -> None:
 def test_first_and_last_use_only_slots_that_saw_packets() -> None:
     keys = np.zeros(1, dtype=FLOW_KEY)
     values = np.zeros((1, 3), dtype=FLOW_VALUE)
-    values[0, 0] = (0, 0, 1 * MS, 900 * MS, 0, 0xFF, 1, 0, (0, 0, 0))           # stale, never saw the flow
-    values[0, 1] = (2, 200, 10 * MS, 20 * MS, 0x02, 0x10, 60, 64, (0, 0, 0))
-    values[0, 2] = (3, 300, 15 * MS, 30 * MS, 0x11, 0x20, 50, 70, (0, 0, 0))
+    values[0, 0] = (0, 0, 1 * MS, 900 * MS, 0, 0xFF, 1, 0, 0, (0, 0))           # stale, never saw the flow
+    values[0, 1] = (2, 200, 10 * MS, 20 * MS, 0x02, 0x10, 60, 64, 0, (0, 0))
+    values[0, 2] = (3, 300, 15 * MS, 30 * MS, 0x11, 0x20, 50, 70, 0, (0, 0))
     (r,) = merge(keys, values, 0)
     assert (int(r["packets"]), int(r["octets"])) == (5, 500)
     assert (int(r["first_ms"]), int(r["last_ms"])) == (10, 30)
@@ -188,8 +198,8 @@ def test_first_and_last_use_only_slots_that_saw_packets() -> None:
 def test_max_ttl_ignores_slots_without_packets() -> None:
     keys = np.zeros(1, dtype=FLOW_KEY)
     values = np.zeros((1, 2), dtype=FLOW_VALUE)
-    values[0, 0] = (0, 0, 0, 0, 0, 0, 255, 255, (0, 0, 0))
-    values[0, 1] = (1, 60, 10 * MS, 10 * MS, 0, 0, 64, 64, (0, 0, 0))
+    values[0, 0] = (0, 0, 0, 0, 0, 0, 255, 255, 0, (0, 0))
+    values[0, 1] = (1, 60, 10 * MS, 10 * MS, 0, 0, 64, 64, 0, (0, 0))
     (r,) = merge(keys, values, 0)
     assert int(r["max_ttl"]) == 64
 
@@ -197,8 +207,8 @@ def test_max_ttl_ignores_slots_without_packets() -> None:
 def test_tos_on_first_seen_tie_is_independent_of_cpu_order() -> None:
     keys = np.zeros(1, dtype=FLOW_KEY)
     values = np.zeros((1, 2), dtype=FLOW_VALUE)
-    values[0, 0] = (1, 60, 10 * MS, 10 * MS, 0, 0x10, 64, 64, (0, 0, 0))
-    values[0, 1] = (1, 60, 10 * MS, 10 * MS, 0, 0x20, 64, 64, (0, 0, 0))
+    values[0, 0] = (1, 60, 10 * MS, 10 * MS, 0, 0x10, 64, 64, 0, (0, 0))
+    values[0, 1] = (1, 60, 10 * MS, 10 * MS, 0, 0x20, 64, 64, 0, (0, 0))
     a = merge(keys, values, 0)
     b = merge(keys, values[:, ::-1].copy(), 0)
     assert int(a["tos"][0]) == int(b["tos"][0])
