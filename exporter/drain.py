@@ -14,7 +14,7 @@ The buffers hold one chunk (64K entries), not the page: the kernel resumes a
 batch walk from a bucket token, so a page is read chunk by chunk and
 `flip_and_merge()` folds each chunk's per-CPU values (merge.py) before
 reading the next. Memory then stays O(chunk x CPUs) for the raw values and
-O(flows) only for merged records (82 bytes each), where whole-page buffers
+O(flows) only for merged records (87 bytes each), where whole-page buffers
 would need max_entries x CPUs x 40 bytes (2.5 GB for 1M entries on 64 CPUs).
 
 Measured on the 2-vCPU test machine (kernel 6.18): the flip syscall takes the

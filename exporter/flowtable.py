@@ -2,7 +2,7 @@
 
 Theory of operation. The table is one FLOW_RECORD array holding each live flow
 once, kept sorted by (64-bit hash of the key bytes, key bytes), with the
-parallel array of hashes. Sorting by a hash instead of the raw 44-byte key
+parallel array of hashes. Sorting by a hash instead of the raw 48-byte key
 (`records.key_view`) gives the same join but with integer sorts and searches:
 at 500K keys a void argsort costs ~4x a uint64 one, and it is the largest
 single cost of a scan. Keys whose hashes collide sit side by side in key-byte
