@@ -514,6 +514,9 @@ def run_soak(seconds: float, flows_per_second: int = 1000, packets: int = 2, res
                 if churn.error is not None:
                     break
                 if time.monotonic() >= next_restart:
+                    # Restart a collector the exporter is connected to (reconnects back off at random): a
+                    # restart while it is still reconnecting would be no state change to log.
+                    exporter.wait_for("collector connected", timeout=60, after=restarts)
                     # Between two scans: just after one, so the collector has read everything sent so far.
                     exporter.wait_for("scan", timeout=10 * scan_interval, after=len(exporter.events("scan")))
                     time.sleep(min(0.25, scan_interval / 4))
@@ -529,6 +532,7 @@ def run_soak(seconds: float, flows_per_second: int = 1000, packets: int = 2, res
                 time.sleep(0.2)
             sent = churn.stop()
             churn = None
+            exporter.wait_for("collector connected", timeout=60, after=restarts)  # back after the last restart
             # Let the last flows reach a scan, then stop: the shutdown flush exports the rest.
             exporter.wait_for("scan", timeout=10 * scan_interval, after=len(exporter.events("scan")) + 1)
             rc = exporter.stop()
