@@ -103,14 +103,42 @@ def check_btf(path: str = BTF_PATH) -> Result:
                                "but bpftool and CO-RE tools will", "use a kernel built with CONFIG_DEBUG_INFO_BTF=y")
 
 
-def check_bcc() -> Result:
+# Run by this interpreter in a child: importing bcc maps libbcc and LLVM (~100 MB) for good, and
+# `xdpflow run` (whose preflight this is) must not carry them; the compile is a child too (xdp.compile).
+_BCC_PROBE = """
+import json, os
+try:
+    import bcc
+except Exception as e:  # ImportError, or OSError when libbcc.so is missing
+    print(json.dumps({"error": str(e)}))
+else:
+    print(json.dumps({"version": getattr(bcc, "__version__", "unknown version"),
+                      "where": os.path.dirname(bcc.__file__ or "")}))
+"""
+BCC_FIX = "apt-get install python3-bpfcc (and `make venv` to link it into .venv)"
+
+
+def check_bcc(timeout: float = 60.0) -> Result:
+    """bcc imports with this interpreter (tried in a child process, see _BCC_PROBE)."""
+    import json
+    import subprocess
+
+    from xdp.compile import run_python
+
     try:
-        import bcc
-    except Exception as e:  # ImportError, or OSError when libbcc.so is missing
-        return Result(FAIL, "bcc", f"cannot import bcc: {e}",
-                      "apt-get install python3-bpfcc (and `make venv` to link it into .venv)")
-    return Result(OK, "bcc", f"{getattr(bcc, '__version__', 'unknown version')} "
-                             f"({os.path.dirname(bcc.__file__ or '')})")
+        with run_python([sys.executable, "-c", _BCC_PROBE], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                        stdin=subprocess.DEVNULL, text=True) as proc:
+            try:
+                out, _ = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+        got = json.loads(out.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as e:
+        return Result(FAIL, "bcc", f"cannot import bcc: the probe ({sys.executable}) failed: {e}", BCC_FIX)
+    if "error" in got:
+        return Result(FAIL, "bcc", f"cannot import bcc: {got['error']}", BCC_FIX)
+    return Result(OK, "bcc", f"{got['version']} ({got['where']})")
 
 
 def check_headers() -> Result:

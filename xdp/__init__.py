@@ -1,6 +1,8 @@
 """The kernel side of xdpflow: the XDP program (flow.c, flow.h) and its loader.
 
-`headers` finds kernel headers for bcc, `bpfsys` wraps the few bpf(2) commands
-bcc's Python binding lacks (batch map reads, PROG_TEST_RUN), `loader` compiles
-the program, owns its maps and attaches it to interfaces.
+`headers` finds kernel headers for bcc, `compile` compiles and loads the
+program with bcc in a short-lived child process and hands over its file
+descriptors, `bpfsys` wraps the bpf(2) commands everything after that uses
+(map reads and writes, batch drains, PROG_TEST_RUN, links), `loader` owns the
+programs and maps and attaches them to interfaces.
 """

@@ -4,11 +4,13 @@
   buffers (numpy arrays), so a drain of 500K flows costs two syscalls, not a
   million ctypes objects;
 - BPF_MAP_UPDATE_ELEM for the page flip (on an array-of-maps the kernel waits
-  an RCU grace period before returning);
+  an RCU grace period before returning), BPF_MAP_DELETE_ELEM;
 - BPF_PROG_TEST_RUN for parser tests and ns/packet benchmarks (with an
   optional context: struct __sk_buff for the TC program);
 - BPF_LINK_CREATE for XDP and TCX (TC egress) links, BPF_PROG_QUERY and
-  link info to see what is attached.
+  link info to see what is attached;
+- object ids and BPF_{PROG,MAP}_GET_FD_BY_ID, to see whether a program or map
+  still exists.
 
 bpf_attr is built with struct.pack_into at the offsets of include/uapi/linux/bpf.h.
 """
@@ -28,7 +30,10 @@ _SYS_BPF = {"x86_64": 321, "aarch64": 280, "ppc64le": 361, "s390x": 351, "armv7l
 
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
 BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_GET_FD_BY_ID = 14
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
 BPF_MAP_LOOKUP_BATCH = 24
@@ -83,11 +88,10 @@ def map_update(map_fd: int, key: object, value: object, flags: int = BPF_ANY) ->
     _bpf(BPF_MAP_UPDATE_ELEM, attr)
 
 
-def map_lookup(map_fd: int, key: object, value: object) -> bool:
-    attr = ctypes.create_string_buffer(_ATTR_SIZE)
-    struct.pack_into("=IIQQQ", attr, 0, map_fd, 0, _addr(key), _addr(value), 0)
+def _found(cmd: int, attr: ctypes.Array[ctypes.c_char]) -> bool:
+    """Run an element command; False where the key is absent (ENOENT)."""
     try:
-        _bpf(BPF_MAP_LOOKUP_ELEM, attr)
+        _bpf(cmd, attr)
     except BpfError as e:
         if e.errno == errno.ENOENT:
             return False
@@ -95,38 +99,17 @@ def map_lookup(map_fd: int, key: object, value: object) -> bool:
     return True
 
 
-def map_batch(map_fd: int, keys: object, values: object, capacity: int, delete: bool) -> int:
-    """Read (and delete) up to `capacity` entries into `keys`/`values`; return the count.
-
-    The kernel walks hash buckets; it stops with ENOENT once the whole map has
-    been visited. A bucket never splits across calls, so a buffer smaller than
-    one bucket would fail with ENOSPC: callers size buffers to max_entries.
-    """
-    cmd = BPF_MAP_LOOKUP_AND_DELETE_BATCH if delete else BPF_MAP_LOOKUP_BATCH
-    keys_base, values_base = _addr(keys), _addr(values)
-    key_size = getattr(keys, "itemsize", 0)
-    value_stride = values.strides[0] if hasattr(values, "strides") else 0  # type: ignore[attr-defined]
-    token = ctypes.create_string_buffer(8)
+def map_lookup(map_fd: int, key: object, value: object) -> bool:
     attr = ctypes.create_string_buffer(_ATTR_SIZE)
-    got = 0
-    first = True
-    while got < capacity:
-        struct.pack_into("=QQQQIIQQ", attr, 0,
-                         0 if first else ctypes.addressof(token), ctypes.addressof(token),
-                         keys_base + got * key_size, values_base + got * value_stride,
-                         capacity - got, map_fd, 0, 0)
-        try:
-            _bpf(cmd, attr)
-            done = False
-        except BpfError as e:
-            if e.errno != errno.ENOENT:
-                raise
-            done = True
-        got += struct.unpack_from("=I", attr, 32)[0]
-        first = False
-        if done:
-            break
-    return got
+    struct.pack_into("=IIQQQ", attr, 0, map_fd, 0, _addr(key), _addr(value), 0)
+    return _found(BPF_MAP_LOOKUP_ELEM, attr)
+
+
+def map_delete(map_fd: int, key: object) -> bool:
+    """Delete one entry; False if there was none."""
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("=IIQ", attr, 0, map_fd, 0, _addr(key))
+    return _found(BPF_MAP_DELETE_ELEM, attr)
 
 
 def map_update_batch(map_fd: int, keys: Any, values: Any, count: int) -> int:
@@ -262,12 +245,29 @@ def link_info(link_fd: int) -> LinkInfo:
 
 
 def prog_id(prog_fd: int) -> int:
-    """The kernel's id of a loaded program (bpf_prog_info.id)."""
+    """The kernel's id of a loaded program (bpf_prog_info.id); of a map too (bpf_map_info.id, same offset)."""
     info = ctypes.create_string_buffer(256)
     attr = ctypes.create_string_buffer(_ATTR_SIZE)
     struct.pack_into("=IIQ", attr, 0, prog_fd, len(info), ctypes.addressof(info))
     _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
     return int(struct.unpack_from("=I", info, 4)[0])
+
+
+map_id = prog_id
+
+
+def exists(obj_id: int, is_map: bool = False) -> bool:
+    """Whether the program (or map) with this id is still in the kernel (GET_FD_BY_ID, fd closed at once)."""
+    attr = ctypes.create_string_buffer(_ATTR_SIZE)
+    struct.pack_into("=I", attr, 0, obj_id)
+    try:
+        fd = _bpf(BPF_MAP_GET_FD_BY_ID if is_map else BPF_PROG_GET_FD_BY_ID, attr)
+    except BpfError as e:
+        if e.errno == errno.ENOENT:
+            return False
+        raise
+    os.close(fd)
+    return True
 
 
 def map_batch_chunks(map_fd: int, keys: Any, values: Any, delete: bool) -> Iterator[int]:

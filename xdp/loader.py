@@ -1,7 +1,12 @@
-"""Compile xdp/flow.c with bcc, own its maps, attach it to interfaces, detach.
+"""Load xdp/flow.c, own its maps, attach it to interfaces, detach.
 
-Lifecycle: `Datapath.load()` compiles (kernel headers from xdp.headers), checks
-the kernel memory budget, points the control slot at page 0 with no rule set.
+Lifecycle: `Datapath.load()` checks the kernel memory budget, has a child
+process compile and load the program (xdp.compile: bcc, kernel headers from
+xdp.headers) and hand over the file descriptors of both programs and every
+map, then points the control slot at page 0 with no rule set. bcc and its
+LLVM are never imported here: everything after the load is bpf(2) on those
+descriptors (xdp.bpfsys), and `close()` closes them, which frees the programs
+and maps (a process that dies frees them the same way).
 `configure()` installs filter rules and the sampling rate as map contents (a
 second rule set, switched to atomically; never a recompile). `attach()`
 binds it to interfaces with a bpf_link (BPF_LINK_CREATE) and reads back,
@@ -13,17 +18,18 @@ kernel also refuses a link on an interface that already has an XDP program,
 so a program xdpflow did not attach is never touched. Use Datapath as a
 context manager so every exit path detaches.
 
-Egress (optional): `attach_egress()` loads the TC program of the same source
-(xdpflow_egress, sharing every map with the XDP program) on first use and
-attaches it at an interface's egress hook. Where the kernel has TCX (>= 6.6)
-that is a bpf_link too (BPF_LINK_CREATE, BPF_TCX_EGRESS), appended after the
-hook's other programs and gone with its fd, SIGKILL included. Older kernels
-get a clsact qdisc and a cls_bpf filter (pyroute2) instead: a filter is not
-tied to the process, so `detach_egress()` deletes it (and the clsact qdisc
-if xdpflow added it), and after a SIGKILL it stays until removed by hand:
-`tc filter del dev IF egress pref 49152` (EGRESS_TC_PREF), or
-`tc qdisc del dev IF clsact` when nothing else uses that qdisc. A restart
-refuses an interface that still carries such a filter, naming that command.
+Egress (optional): `attach_egress()` attaches the TC program of the same
+source (xdpflow_egress, sharing every map with the XDP program, loaded with
+it by load(): ~40 ms of verifier) at an interface's egress hook. Where the
+kernel has TCX (>= 6.6) that is a bpf_link too (BPF_LINK_CREATE,
+BPF_TCX_EGRESS), appended after the hook's other programs and gone with its
+fd, SIGKILL included. Older kernels get a clsact qdisc and a cls_bpf filter
+(pyroute2) instead: a filter is not tied to the process, so
+`detach_egress()` deletes it (and the clsact qdisc if xdpflow added it), and
+after a SIGKILL it stays until removed by hand: `tc filter del dev IF egress
+pref 49152` (EGRESS_TC_PREF), or `tc qdisc del dev IF clsact` when nothing
+else uses that qdisc. A restart refuses an interface that still carries such
+a filter, naming that command.
 """
 
 from __future__ import annotations
@@ -43,12 +49,11 @@ import numpy.typing as npt
 import structlog
 
 from exporter.layout import CONTROL, FLOW_KEY, FLOW_STATS, FLOW_VALUE, PREFIX_KEY, RULE_COUNTER, RULE_SET
-from xdp import bpfsys, filters, headers
+from xdp import bpfsys, filters
+from xdp import compile as xcompile
+from xdp.compile import EGRESS_PROG, XDP_PROG
 
 log = structlog.get_logger("xdpflow.loader")
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCE = os.path.join(HERE, "flow.c")
 
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
@@ -58,7 +63,6 @@ ATTACHED_NAMES: dict[int | str, str] = {1: "native", 2: "generic", 3: "offload",
                                         "xdp": "native", "xdpdrv": "native", "xdpgeneric": "generic",
                                         "xdpoffload": "offload", "xdpmulti": "multi", "none": ""}
 
-EGRESS_PROG = "xdpflow_egress"      # the TC program in flow.c
 EGRESS_METHODS = ("auto", "tcx", "tc")
 EGRESS_TC_PREF = 49152               # cls_bpf filter priority of the clsact fallback (tc's "pref")
 EGRESS_TC_HANDLE = 1
@@ -158,7 +162,6 @@ class Datapath:
 
     max_entries: int = DEFAULT_MAX_ENTRIES
     memory_budget: int = DEFAULT_MEMORY_BUDGET
-    bpf: Any = None
     prog_fd: int = -1
     page_fds: tuple[int, int] = (-1, -1)
     pages_fd: int = -1
@@ -167,9 +170,11 @@ class Datapath:
     _retired: dict[str, int] = field(default_factory=dict)
     cpus: int = field(default_factory=possible_cpus)
     attachments: list[Attachment] = field(default_factory=list)
-    egress_prog_fd: int = -1        # the TC program, loaded by the first load_egress() / attach_egress()
+    egress_prog_fd: int = -1        # the TC program (loaded with the XDP one); -1: not loaded
     egress_attachments: list[EgressAttachment] = field(default_factory=list)
     _fds: dict[str, int] = field(default_factory=dict)
+    _owned: list[int] = field(default_factory=list)  # every descriptor load() received: close() closes them
+    _egress_error: str = ""         # why the egress program did not load, said when it is asked for
     _page: int = 0
     _set: int = 0                   # rule set index the control slot names (when _config is on)
     _config: int = 0                # control.config: 0 (nothing to select) or 1 + _set
@@ -203,38 +208,34 @@ class Datapath:
                 f"flow maps need {human_bytes(need)} of kernel memory ({self.max_entries} entries x "
                 f"{self.cpus} CPUs x 2 pages), above the budget of {human_bytes(self.memory_budget)}: "
                 f"lower --max-entries or raise --max-kernel-memory")
+        if self._owned:
+            raise LoaderError("this datapath is already loaded: close() it first")
         try:
-            found = headers.find()
-        except headers.HeadersNotFound as e:
+            got = xcompile.load(self.max_entries)
+        except xcompile.CompileError as e:
             raise LoaderError(str(e)) from None
+        fds = got.fds
+        self._owned = list(fds.values())
         try:
-            from bcc import BPF
-        except ImportError:
-            raise LoaderError("the bcc Python module is missing: apt-get install python3-bpfcc "
-                              "(and run `make venv` to link it into .venv)") from None
-        cflags = [f"-I{HERE}", f"-DXDPFLOW_MAX_ENTRIES={self.max_entries}", "-w", *found.cflags]
-        try:
-            with found.applied():
-                self.bpf = _quiet_compile(BPF, SOURCE, cflags)
-            fn = self.bpf.load_func(b"xdpflow", BPF.XDP)
-        except Exception as e:  # bcc raises bare Exception for every failure
-            msg = str(e)
-            if "privileges" in msg or "Operation not permitted" in msg:
-                raise LoaderError("loading BPF needs root or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON") from None
-            raise LoaderError(f"could not compile or load xdp/flow.c with {found.description}: {msg}") from None
-        self.prog_fd = fn.fd
-        self.page_fds = (self.bpf[b"flows0"].map_fd, self.bpf[b"flows1"].map_fd)
-        self.pages_fd = self.bpf[b"pages"].map_fd
-        self.control_fd = self.bpf[b"control"].map_fd
-        self.stats_fd = self.bpf[b"stats"].map_fd
-        for name in ("rule_sets", "src_prefixes", "dst_prefixes", "proto_masks", "sport_masks", "dport_masks",
-                     "vlan_masks", "iface_masks", "iface_masks_high", "rule_hits"):
-            self._fds[name] = self.bpf[name.encode()].map_fd
-        for i, fd in enumerate(self.page_fds):
-            bpfsys.map_update(self.pages_fd, ctypes.c_uint32(i), ctypes.c_uint32(fd))
-        self.set_active(0)
-        log.debug("program loaded", headers=found.description, max_entries=self.max_entries,
-                  kernel_memory=human_bytes(need), filter_tables=human_bytes(FILTER_TABLE_BYTES))
+            self.prog_fd = fds[XDP_PROG]
+            self.egress_prog_fd = fds.get(EGRESS_PROG, -1)
+            self._egress_error = got.egress_error or ""
+            self.page_fds = (fds["flows0"], fds["flows1"])
+            self.pages_fd = fds["pages"]
+            self.control_fd = fds["control"]
+            self.stats_fd = fds["stats"]
+            self._fds = {name: fds[name] for name in ("rule_sets", "src_prefixes", "dst_prefixes", "proto_masks",
+                                                      "sport_masks", "dport_masks", "vlan_masks", "iface_masks",
+                                                      "iface_masks_high", "rule_hits")}
+            for i, fd in enumerate(self.page_fds):
+                bpfsys.map_update(self.pages_fd, ctypes.c_uint32(i), ctypes.c_uint32(fd))
+            self.set_active(0)
+        except BaseException:
+            self._close_fds()
+            raise
+        log.debug("program loaded", headers=got.headers, max_entries=self.max_entries,
+                  kernel_memory=human_bytes(need), filter_tables=human_bytes(FILTER_TABLE_BYTES),
+                  egress=self.egress_prog_fd >= 0)
         return self
 
     def _write_control(self) -> None:
@@ -464,19 +465,12 @@ class Datapath:
     # -- egress (TC) -----------------------------------------------------
 
     def load_egress(self) -> int:
-        """Load the TC egress program (same maps as the XDP program) once; its fd."""
+        """The TC egress program's fd (same maps as the XDP program; load() loaded it)."""
         if self.egress_prog_fd >= 0:
             return self.egress_prog_fd
-        if self.bpf is None:
+        if not self._owned:
             raise LoaderError("load() the datapath before its egress program")
-        from bcc import BPF
-
-        try:
-            fn = self.bpf.load_func(EGRESS_PROG.encode(), BPF.SCHED_CLS)
-        except Exception as e:  # bcc raises bare Exception
-            raise LoaderError(f"could not load the egress program {EGRESS_PROG}: {e}") from None
-        self.egress_prog_fd = fn.fd
-        return self.egress_prog_fd
+        raise LoaderError(self._egress_error or f"the egress program {EGRESS_PROG} is not loaded")
 
     def attach_egress(self, ifname: str, method: str = "auto") -> EgressAttachment:
         """Meter what `ifname` sends (direction 1, ifindex = `ifname`'s) with the TC program.
@@ -558,11 +552,20 @@ class Datapath:
             self.egress_attachments.remove(att)
 
     def close(self) -> None:
+        """Detach everywhere, then close every descriptor load() received: the kernel frees programs and maps."""
         self.detach_all()
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
-            self.egress_prog_fd = -1
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in self._owned:
+            try:
+                os.close(fd)
+            except OSError as e:
+                log.debug("descriptor already closed", fd=fd, reason=str(e))
+        self._owned = []
+        self._fds = {}
+        self.prog_fd = self.egress_prog_fd = self.pages_fd = self.control_fd = self.stats_fd = -1
+        self.page_fds = (-1, -1)
 
     def __enter__(self) -> Datapath:
         return self
@@ -582,29 +585,7 @@ def _write_array(fd: int, base: int, values: npt.NDArray[np.uint64]) -> None:
 
 def _delete(fd: int, key: npt.NDArray[Any]) -> None:
     """Delete one map entry (already gone is fine)."""
-    from bcc.libbcc import lib
-
-    lib.bpf_delete_elem(fd, ctypes.c_void_p(key.ctypes.data))
-
-
-def _quiet_compile(bpf_cls: Any, source: str, cflags: list[str]) -> Any:
-    """Compile with bcc, keeping clang's stderr chatter out unless it fails."""
-    import tempfile
-
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as err:
-        os.dup2(err.fileno(), 2)
-        try:
-            return bpf_cls(src_file=source.encode(), cflags=cflags)
-        except Exception as e:
-            os.dup2(saved, 2)
-            err.seek(0)
-            detail = err.read().decode(errors="replace").strip().splitlines()
-            first = next((ln for ln in detail if "error" in ln), detail[0] if detail else "")
-            raise RuntimeError(f"{e}: {first}") from None
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    bpfsys.map_delete(fd, key)
 
 
 @contextmanager

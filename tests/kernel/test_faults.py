@@ -495,7 +495,7 @@ def test_second_exporter_on_the_same_interface_refuses(veth: VethPair, xdpflow_p
 LOG_DURING_COMPILE = """
 import threading, structlog
 from exporter import logs
-from xdp import loader
+from xdp import compile as xcompile
 
 logs.configure("info", "json")
 log = structlog.get_logger("xdpflow.test")
@@ -506,19 +506,21 @@ class FakeBPF:  # bcc's BPF(): clang runs; meanwhile the event loop thread logs 
         t.start()
         t.join()
 
-loader._quiet_compile(FakeBPF, "flow.c", [])
+xcompile._quiet_compile(FakeBPF, "flow.c", [])
 log.info("compiled")
 """
 
 
 def test_a_line_logged_while_bcc_compiles_reaches_stderr() -> None:
-    """The loader points fd 2 at a temporary file during the compile; other threads' log lines must not go there.
+    """_quiet_compile points fd 2 at a temporary file during the compile; other threads' log lines must not go there.
 
-    `xdpflow run` opens its collectors, then compiles in a worker thread while the event loop runs:
-    before f535412 a TCP connect or an ICMP error logged in that second went into clang's scratch
-    file (lost), or lost its newline and glued itself to the next line ("collector unreachable" and
-    "program loaded" on one line), so the state-change lines these tests count came and went with
-    timing. Deterministic here: the other thread logs while fd 2 is surely redirected.
+    The compile now runs in a child process (xdp.compile), so `xdpflow run`'s own fd 2 is never
+    redirected; this keeps _quiet_compile safe wherever other threads log. When `xdpflow run` still
+    compiled in a worker thread while the event loop ran, before f535412 a TCP connect or an ICMP
+    error logged in that second went into clang's scratch file (lost), or lost its newline and glued
+    itself to the next line ("collector unreachable" and "program loaded" on one line), so the
+    state-change lines these tests count came and went with timing. Deterministic here: the other
+    thread logs while fd 2 is surely redirected.
     """
     res = subprocess.run([sys.executable, "-c", LOG_DURING_COMPILE], capture_output=True, text=True, cwd=ROOT,
                          env=dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1"), timeout=60, check=False)

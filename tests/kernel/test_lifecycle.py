@@ -21,6 +21,10 @@ def test_hotplugged_interfaces_are_attached_and_released(veth: VethPair, xdpflow
                      "--log-level", "debug")
     p.wait_for("exporting")
     assert xdp_attached(veth.obs, veth.obs_if)
+    with open(f"/proc/{p.popen.pid}/maps", encoding="utf-8") as f:
+        mapped = {ln.split()[-1] for ln in f if len(ln.split()) >= 6}
+    assert not [m for m in mapped if "libLLVM" in m or "libbcc" in m or "libclang" in m], \
+        "the exporter keeps the compiler mapped: bcc belongs in the compiler child (xdp.compile)"
     ip("link", "add", new_gen, "netns", veth.gen, "type", "veth", "peer", "name", new_obs, "netns", veth.obs,
        netns=veth.gen)
     ip("link", "set", new_obs, "up", netns=veth.obs)

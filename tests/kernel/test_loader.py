@@ -112,3 +112,57 @@ def test_sigkill_leaves_no_attachment_and_restart_works(veth: VethPair, xdpflow_
     assert again.wait_for("metering")["interfaces"] == {veth.obs_if: "native"}
     rc, _ = again.stop()
     assert rc == 0
+
+
+@pytest.mark.kernel
+def test_close_frees_every_program_and_map() -> None:
+    """The descriptors came from the compiler child (xdp.compile): closing them is what frees the kernel objects."""
+    import fcntl
+    import time
+
+    from xdp import bpfsys
+
+    dp = Datapath(max_entries=128).load()
+    progs = [bpfsys.prog_id(dp.prog_fd), bpfsys.prog_id(dp.load_egress())]
+    maps = [bpfsys.map_id(fd) for fd in (*dp.page_fds, dp.pages_fd, dp.control_fd, dp.stats_fd, *dp._fds.values())]
+    assert len(set(maps)) == 15 and all(bpfsys.exists(m, is_map=True) for m in maps)
+    assert all(bpfsys.exists(p) for p in progs)
+    assert all(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC for fd in (dp.prog_fd, *dp.page_fds))
+    dp.close()
+    assert dp.prog_fd == dp.egress_prog_fd == dp.pages_fd == -1 and dp.page_fds == (-1, -1)
+    deadline = time.monotonic() + 10   # the kernel frees them from a work queue, after an RCU grace period
+    while time.monotonic() < deadline:
+        alive = [p for p in progs if bpfsys.exists(p)] + [m for m in maps if bpfsys.exists(m, is_map=True)]
+        if not alive:
+            break
+        time.sleep(0.05)
+    assert not alive, f"still in the kernel after close(): {alive}"
+    dp.close()   # twice is fine
+
+
+@pytest.mark.kernel
+def test_loading_maps_no_compiler_into_the_process() -> None:
+    """bcc and LLVM (~120 MB) stay in the short-lived compiler child."""
+    script = ("import sys; from xdp.loader import Datapath; dp = Datapath(max_entries=128).load();"
+              "maps = open('/proc/self/maps').read();"
+              "print('bcc' in sys.modules, 'libLLVM' in maps, 'libbcc' in maps, dp.prog_fd > 0, dp.egress_prog_fd > 0)")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[-1].split() == ["False", "False", "False", "True", "True"], res.stdout
+
+
+@pytest.mark.kernel
+def test_compile_failure_in_the_child_is_one_clear_line(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "include" / "linux").mkdir(parents=True)
+    (tmp_path / "include" / "linux" / "kconfig.h").write_text("#error no such kernel\n")
+    monkeypatch.setenv("BCC_KERNEL_SOURCE", str(tmp_path))
+    with pytest.raises(LoaderError) as e:
+        Datapath(max_entries=128).load()
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"could not compile or load xdp/flow.c with BCC_KERNEL_SOURCE={tmp_path}: ")
+    assert "error: no such kernel" in msg
+    monkeypatch.setenv("BCC_KERNEL_SOURCE", str(tmp_path / "nothing"))
+    with pytest.raises(LoaderError, match=r"holds no include/linux/kconfig\.h; unset it"):
+        Datapath(max_entries=128).load()

@@ -3,8 +3,11 @@
 Two identities, both made with setpriv (util-linux) so the process holds exactly these three
 capabilities: root whose bounding set is cut down to them (a container's `--cap-drop ALL
 --cap-add ...`), and the unprivileged user nobody (65534) holding them as ambient capabilities
-(systemd's `User=` + `AmbientCapabilities=`, config/systemd/xdpflow.service). What each one is for,
-found by dropping it (kernel 6.18, bcc compiling in-process):
+(systemd's `User=` + `AmbientCapabilities=`, config/systemd/xdpflow.service). bcc compiles and loads
+in a child process (xdp.compile) holding the same capabilities; it is started through /proc/self/exe,
+because nobody may not search the interpreter's path here (a virtualenv on a base interpreter under
+/root: setpriv resolved it while still root). What each capability is for, found by dropping it
+(kernel 6.18):
 
 - CAP_BPF: BPF_BTF_LOAD, BPF_MAP_CREATE and BPF_PROG_LOAD (without it: EPERM at the first map).
 - CAP_PERFMON: the verifier lets a program with it do pointer arithmetic it refuses otherwise
@@ -13,7 +16,7 @@ found by dropping it (kernel 6.18, bcc compiling in-process):
 - CAP_NET_ADMIN: loading a BPF_PROG_TYPE_XDP program at all (EPERM at BPF_PROG_LOAD), then
   BPF_LINK_CREATE on the interface and the netlink read-back of the mode.
 
-Nothing else: bcc's clang runs in-process and reads the kernel headers (world-readable, under
+Nothing else: bcc's clang (in that child) reads the kernel headers (world-readable, under
 /usr/src here) and xdp/flow.c; it does not read /sys/kernel/btf/vmlinux (0444 anyway) nor
 /proc/kallsyms, loads no module (no kheaders), and does not raise RLIMIT_MEMLOCK (since 5.11 BPF
 memory is charged to the memory cgroup), so no CAP_SYS_ADMIN, CAP_SYS_RESOURCE, CAP_DAC_* or
