@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import math
 import os
 import signal
 import sys
 from collections.abc import Callable
+from typing import TextIO
 
 from collectors.server import DEFAULT_PORT, LOG_FORMATS, LOG_LEVELS, Collector, parse_listen, stderr_logger
 
@@ -96,11 +98,23 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
 
+def _record_output() -> TextIO:
+    """stdout through a buffered writer, flushed per datagram by the collector.
+
+    With PYTHONUNBUFFERED (python -u) sys.stdout writes straight to the raw file, and a write that
+    a signal interrupts half way returns short: the text layer drops the rest of the line silently.
+    A BufferedWriter's flush() retries until everything is written.
+    """
+    if not isinstance(getattr(sys.stdout, "buffer", None), io.FileIO):
+        return sys.stdout  # already buffered (or replaced, as under pytest's capture)
+    return open(sys.stdout.fileno(), "w", encoding="utf-8", buffering=1 << 16, closefd=False)
+
+
 async def _collect(args: argparse.Namespace, listen: tuple[str, int]) -> int:
     collector = Collector(
         listen,
         json_lines=args.json,
-        output=None if args.quiet else sys.stdout,
+        output=None if args.quiet else _record_output(),
         count_options=args.count_options,
         keep=0,
         stop_after_records=args.exit_after_records,

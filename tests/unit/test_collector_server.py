@@ -20,6 +20,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Coroutine
 from ipaddress import IPv4Address
 from typing import Any
@@ -438,3 +439,37 @@ def test_cli_subprocess_exit_after_records_and_bad_listen() -> None:
     )
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.splitlines() == ["xdpflow collect: error: bad --listen 'localhost': expected HOST:PORT"]
+
+
+def test_cli_loses_no_output_when_a_signal_interrupts_a_write_to_a_full_pipe() -> None:
+    """Under python -u a write a signal interrupts returns short; every record line must still arrive whole."""
+    from exporter.ipfix import Encoder
+    from exporter.ipfix.encoder import random_records
+
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "collectors.cli", "collect", "--listen", "127.0.0.1:0",
+                             "--json", "--log-format", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    try:
+        assert proc.stderr is not None and proc.stdout is not None
+        host, port = parse_listen(json.loads(proc.stderr.readline())["address"])
+        msgs = Encoder(mtu=9000).encode(random_records(3000, seed=3), 1_700_000_000.0)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            # Nobody reads stdout yet: the pipe fills and the collector blocks in a write.
+            for m in msgs:
+                s.sendto(m, (host, port))
+                time.sleep(0.002)
+        time.sleep(0.5)
+        for _ in range(20):  # signals that interrupt the blocked write (SIGWINCH: no effect but EINTR)
+            proc.send_signal(signal.SIGWINCH)
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    lines = out.decode().splitlines()
+    records = [json.loads(line) for line in lines]  # a truncated line would not parse
+    summary = json.loads(err.decode().splitlines()[-1])
+    assert summary["event"] == "summary"
+    assert len(records) == summary["records"] > 1000
