@@ -265,12 +265,23 @@ def _varied(frame: bytes, i: int) -> bytes:
         + frame[40:]
 
 
+# Filter rule sets for the kernel benchmark: 10 rules on every dimension, and 1000 CIDRs (LPM tries).
+FILTER_CASES = {
+    "10_rules": [f"exclude dst 10.{i}.0.0/16" for i in range(4)] + [
+        "exclude src 2001:db8::/32", "exclude proto udp dport 53", "exclude vlan 99", "exclude sport 1-1023",
+        "exclude net 172.16.0.0/12", "exclude proto icmp"],
+    "1000_cidrs": [",".join(f"10.{i // 256}.{i % 256}.0/24" for i in range(600)).join(("exclude dst ", "")),
+                   ",".join(f"2001:db8:{i:x}::/48" for i in range(300)).join(("exclude src ", "")),
+                   ",".join(f"192.0.2.{i}" for i in range(1, 101)).join(("exclude dst ", " dport 443"))],
+}
+
+
 def bench_kernel(repeat: int = 1_000_000, rounds: int = 5, new_flows: int = 20_000) -> dict[str, Any]:
     """ns/packet from BPF_PROG_TEST_RUN: min and median over `rounds` runs of `repeat` packets."""
     from bcc import BPF
 
     from exporter.drain import Pages
-    from xdp import bpfsys
+    from xdp import bpfsys, filters
     from xdp.headers import find
     from xdp.loader import Datapath
 
@@ -291,6 +302,13 @@ def bench_kernel(repeat: int = 1_000_000, rounds: int = 5, new_flows: int = 20_0
         with Datapath(max_entries=table + table // 8 + 1024).load() as dp:
             for name, frame in frames.items():
                 out[f"hit_{name}"] = series(dp.prog_fd, frame)
+            # The hit path behind filter rules that all have to be looked at (none matches the frame).
+            for name, rules in FILTER_CASES.items():
+                dp.configure(filters.compile_rules(filters.parse_rules(rules)), 1)
+                out[f"hit_ipv4_tcp_{name}"] = series(dp.prog_fd, frames["ipv4_tcp"])
+            dp.configure(None, 4)
+            out["hit_ipv4_tcp_sampling_1_in_4"] = series(dp.prog_fd, frames["ipv4_tcp"])
+            dp.configure(None, 1)
 
             def one_each(start: int) -> float:
                 runs = [bpfsys.prog_test_run(dp.prog_fd, _varied(frames["ipv4_tcp"], start + i)).duration_ns
