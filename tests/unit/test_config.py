@@ -335,3 +335,8 @@ def test_memory_check_and_lines() -> None:
     ok = check.check_memory(Config(max_entries=1024))
     assert ok.status == check.OK and "; fix" not in ok.line()
     assert check.check_collector("udp://127.0.0.1:4739").status == check.OK
+
+
+def test_allocator_returns_large_frees_on_glibc() -> None:
+    """The exporter fixes glibc's mmap threshold (runcli.release_large_arrays_to_the_os); this is glibc."""
+    assert runcli.release_large_arrays_to_the_os() is True
