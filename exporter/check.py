@@ -77,6 +77,20 @@ def check_kernel(release: str | None = None) -> Result:
     return Result(OK, "kernel", f"{release} (>= {need})")
 
 
+TCX_KERNEL = (6, 6)
+
+
+def check_egress(release: str | None = None) -> Result:
+    """How --egress will attach: a TCX bpf_link (released with the process) or the clsact fallback."""
+    release = release or platform.release()
+    version = kernel_version(release)
+    if version is not None and version >= TCX_KERNEL:
+        return Result(OK, "egress", f"TCX links (kernel {release} >= 6.6): released with the process")
+    return Result(WARN, "egress", f"kernel {release} has no TCX: a clsact qdisc + cls_bpf filter (pref 49152) "
+                                  "that outlives a killed exporter",
+                  "after a SIGKILL: tc filter del dev IF egress pref 49152")
+
+
 def check_bpf_syscall() -> Result:
     from xdp import bpfsys
 
@@ -377,6 +391,8 @@ def run_checks(loaded: configmod.Loaded) -> list[Result]:
         results.append(Result(WARN, "interfaces", "none given, none checked", "pass --interface IF"))
     results += [check_pattern(name) if configmod.is_pattern(name) else check_interface(name, cfg.mode)
                 for name in cfg.interfaces]
+    if cfg.egress:
+        results.append(check_egress())
     results.append(check_memory(cfg))
     results += check_tls(cfg)
     results += [check_collector(c) for c in cfg.collectors]

@@ -314,6 +314,12 @@ def test_kernel_version_check() -> None:
     assert check.check_kernel("weird").status == check.WARN
 
 
+def test_egress_check_says_how_egress_attaches() -> None:
+    assert check.check_egress("6.18.0").status == check.OK and "TCX" in check.check_egress("6.6.1").line()
+    old = check.check_egress("6.1.0-13-amd64")
+    assert old.status == check.WARN and "tc filter del dev IF egress pref 49152" in old.line()
+
+
 def test_capabilities_check(tmp_path: Path) -> None:
     def status(capeff: int) -> str:
         return toml(tmp_path, f"Name:\tpython\nCapEff:\t{capeff:016x}\n", "status")
