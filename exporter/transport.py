@@ -11,7 +11,10 @@ message that was dropped or failed, once, to be decoded by the caller (Encoder.f
 UDP: one long-lived connected socket per collector, so the source port stays the same for the life
 of the process, which collectors that key template state by exporter address and port (goflow2,
 nfacctd) rely on. A send error (ICMP port unreachable surfaces as ECONNREFUSED on a connected
-socket, a full buffer as ENOBUFS) is counted and logged on state change, never fatal.
+socket, a full buffer as ENOBUFS) is counted and logged on state change, never fatal. A collector
+given by name is resolved again every `resolve_every` seconds: when the name moves (a Kubernetes
+Service, DNS failover) the same socket is connected to the new address, so the source port still
+stays; when it stops resolving, sending goes on to the last address and that is logged once.
 
 TCP and TLS: one persistent connection, owned by a background task. `send()` only appends to a
 bounded queue (in messages and in bytes) and wakes the task. The task resolves the name, connects,
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import random
 import socket
@@ -224,14 +228,23 @@ class UdpSender:
     _sock: socket.socket | None = None
     _failing: bool = False
     _errors_at_last_send: int = 0
+    resolve_every: float = 60.0  # seconds between resolutions of a collector given by name
+    _addr: tuple[object, ...] = ()
+    _resolver: asyncio.Task[None] | None = None
+    _unresolved: bool = False
+
+    async def _resolve(self) -> list[tuple[int, tuple[object, ...]]]:
+        """(family, sockaddr) of each address of the collector's name."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(self.endpoint.host, self.endpoint.port, type=socket.SOCK_DGRAM)
+        return [(int(family), tuple(addr)) for family, _, _, _, addr in infos]
 
     async def open(self) -> UdpSender:
         loop = asyncio.get_running_loop()
         try:
-            infos = await loop.getaddrinfo(self.endpoint.host, self.endpoint.port, type=socket.SOCK_DGRAM)
+            family, addr = (await self._resolve())[0]
         except OSError as e:
             raise EndpointError(f"collector {self.endpoint}: cannot resolve {self.endpoint.host}: {e}") from None
-        family, _, _, _, addr = infos[0]
         sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
@@ -239,8 +252,47 @@ class UdpSender:
         transport, _ = await loop.create_datagram_endpoint(lambda: _DatagramProtocol(self), sock=sock)
         self._transport = transport
         self._sock = sock
+        self._addr = addr
         self.stats.connections += 1
+        if not _is_address(self.endpoint.host):
+            self._resolver = loop.create_task(self._follow_name())
         return self
+
+    async def _follow_name(self) -> None:
+        while True:
+            await asyncio.sleep(self.resolve_every)
+            await self.resolve_again()
+
+    async def resolve_again(self) -> None:
+        """Resolve the name once more; connect the socket to a new address of the same family."""
+        try:
+            found = await self._resolve()
+        except OSError as e:
+            if not self._unresolved:
+                self._unresolved = True
+                log.warning("collector name no longer resolves, sending to its last address",
+                            collector=str(self.endpoint), address=str(self._addr[0]), error=str(e))
+            return
+        if self._unresolved:
+            self._unresolved = False
+            log.info("collector name resolves again", collector=str(self.endpoint))
+        sock = self._sock
+        if sock is None or any(addr == self._addr for _, addr in found):
+            return
+        same_family = [addr for family, addr in found if family == sock.family]
+        if not same_family:
+            log.warning("collector name moved to another address family, sending to its last address",
+                        collector=str(self.endpoint), address=str(self._addr[0]))
+            return
+        try:
+            sock.connect(same_family[0])  # the socket keeps its local port
+        except OSError as e:
+            log.warning("collector address changed but cannot be reached, sending to its last address",
+                        collector=str(self.endpoint), address=str(same_family[0][0]), error=str(e))
+            return
+        old, self._addr = self._addr, same_family[0]
+        log.info("collector address changed", collector=str(self.endpoint), old=str(old[0]),
+                 new=str(self._addr[0]))
 
     @property
     def local_port(self) -> int:
@@ -299,10 +351,21 @@ class UdpSender:
         _report_not_sent(self.on_not_sent, failed, self.endpoint)
 
     async def close(self, timeout: float | None = None) -> None:
+        if self._resolver is not None:
+            self._resolver.cancel()
+            self._resolver = None
         if self._transport is not None:
             self._transport.close()
             self._transport = None
             self._sock = None
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 # -- TCP and TLS ---------------------------------------------------------------------------------

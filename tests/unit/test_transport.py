@@ -4,6 +4,7 @@ the sender factory for every scheme. TCP and TLS live in test_transport_tcp.py."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import Iterator
 
@@ -146,3 +147,69 @@ def test_unresolvable_host_is_a_clear_error() -> None:
 
     with pytest.raises(EndpointError, match="cannot resolve"):
         asyncio.run(go())
+
+
+class _Moving(UdpSender):
+    """A UdpSender whose name resolves to whatever the test says (an OSError: it does not resolve)."""
+
+    answers: list[object]
+
+    async def _resolve(self) -> list[tuple[int, tuple[object, ...]]]:
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, OSError):
+            raise answer
+        return [(socket.AF_INET, (answer, self.endpoint.port))]
+
+
+def test_udp_sender_follows_a_collector_name_that_moves() -> None:
+    """Same socket, same source port, new address; a name that stops resolving keeps the last address."""
+    async def go() -> tuple[list[tuple[str, int, bytes]], list[str], int]:
+        one = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        one.bind(("127.0.0.1", 0))
+        port = one.getsockname()[1]
+        two = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        two.bind(("127.0.0.2", port))
+        for s in (one, two):
+            s.settimeout(2)
+        with capture_logs() as logs:
+            sender = _Moving(Endpoint("udp", "collector.test", port), resolve_every=3600)
+            sender.answers = ["127.0.0.1"]
+            await sender.open()
+            assert sender._resolver is not None, "a name is followed"
+            sender.send([b"a"])
+            sender.answers = ["127.0.0.2"]
+            await sender.resolve_again()
+            sender.send([b"b"])
+            sender.answers = [OSError("Name or service not known")]
+            await sender.resolve_again()
+            await sender.resolve_again()
+            sender.send([b"c"])
+            sender.answers = ["127.0.0.2"]
+            await sender.resolve_again()
+            await sender.close()
+        got = []
+        for rx, name in ((one, "127.0.0.1"), (two, "127.0.0.2")):
+            rx.settimeout(0.2)
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    d, (_, sport) = rx.recvfrom(100)
+                    got.append((name, sport, d))
+            rx.close()
+        return got, [e["event"] for e in logs], sender.stats.send_errors
+
+    got, events, errors = asyncio.run(go())
+    assert [(name, d) for name, _, d in got] == [("127.0.0.1", b"a"), ("127.0.0.2", b"b"), ("127.0.0.2", b"c")]
+    assert len({sport for _, sport, _ in got}) == 1, "the source port changed with the address"
+    assert events == ["collector address changed", "collector name no longer resolves, sending to its last address",
+                      "collector name resolves again"]
+    assert errors == 0
+
+
+def test_udp_sender_does_not_follow_an_address() -> None:
+    async def go() -> bool:
+        sender = await UdpSender(parse_endpoint("127.0.0.1:4739")).open()
+        followed = sender._resolver is not None
+        await sender.close()
+        return followed
+
+    assert asyncio.run(go()) is False
