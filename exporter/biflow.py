@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from exporter.flowtable import U8, FlowTable, RecordKind, _same_keys, key_hash
+from exporter.flowtable import U8, FlowTable, RecordKind, _same_keys, fold_direction, key_hash, less
 from exporter.layout import FLOW_KEY
 from exporter.records import (
     BIFLOW_ARBITRARY,
@@ -74,27 +74,14 @@ _ICMP4_PARTNER, _ICMP4_REQUEST = _type_map(_ICMP4_PAIRS)
 _ICMP6_PARTNER, _ICMP6_REQUEST = _type_map(_ICMP6_PAIRS)
 
 
-def _fold_side(cur: Records, scan: Records, p: str) -> None:
-    for name in ("packets", "octets"):
-        cur[p + name] += scan[p + name]
-    np.maximum(cur[p + "last_ms"], scan[p + "last_ms"], out=cur[p + "last_ms"])
-    cur[p + "tcp_flags"] |= scan[p + "tcp_flags"]
-    np.minimum(cur[p + "min_ttl"], scan[p + "min_ttl"], out=cur[p + "min_ttl"])
-    np.maximum(cur[p + "max_ttl"], scan[p + "max_ttl"], out=cur[p + "max_ttl"])
-    earlier = scan[p + "first_ms"] < cur[p + "first_ms"]
-    cur[p + "tos"][earlier] = scan[p + "tos"][earlier]
-    cur[p + "first_flags"][earlier] = scan[p + "first_flags"][earlier]
-    cur[p + "first_ms"][earlier] = scan[p + "first_ms"][earlier]
-
-
 def _fold_biflow(cur: Records, scan: Records) -> None:
     # A lone forward side becomes the initiator once its reverse answers after it.
     answered = ((cur["r_packets"] == 0) & (scan["r_packets"] > 0) & (cur["biflow_direction"] == BIFLOW_ARBITRARY)
                 & (cur["first_ms"] < scan["r_first_ms"]))
     no_fwd = cur["packets"] == 0
     no_rev = cur["r_packets"] == 0
-    _fold_side(cur, scan, "")
-    _fold_side(cur, scan, "r_")
+    fold_direction(cur, scan)
+    fold_direction(cur, scan, "r_")
     cur["fwd_ifindex"][no_fwd] = scan["fwd_ifindex"][no_fwd]
     cur["fwd_direction"][no_fwd] = scan["fwd_direction"][no_fwd]
     cur["rev_ifindex"][no_rev] = scan["rev_ifindex"][no_rev]
@@ -109,9 +96,6 @@ BIFLOW = RecordKind(
     tcp_flags=lambda t: t["tcp_flags"] | t["r_tcp_flags"],
 )
 
-_HAS_DIRECTION = "direction" in (FLOW_KEY.names or ())
-
-
 def pairing_keys(uniflows: Records, per_interface: bool) -> tuple[Records, Records]:
     """(own, reversed) normalised FLOW_KEYs of each uniflow (see step 1 of the module docstring)."""
     own = np.zeros(len(uniflows), dtype=FLOW_KEY)
@@ -119,7 +103,7 @@ def pairing_keys(uniflows: Records, per_interface: bool) -> tuple[Records, Recor
         own[name] = uniflows[name]
     if not per_interface:
         own["ifindex"] = 0
-    elif _HAS_DIRECTION:
+    else:
         own["direction"] = 0
     rev = own.copy()
     rev["src_addr"], rev["dst_addr"] = own["dst_addr"], own["src_addr"]
@@ -154,7 +138,7 @@ def _initiates(first: npt.NDArray[np.uint64], flags: npt.NDArray[np.uint16], u: 
     syn_i = tcp & ((flags[i] & (TCP_SYN | TCP_ACK)) == TCP_SYN)
     syn_j = tcp & ((flags[j] & (TCP_SYN | TCP_ACK)) == TCP_SYN)
     sport_i, sport_j = u["src_port"][i], u["src_port"][j]
-    guess = np.where(sport_i != sport_j, sport_i > sport_j, _less_rows(own[i], own[j]))
+    guess = np.where(sport_i != sport_j, sport_i > sport_j, less(own[i], own[j]))
     told = np.where(req_i != req_j, req_i, np.where(syn_i != syn_j, syn_i, guess))
     decided = ~tie | (req_i != req_j) | (syn_i != syn_j)
     return np.where(tie, told, ti < tj), decided
@@ -167,13 +151,6 @@ def _opens(u: Records, flags: npt.NDArray[np.uint16]) -> npt.NDArray[np.bool_]:
     icmp4 = (u["protocol"] == 1) & _ICMP4_REQUEST[kind]
     icmp6 = (u["protocol"] == 58) & _ICMP6_REQUEST[kind]
     return syn | icmp4 | icmp6
-
-
-def _less_rows(a: U8, b: U8) -> npt.NDArray[np.bool_]:
-    differ = a != b
-    first = differ.argmax(axis=1)
-    rows = np.arange(len(a))
-    return differ.any(axis=1) & (a[rows, first] < b[rows, first])
 
 
 class BiflowTable(FlowTable):
@@ -256,9 +233,8 @@ class BiflowTable(FlowTable):
         rows["r_min_ttl"][fwd] = 0xFF
         rows["fwd_ifindex"][fwd] = u["ifindex"][fwd]
         rows["rev_ifindex"][reverse] = u["ifindex"][reverse]
-        if _HAS_DIRECTION:
-            rows["fwd_direction"][fwd] = u["direction"][fwd]
-            rows["rev_direction"][reverse] = u["direction"][reverse]
+        rows["fwd_direction"][fwd] = u["direction"][fwd]
+        rows["rev_direction"][reverse] = u["direction"][reverse]
         rows["biflow_direction"] = initiator
         self.paired += int(np.count_nonzero(reverse))
         return rows

@@ -77,17 +77,19 @@ def _bytes(records: Records) -> U8:
     return np.ascontiguousarray(records).view(np.uint8).reshape(len(records), records.dtype.itemsize)
 
 
-def _fold_uniflow(cur: Records, scan: Records) -> None:
+def fold_direction(cur: Records, scan: Records, prefix: str = "") -> None:
+    """Fold one direction's values (records.DIRECTION_FIELDS, names after `prefix`) of `scan` into `cur`:
+    sums, last max, OR of flags, TTL min/max, and ToS and first flags of the earlier first packet."""
+    p = prefix
     for name in ("packets", "octets"):
-        cur[name] += scan[name]
-    np.maximum(cur["last_ms"], scan["last_ms"], out=cur["last_ms"])
-    cur["tcp_flags"] |= scan["tcp_flags"]
-    np.minimum(cur["min_ttl"], scan["min_ttl"], out=cur["min_ttl"])
-    np.maximum(cur["max_ttl"], scan["max_ttl"], out=cur["max_ttl"])
-    earlier = scan["first_ms"] < cur["first_ms"]
-    cur["tos"][earlier] = scan["tos"][earlier]
-    cur["first_flags"][earlier] = scan["first_flags"][earlier]
-    cur["first_ms"][earlier] = scan["first_ms"][earlier]
+        cur[p + name] += scan[p + name]
+    np.maximum(cur[p + "last_ms"], scan[p + "last_ms"], out=cur[p + "last_ms"])
+    cur[p + "tcp_flags"] |= scan[p + "tcp_flags"]
+    np.minimum(cur[p + "min_ttl"], scan[p + "min_ttl"], out=cur[p + "min_ttl"])
+    np.maximum(cur[p + "max_ttl"], scan[p + "max_ttl"], out=cur[p + "max_ttl"])
+    earlier = scan[p + "first_ms"] < cur[p + "first_ms"]
+    for name in ("tos", "first_flags", "first_ms"):
+        cur[p + name][earlier] = scan[p + name][earlier]
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ class RecordKind:
     tcp_flags: Callable[[Records], npt.NDArray[np.uint16]]
 
 
-UNIFLOW = RecordKind(FLOW_RECORD, _fold_uniflow, lambda t: t["first_ms"], lambda t: t["last_ms"],
+UNIFLOW = RecordKind(FLOW_RECORD, fold_direction, lambda t: t["first_ms"], lambda t: t["last_ms"],
                      lambda t: t["tcp_flags"])
 
 
@@ -128,7 +130,7 @@ def _as_keys(key_bytes: U8) -> npt.NDArray[np.void]:
     return np.ascontiguousarray(key_bytes).view(KEY_VIEW).reshape(len(key_bytes))
 
 
-def _less(a: U8, b: U8) -> npt.NDArray[np.bool_]:
+def less(a: U8, b: U8) -> npt.NDArray[np.bool_]:
     """Row-wise a < b comparing key bytes lexicographically."""
     differ = a != b
     first = differ.argmax(axis=1)
@@ -291,7 +293,7 @@ class FlowTable:
             mine = keys[clash[live]]
             equal = _same_keys(other, mine)
             hit[live[equal]] = start[live[equal]] + k
-            below[live] += _less(other, mine)
+            below[live] += less(other, mine)
         found = hit >= 0
         matched[clash[found]] = True
         pos[clash[found]] = hit[found]
