@@ -112,7 +112,7 @@ class Pages:
         return Merged(records, entries, idle, wait, self.datapath.take_page_stats(idle))
 
     def merge_all(self, offset_ns: int) -> list[Merged]:
-        """Shutdown: both pages, as `drain_all()` does."""
+        """Shutdown: drain the page just written, then the other (both idle after two flips)."""
         return [self.flip_and_merge(offset_ns), self.flip_and_merge(offset_ns)]
 
     def flip_and_drain(self) -> Drained:
@@ -120,7 +120,3 @@ class Pages:
         idle = self.active ^ 1
         keys, values = self.drain(idle)
         return Drained(keys, values, idle, wait, self.datapath.take_page_stats(idle))
-
-    def drain_all(self) -> list[Drained]:
-        """Shutdown: drain the page just written, then the other (both idle after two flips)."""
-        return [self.flip_and_drain(), self.flip_and_drain()]

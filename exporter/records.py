@@ -71,10 +71,6 @@ KEY_VIEW = np.dtype(f"V{KEY_SIZE}")
 Records = npt.NDArray[np.void]
 
 
-def empty(n: int = 0) -> Records:
-    return np.zeros(n, dtype=FLOW_RECORD)
-
-
 def key_view(records: Records) -> npt.NDArray[np.void]:
     """One opaque KEY_SIZE-byte value per record (a view, no copy when contiguous)."""
     raw = np.ascontiguousarray(records).view(np.uint8).reshape(len(records), FLOW_RECORD.itemsize)

@@ -1,8 +1,8 @@
 """The bpf(2) commands bcc's Python binding does not offer, through ctypes.
 
 - BPF_MAP_LOOKUP_BATCH / BPF_MAP_LOOKUP_AND_DELETE_BATCH straight into caller
-  buffers (numpy arrays), so a drain of 500K flows costs two syscalls, not a
-  million ctypes objects;
+  buffers (numpy arrays), a chunk of entries per syscall, not a ctypes object
+  per entry;
 - BPF_MAP_UPDATE_ELEM for the page flip (on an array-of-maps the kernel waits
   an RCU grace period before returning), BPF_MAP_DELETE_ELEM;
 - BPF_PROG_TEST_RUN for parser tests and ns/packet benchmarks (with an
