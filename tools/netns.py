@@ -24,7 +24,6 @@ receives in another, without a subprocess.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import os
 import secrets
@@ -196,32 +195,17 @@ def ifindex(netns: str, ifname: str) -> int:
     return int(out.split(":", 1)[0])
 
 
-_CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, _CLONE_NEWNET) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"setns: {os.strerror(e)}")
-
-
 @contextmanager
 def inside(netns: str) -> Iterator[None]:
     """Run the body with the calling thread in network namespace `netns` (see the module docstring)."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    from xdp.loader import thread_in_netns
+
+    target = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
+        with thread_in_netns(target):
             yield
-        finally:
-            _setns(home)
     finally:
-        os.close(home)
+        os.close(target)
 
 
 def sysctl(netns: str, key: str, value: str) -> None:

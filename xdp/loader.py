@@ -542,7 +542,7 @@ class Datapath:
                 log.debug("egress detach skipped", interface=att.ifname, reason=str(e))
         else:
             try:
-                with _netns(att.netns_fd):
+                with thread_in_netns(att.netns_fd):
                     _detach_egress_tc(att)
             finally:
                 if att.netns_fd >= 0:
@@ -633,7 +633,8 @@ def _del_clsact(ipr: Any, ifindex: int) -> None:
 _CLONE_NEWNET = 0x40000000
 
 
-def _setns(fd: int) -> None:
+def setns(fd: int) -> None:
+    """Move the calling thread into the network namespace of `fd` (an open nsfs file)."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.setns(fd, _CLONE_NEWNET) != 0:
         e = ctypes.get_errno()
@@ -641,18 +642,18 @@ def _setns(fd: int) -> None:
 
 
 @contextmanager
-def _netns(fd: int) -> Iterator[None]:
+def thread_in_netns(fd: int) -> Iterator[None]:
     """The calling thread in the network namespace of `fd` (an open nsfs file) for the body; -1: stay."""
     if fd < 0 or os.fstat(fd).st_ino == os.stat("/proc/thread-self/ns/net").st_ino:
         yield
         return
     home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _setns(fd)
+        setns(fd)
         try:
             yield
         finally:
-            _setns(home)
+            setns(home)
     finally:
         os.close(home)
 
