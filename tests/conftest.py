@@ -14,9 +14,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -25,6 +26,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from tools.netns import VethPair, in_netns, leftovers  # noqa: E402 - needs ROOT on sys.path
+
+if TYPE_CHECKING:
+    from tools.packets import Flow
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -144,7 +148,104 @@ def xdpflow_proc() -> Iterator[Any]:
             p.kill()
 
 
+@pytest.fixture
+def procs() -> Iterator[list[Any]]:
+    """Collectors, traffic and processes a test started; whatever still runs at the end is stopped."""
+    started: list[Any] = []
+    try:
+        yield started
+    finally:
+        for x in reversed(started):
+            if isinstance(x, subprocess.Popen):
+                if x.poll() is None:
+                    x.kill()
+                    x.wait(timeout=10)
+            elif hasattr(x, "kill"):
+                x.kill()
+            else:  # tools.soak.Churn: a traffic thread
+                x._stop.set()
+
+
+def xdp_prog_id(netns: str, ifname: str) -> int:
+    """Id of the XDP program attached to `ifname` (any mode), 0 if none."""
+    out = subprocess.run(in_netns(netns, ["ip", "-j", "link", "show", "dev", ifname]), capture_output=True,
+                         text=True, check=True).stdout
+    return int(json.loads(out)[0].get("xdp", {}).get("prog", {}).get("id", 0))
+
+
 def xdp_attached(netns: str, ifname: str) -> bool:
     out = subprocess.run(in_netns(netns, ["ip", "-o", "link", "show", ifname]), capture_output=True, text=True,
                          check=False).stdout
     return " xdp" in out or "prog/xdp" in out
+
+
+class JsonCollector:
+    """`xdpflow collect --json` in a namespace, records to a file that can be read at any time."""
+
+    def __init__(self, netns: str, port: int, tmp: Path) -> None:
+        self.port = port
+        self.url = f"udp://127.0.0.1:{port}"
+        self.out = tmp / f"collector-{port}.jsonl"
+        self.err = tmp / f"collector-{port}.log"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.popen = subprocess.Popen(
+                in_netns(netns, xdpflow_cmd("collect", "--listen", f"127.0.0.1:{port}", "--json",
+                                            "--log-format", "json")),
+                stdout=out, stderr=err, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1"))
+        deadline = time.monotonic() + 30
+        while "listening" not in self.err.read_text():
+            assert self.popen.poll() is None, f"collector on {port} exited: {self.err.read_text()}"
+            assert time.monotonic() < deadline, f"collector on {port} did not start: {self.err.read_text()}"
+            time.sleep(0.05)
+
+    def all_records(self) -> list[dict[str, Any]]:
+        text = self.out.read_text()
+        return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
+
+    def records(self) -> list[dict[str, Any]]:
+        """Flow data records received so far (options records left out)."""
+        return [r for r in self.all_records() if not r["_options"]]
+
+    flows = records
+
+    def packets_of(self, flow: Flow) -> int:
+        src = "sourceIPv4Address" if flow.version == 4 else "sourceIPv6Address"
+        return sum(r["packetDeltaCount"] for r in self.records()
+                   if (r.get(src), r.get("sourceTransportPort")) == (flow.src, flow.sport))
+
+    def of(self, flow: Flow) -> list[dict[str, Any]]:
+        return [r for r in self.records() if (r.get("sourceIPv4Address"), r.get("sourceTransportPort"))
+                == (flow.src, flow.sport)]
+
+    def has(self, *flows: Flow) -> bool:
+        return all(self.of(fl) for fl in flows)
+
+    def wait_for(self, what: str, cond: Callable[[], bool], timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not cond():
+            assert time.monotonic() < deadline, f"collector {self.port}: timed out waiting for {what}; " \
+                                                f"records: {self.records()}"
+            time.sleep(0.05)
+
+    def stop(self) -> dict[str, Any]:
+        """SIGTERM; the summary counters it logs."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        self.popen.wait(timeout=30)
+        events = [json.loads(line) for line in self.err.read_text().splitlines() if line.startswith("{")]
+        return next(e for e in events if e.get("event") == "summary")
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+
+
+@pytest.fixture
+def collector(veth: VethPair, tmp_path: Path) -> Iterator[JsonCollector]:
+    """The built-in collector on udp://127.0.0.1:4739 in the observer namespace."""
+    c = JsonCollector(veth.obs, 4739, tmp_path)
+    try:
+        yield c
+    finally:
+        c.kill()

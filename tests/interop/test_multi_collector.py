@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import ipaddress
 import os
 import re
@@ -35,14 +34,16 @@ from collectors.decoder import DataRecord, Decoder, SequenceGap
 from collectors.external import Nfcapd, Tshark
 from collectors.server import Collector, stderr_logger
 from exporter.ipfix import CONFIG_TEMPLATE_ID, FLOW_KEYS_TEMPLATE_ID, METERING_TEMPLATE_ID, RELIABILITY_TEMPLATE_ID
+from tests.interop.test_export_nfcapd import nf_key
+from tests.interop.test_tshark_options import flow_sets
 from tools import trafgen
 from tools.netns import VethPair
 from tools.packets import ICMP, ICMPV6, Flow, standard_mix
+from xdp.loader import setns
 
 NFCAPD_PORT = 9995
 UDP_PORT = 4739
 TCP_PORT = 4741
-CLONE_NEWNET = 0x40000000
 IPFIX_HEADER = struct.Struct("!HHIII")
 
 T = TypeVar("T")
@@ -53,12 +54,9 @@ Key = tuple[str, str, int, int, int, int]
 
 def enter_netns(name: str) -> None:
     """Move the calling thread (only it) into network namespace `name`."""
-    libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
     try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+        setns(fd)
     finally:
         os.close(fd)
 
@@ -261,14 +259,7 @@ def nfcapd_totals(flows: Iterable[dict[str, Any]]) -> dict[Key, tuple[int, int]]
     packets: Counter[Key] = Counter()
     octets: Counter[Key] = Counter()
     for r in flows:
-        src = str(ipaddress.ip_address(r.get("src4_addr") or r.get("src6_addr")))
-        dst = str(ipaddress.ip_address(r.get("dst4_addr") or r.get("dst6_addr")))
-        proto = int(r["proto"])
-        if proto in (ICMP, ICMPV6):
-            sport, dport = 0, (int(r.get("icmp_type", 0)) << 8) | int(r.get("icmp_code", 0))
-        else:
-            sport, dport = int(r.get("src_port", 0)), int(r.get("dst_port", 0))
-        k = (src, dst, proto, sport, dport, int(r.get("src_vlan", 0)))
+        k = nf_key(r)
         packets[k] += int(r["in_packets"])
         octets[k] += int(r["in_bytes"])
     return {k: (packets[k], octets[k]) for k in packets}
@@ -311,22 +302,6 @@ def udp_collector(loop: NetnsLoop, port: int, count_options: bool) -> Iterator[C
         yield c
     finally:
         loop.run(c.close())
-
-
-def walk_flow_sets(layer: Any) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(set id, fields) of every record tshark decoded ("Set n [id=X]" / "Flow n" tree labels)."""
-    if isinstance(layer, dict):
-        for key, value in layer.items():
-            m = re.fullmatch(r"Set \d+ \[id=(\d+)\].*", key)
-            if m and isinstance(value, dict):
-                for sub, rec in value.items():
-                    if sub.startswith("Flow ") and isinstance(rec, dict):
-                        yield int(m.group(1)), rec
-            else:
-                yield from walk_flow_sets(value)
-    elif isinstance(layer, list):
-        for item in layer:
-            yield from walk_flow_sets(item)
 
 
 # -- the test --------------------------------------------------------------------------------------
@@ -418,7 +393,7 @@ def test_three_collectors_each_get_everything_in_sequence(veth: VethPair, xdpflo
     for pkt in packets:
         layers = pkt["_source"]["layers"]
         assert "cflow" in layers, f"tshark did not decode a datagram as IPFIX: {list(layers)}"
-        decoded.extend(walk_flow_sets(layers["cflow"]))
+        decoded.extend(flow_sets(layers["cflow"]))
     assert sum(1 for sid, _ in decoded if sid in (256, 257)) == n_flows
     config = [r for sid, r in decoded if sid == CONFIG_TEMPLATE_ID]
     assert config and all(int(r["cflow.sampling_interval"]) == 1 for r in config), config[:1]

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import JsonCollector
 from tests.kernel.test_metrics import METRICS_PORT, scrape, value
-from tests.kernel.test_sighup import Collector
 from tools.netns import Router, ifindex, in_netns
 
 pytestmark = pytest.mark.kernel
@@ -78,7 +78,7 @@ def _conversation(recs: list[dict[str, Any]], a: tuple[str, int], b: tuple[str, 
 
 def test_a_connection_through_the_gateway_is_one_biflow(tmp_path: Path, xdpflow_proc: Any) -> None:
     with Router() as r:
-        col = Collector(r.router, PORT, tmp_path)
+        col = JsonCollector(r.router, PORT, tmp_path)
         server: subprocess.Popen[str] | None = None
         try:
             exp = xdpflow_proc(r.router, "run", "--biflow", "-i", r.ra_if, "-i", r.rb_if, "-c", col.url,

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import JsonCollector
 from tests.kernel.test_biflow_gateway import PING
 from tests.kernel.test_metrics import METRICS_PORT, scrape, value
-from tests.kernel.test_sighup import Collector
 from tools.netns import Router, ifindex, in_netns
 
 pytestmark = pytest.mark.kernel
@@ -37,7 +37,7 @@ for i in range({N}):
 
 def run_gateway(tmp_path: Path, xdpflow_proc: Any, *extra: str) -> tuple[list[dict[str, Any]], dict[str, int], float]:
     with Router() as r:
-        col = Collector(r.router, PORT, tmp_path)
+        col = JsonCollector(r.router, PORT, tmp_path)
         try:
             exp = xdpflow_proc(r.router, "run", "--egress", *extra, "-i", r.ra_if, "-i", r.rb_if, "-c", col.url,
                                "--scan-interval", "1", "--idle-timeout", "3", "--active-timeout", "30",

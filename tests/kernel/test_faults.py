@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Proc, xdp_attached, xdpflow_cmd
+from tests.conftest import ROOT, Proc, xdp_attached, xdp_prog_id, xdpflow_cmd
 from tools.bench import trafgen_profile
 from tools.netns import VethPair, in_netns
 from tools.soak import OCTETS, Churn, CollectorProc, Totals, churn_profile, run_soak, trafgen
@@ -110,24 +110,6 @@ def built_in_collector(netns: str, listen: str) -> subprocess.Popen[str]:
         if '"listening"' in line:
             return c
     raise AssertionError(f"collector did not start: {c.communicate()}")
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Any]]:
-    """Collectors and traffic started by a test; whatever still runs at the end is stopped."""
-    started: list[Any] = []
-    try:
-        yield started
-    finally:
-        for x in reversed(started):
-            if isinstance(x, Churn):
-                x._stop.set()
-            elif isinstance(x, subprocess.Popen):
-                if x.poll() is None:
-                    x.kill()
-                    x.wait(timeout=10)
-            else:
-                x.kill()
 
 
 # -- collector faults ----------------------------------------------------------------------------------
@@ -221,11 +203,11 @@ def netns_etc(veth: VethPair) -> Iterator[Callable[[bool], None]]:
 @pytest.mark.kernel
 def test_collector_name_that_stops_resolving(veth: VethPair, xdpflow_proc: Any, procs: list[Any],
                                              netns_etc: Callable[[bool], None]) -> None:
-    """Two collectors by name: TCP resolves on every connect, UDP once at start.
+    """Two collectors by name: TCP resolves on every connect, UDP every 60 s (longer than this test).
 
     While the name is gone the TCP collector crashes and comes back: reconnects fail to resolve
     (one line), the exporter keeps metering and queueing, and delivers everything once the name
-    resolves again. The UDP sender keeps the address it resolved at start and never notices.
+    resolves again. The UDP sender keeps sending to the address it resolved and never notices.
     """
     tcp_url, udp_url = f"tcp://{HOSTS_NAME}:4739", f"udp://{HOSTS_NAME}:4740"
     tcp = CollectorProc(veth.obs, "tcp://127.0.0.1:4739")
@@ -380,16 +362,22 @@ class Flood:
 BIG = ("--scan-interval", "0.2", "--max-entries", "65536", "--log-level", "debug")
 
 
+def big_scans(veth: VethPair, xdpflow_proc: Any, procs: list[Any], url: str) -> tuple[Any, Any, Flood]:
+    """A TCP collector, an exporter and a flood of 20K flows, once scans drain 2000 entries or more."""
+    collector = CollectorProc(veth.obs, url)
+    procs.append(collector)
+    p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--collector", url, *BIG)
+    p.wait_for("exporting")
+    flood = Flood(veth, 20_000, 60_000)
+    procs.append(flood)
+    wait_until(p, "big scans", lambda: max((s["entries"] for s in p.events("scan")), default=0) >= 2000)
+    return collector, p, flood
+
+
 @pytest.mark.kernel
 def test_sigkill_mid_scan_then_restart(veth: VethPair, xdpflow_proc: Any, procs: list[Any]) -> None:
     url = "tcp://127.0.0.1:4739"
-    first_collector = CollectorProc(veth.obs, url)
-    procs.append(first_collector)
-    first = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--collector", url, *BIG)
-    first.wait_for("exporting")
-    flood = Flood(veth, 20_000, 60_000)
-    procs.append(flood)
-    wait_until(first, "big scans", lambda: max((s["entries"] for s in first.events("scan")), default=0) >= 2000)
+    first_collector, first, flood = big_scans(veth, xdpflow_proc, procs, url)
     killed = signal_mid_scan(first.popen.pid, signal.SIGKILL)
     first.popen.wait(timeout=10)
     gone = time.time()
@@ -418,13 +406,7 @@ def test_sigkill_mid_scan_then_restart(veth: VethPair, xdpflow_proc: Any, procs:
 @pytest.mark.kernel
 def test_sigterm_mid_scan_flushes_everything(veth: VethPair, xdpflow_proc: Any, procs: list[Any]) -> None:
     url = "tcp://127.0.0.1:4739"
-    collector = CollectorProc(veth.obs, url)
-    procs.append(collector)
-    p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--collector", url, *BIG)
-    p.wait_for("exporting")
-    flood = Flood(veth, 20_000, 60_000)
-    procs.append(flood)
-    wait_until(p, "big scans", lambda: max((s["entries"] for s in p.events("scan")), default=0) >= 2000)
+    collector, p, flood = big_scans(veth, xdpflow_proc, procs, url)
     asked = signal_mid_scan(p.popen.pid, signal.SIGTERM)
     rc = p.popen.wait(timeout=60)
     ended = time.time()
@@ -442,13 +424,6 @@ def test_sigterm_mid_scan_flushes_everything(veth: VethPair, xdpflow_proc: Any, 
     assert got.records == stopped["records_exported"]
     assert stopped["sent"][url]["records"] == stopped["records_exported"]
     assert not xdp_attached(veth.obs, veth.obs_if)
-
-
-def xdp_prog_id(netns: str, ifname: str) -> str:
-    out = subprocess.run(in_netns(netns, ["ip", "-d", "-o", "link", "show", ifname]), capture_output=True, text=True,
-                         check=True).stdout
-    words = out.split()
-    return words[words.index("id") + 1] if "prog/xdp" in out else ""
 
 
 @pytest.mark.kernel

@@ -39,7 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.drain import Pages
 from exporter.layout import CONTROL
 from exporter.merge import merge
-from tests.conftest import ROOT, Proc, xdpflow_cmd
+from tests.conftest import ROOT, JsonCollector, Proc, xdp_prog_id, xdpflow_cmd
 from tests.kernel import frames as fr
 from tests.unit.test_filter_rules import rules_st
 from tools import trafgen
@@ -317,66 +317,12 @@ METRICS_PORT = 9477
 FETCH = "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
 
 
-class Collector:
-    """`xdpflow collect --json` inside a namespace, writing records to a file readable at any time."""
-
-    def __init__(self, netns: str, port: int, tmp: Path) -> None:
-        self.out, self.err = tmp / f"records-{port}.jsonl", tmp / f"collector-{port}.log"
-        with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.popen = subprocess.Popen(
-                in_netns(netns, xdpflow_cmd("collect", "--listen", f"127.0.0.1:{port}", "--json",
-                                            "--log-format", "json")),
-                stdout=out, stderr=err, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1"))
-        deadline = time.monotonic() + 30
-        while "listening" not in self.err.read_text():
-            assert self.popen.poll() is None and time.monotonic() < deadline, self.err.read_text()
-            time.sleep(0.05)
-
-    def all_records(self) -> list[dict[str, Any]]:
-        text = self.out.read_text()
-        return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines()]
-
-    def flows(self) -> list[dict[str, Any]]:
-        return [r for r in self.all_records() if not r["_options"]]
-
-    def packets_of(self, fl: Flow) -> int:
-        src = "sourceIPv4Address" if fl.version == 4 else "sourceIPv6Address"
-        return sum(r["packetDeltaCount"] for r in self.flows()
-                   if (r.get(src), r.get("sourceTransportPort")) == (fl.src, fl.sport))
-
-    def wait_for(self, what: str, cond: Any, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}: {self.flows()}"
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(timeout=10)
-
-
-@pytest.fixture
-def collector(veth: VethPair, tmp_path: Path) -> Iterator[Collector]:
-    c = Collector(veth.obs, COLLECTOR_PORT, tmp_path)
-    try:
-        yield c
-    finally:
-        c.kill()
-
-
 def scrape(netns: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     res = subprocess.run(in_netns(netns, [sys.executable, "-c", FETCH, f"http://127.0.0.1:{METRICS_PORT}/metrics"]),
                          capture_output=True, text=True, timeout=30, check=False)
     assert res.returncode == 0, res.stderr[-400:]
     return {(s.name, tuple(sorted(s.labels.items()))): s.value
             for fam in text_string_to_metric_families(res.stdout) for s in fam.samples}
-
-
-def xdp_prog_id(netns: str, ifname: str) -> int:
-    out = subprocess.run(in_netns(netns, ["ip", "-j", "link", "show", "dev", ifname]), capture_output=True,
-                         text=True, check=True).stdout
-    return int(json.loads(out)[0]["xdp"]["prog"]["id"])
 
 
 KEEP_TCP = Flow("keep-tcp", "198.18.0.1", "198.19.0.1", TCP, 40001, 443, tcp_flags=0x10, count=40)
@@ -388,7 +334,7 @@ DROP_V6 = Flow("drop-v6", "fd00:bad::1", "fd00::2", UDP, 6001, 7001, count=15)
 E2E_RULES = ["exclude dst 198.51.100.0/24", "exclude proto udp dport 53", "exclude src fd00:bad::/32"]
 
 
-def test_run_with_filters_end_to_end(veth: VethPair, xdpflow_proc: Any, collector: Collector) -> None:
+def test_run_with_filters_end_to_end(veth: VethPair, xdpflow_proc: Any, collector: JsonCollector) -> None:
     args = [a for r in E2E_RULES for a in ("--filter", r)]
     p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--collector", f"127.0.0.1:{COLLECTOR_PORT}",
                      "--scan-interval", "0.25", "--idle-timeout", "1", "--active-timeout", "30",
@@ -449,7 +395,7 @@ def hup(p: Proc, count: int) -> dict[str, Any]:
 
 
 def test_sighup_changes_rules_without_reattaching_or_losing_flows(
-        veth: VethPair, xdpflow_proc: Any, collector: Collector, tmp_path: Path) -> None:
+        veth: VethPair, xdpflow_proc: Any, collector: JsonCollector, tmp_path: Path) -> None:
     conf = tmp_path / "xdpflow.toml"
     write_config(conf, veth, ["exclude proto udp"])
     p = xdpflow_proc(veth.obs, "run", "--config", str(conf), "--log-level", "debug")

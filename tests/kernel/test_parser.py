@@ -253,6 +253,20 @@ class Harness:
         assert s["octets"] == self.drained_octets, s
 
 
+def _largest(ok: Callable[[int], bool], lo: int, hi: int) -> int:
+    """The largest n in [lo, hi] with ok(n), for ok true up to some n and false beyond (bisection)."""
+    assert ok(lo)
+    if ok(hi):
+        return hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _probe_linear_max(h: Harness) -> int:
     """Largest frame whose bytes the program sees whole under PROG_TEST_RUN (the rest goes to frags)."""
 
@@ -266,18 +280,9 @@ def _probe_linear_max(h: Harness) -> int:
             return False
         return h.stats()["packets"] > before
 
-    lo, hi = 128, 14 + 65535  # whole(lo) holds, whole(hi + 1) cannot be asked
-    assert whole(lo)
-    if whole(hi):
-        lo = hi
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if whole(mid):
-            lo = mid
-        else:
-            hi = mid - 1
+    largest = _largest(whole, 128, 14 + 65535)  # whole(hi + 1) cannot be asked
     h.clean()
-    return lo
+    return largest
 
 
 def _probe_egress_max(h: Harness) -> int:
@@ -293,16 +298,9 @@ def _probe_egress_max(h: Harness) -> int:
             return False
         return True
 
-    lo, hi = 128, 65535
-    assert runs(lo)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if runs(mid):
-            lo = mid
-        else:
-            hi = mid - 1
+    largest = _largest(runs, 128, 65535)
     h.clean()
-    return lo
+    return largest
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -64,16 +64,6 @@ def env() -> dict[str, str]:
 def status(pid: int) -> dict[str, str]:
     with open(f"/proc/{pid}/status", encoding="ascii") as f:
         return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[Any]]:
-    started: list[Any] = []
-    try:
-        yield started
-    finally:
-        for p in started:
-            p.kill()
 
 
 @pytest.mark.kernel

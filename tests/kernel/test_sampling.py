@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,8 @@ import pytest
 
 from exporter.drain import Pages
 from exporter.merge import merge
-from tests.kernel.test_filters import COLLECTOR_PORT, Collector
+from tests.conftest import JsonCollector
+from tests.kernel.test_filters import COLLECTOR_PORT
 from tools import trafgen
 from tools.netns import VethPair
 from tools.packets import TCP, UDP, Flow
@@ -115,16 +115,7 @@ def test_filters_apply_before_sampling(dp: Datapath) -> None:
 
 # -- end to end ---------------------------------------------------------------------------------------
 
-@pytest.fixture
-def collector(veth: VethPair, tmp_path: Path) -> Iterator[Collector]:
-    c = Collector(veth.obs, COLLECTOR_PORT, tmp_path)
-    try:
-        yield c
-    finally:
-        c.kill()
-
-
-def test_round_robin_flows_are_each_sampled(veth: VethPair, xdpflow_proc: Any, collector: Collector) -> None:
+def test_round_robin_flows_are_each_sampled(veth: VethPair, xdpflow_proc: Any, collector: JsonCollector) -> None:
     n, per_flow = 4, 4000
     flows = [Flow(f"rr{i}", f"198.18.3.{i + 1}", "198.19.3.1", UDP, 7000 + i, 9, payload_len=18, count=per_flow)
              for i in range(4)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -20,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, Proc, xdp_attached, xdpflow_cmd
+from tests.conftest import JsonCollector, Proc, xdp_attached, xdp_prog_id
 from tools import trafgen
-from tools.netns import VethPair, in_netns
+from tools.netns import VethPair
 from tools.packets import UDP, Flow
 
 SCAN = 0.25
@@ -52,12 +51,6 @@ def base_config(veth: VethPair, **over: object) -> dict[str, object]:
     return cfg
 
 
-def xdp_prog_id(netns: str, ifname: str) -> int:
-    out = subprocess.run(in_netns(netns, ["ip", "-j", "link", "show", "dev", ifname]), capture_output=True,
-                         text=True, check=True).stdout
-    return int(json.loads(out)[0]["xdp"]["prog"]["id"])
-
-
 def hup(p: Proc, count: int) -> dict[str, Any]:
     """SIGHUP; wait for the count-th reload outcome (applied or refused)."""
     p.popen.send_signal(signal.SIGHUP)
@@ -74,67 +67,12 @@ def scans_after(p: Proc, n: int) -> None:
     p.wait_for("scan", count=len(p.events("scan")) + n, timeout=15 + n * SCAN)
 
 
-class Collector:
-    """`xdpflow collect --json` in a namespace, records to a file that can be read at any time."""
-
-    def __init__(self, netns: str, port: int, tmp: Path) -> None:
-        self.port = port
-        self.url = f"udp://127.0.0.1:{port}"
-        self.out = tmp / f"collector-{port}.jsonl"
-        self.err = tmp / f"collector-{port}.log"
-        with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.popen = subprocess.Popen(
-                in_netns(netns, xdpflow_cmd("collect", "--listen", f"127.0.0.1:{port}", "--json",
-                                            "--log-format", "json")),
-                stdout=out, stderr=err, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1"))
-        deadline = time.monotonic() + 30
-        while "listening" not in self.err.read_text():
-            assert self.popen.poll() is None, f"collector on {port} exited: {self.err.read_text()}"
-            assert time.monotonic() < deadline, f"collector on {port} did not start: {self.err.read_text()}"
-            time.sleep(0.05)
-
-    def all_records(self) -> list[dict[str, Any]]:
-        text = self.out.read_text()
-        return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
-
-    def records(self) -> list[dict[str, Any]]:
-        """Flow data records received so far (options records left out)."""
-        return [r for r in self.all_records() if not r["_options"]]
-
-    def of(self, flow: Flow) -> list[dict[str, Any]]:
-        return [r for r in self.records() if (r.get("sourceIPv4Address"), r.get("sourceTransportPort"))
-                == (flow.src, flow.sport)]
-
-    def has(self, *flows: Flow) -> bool:
-        return all(self.of(fl) for fl in flows)
-
-    def wait_for(self, what: str, cond: Callable[[], bool], timeout: float = 15) -> None:
-        deadline = time.monotonic() + timeout
-        while not cond():
-            assert time.monotonic() < deadline, f"collector {self.port}: timed out waiting for {what}; " \
-                                                f"records: {self.records()}"
-            time.sleep(0.05)
-
-    def stop(self) -> dict[str, Any]:
-        """SIGTERM; the summary counters it logs."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-        self.popen.wait(timeout=30)
-        events = [json.loads(line) for line in self.err.read_text().splitlines() if line.startswith("{")]
-        return next(e for e in events if e.get("event") == "summary")
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait(timeout=10)
-
-
 @pytest.fixture
-def collectors(veth: VethPair, tmp_path: Path) -> Iterator[Callable[[int], Collector]]:
-    started: list[Collector] = []
+def collectors(veth: VethPair, tmp_path: Path) -> Iterator[Callable[[int], JsonCollector]]:
+    started: list[JsonCollector] = []
 
-    def start(port: int) -> Collector:
-        c = Collector(veth.obs, port, tmp_path)
+    def start(port: int) -> JsonCollector:
+        c = JsonCollector(veth.obs, port, tmp_path)
         started.append(c)
         return c
 
@@ -160,17 +98,23 @@ def assert_exact(records: list[dict[str, Any]], sent: list[Flow]) -> None:
     assert sum(r["packetDeltaCount"] for r in records) == sum(fl.count for fl in sent), records
 
 
-# -- tests ----------------------------------------------------------------------------------------
-
-@pytest.mark.kernel
-def test_sighup_changes_timeouts_without_reattaching_or_losing_flows(
-        veth: VethPair, xdpflow_proc: Any, collectors: Callable[[int], Collector], tmp_path: Path) -> None:
+def start_from_file(veth: VethPair, xdpflow_proc: Any, collectors: Callable[[int], JsonCollector],
+                    tmp_path: Path) -> tuple[JsonCollector, Path, Proc, int]:
+    """A collector on 4739, `xdpflow run --config` with the base config: (collector, file, process, XDP prog id)."""
     col = collectors(4739)
     conf = tmp_path / "xdpflow.toml"
     write_config(conf, **base_config(veth))
     p = xdpflow_proc(veth.obs, "run", "--config", str(conf), "--log-level", "debug")
     p.wait_for("exporting")
-    prog = xdp_prog_id(veth.obs, veth.obs_if)
+    return col, conf, p, xdp_prog_id(veth.obs, veth.obs_if)
+
+
+# -- tests ----------------------------------------------------------------------------------------
+
+@pytest.mark.kernel
+def test_sighup_changes_timeouts_without_reattaching_or_losing_flows(
+        veth: VethPair, xdpflow_proc: Any, collectors: Callable[[int], JsonCollector], tmp_path: Path) -> None:
+    col, conf, p, prog = start_from_file(veth, xdpflow_proc, collectors, tmp_path)
 
     # idle 30 s: a short flow stays in the table, scan after scan.
     a = flow(1, 5)
@@ -217,7 +161,7 @@ def test_sighup_changes_timeouts_without_reattaching_or_losing_flows(
 
 @pytest.mark.kernel
 def test_sighup_adds_and_removes_collectors(veth: VethPair, xdpflow_proc: Any,
-                                            collectors: Callable[[int], Collector], tmp_path: Path) -> None:
+                                            collectors: Callable[[int], JsonCollector], tmp_path: Path) -> None:
     old, kept, new = collectors(4739), collectors(4740), collectors(4741)
     conf = tmp_path / "xdpflow.toml"
     timeouts = {"idle_timeout": 1.5, "active_timeout": 10.0}
@@ -265,7 +209,7 @@ def test_sighup_adds_and_removes_collectors(veth: VethPair, xdpflow_proc: Any,
 
 
 @pytest.mark.kernel
-def test_sighup_changes_the_log_level(veth: VethPair, xdpflow_proc: Any, collectors: Callable[[int], Collector],
+def test_sighup_changes_the_log_level(veth: VethPair, xdpflow_proc: Any, collectors: Callable[[int], JsonCollector],
                                       tmp_path: Path) -> None:
     col = collectors(4739)
     conf = tmp_path / "xdpflow.toml"
@@ -298,13 +242,8 @@ def test_sighup_changes_the_log_level(veth: VethPair, xdpflow_proc: Any, collect
 
 @pytest.mark.kernel
 def test_sighup_with_a_broken_file_keeps_the_running_config(
-        veth: VethPair, xdpflow_proc: Any, collectors: Callable[[int], Collector], tmp_path: Path) -> None:
-    col = collectors(4739)
-    conf = tmp_path / "xdpflow.toml"
-    write_config(conf, **base_config(veth))
-    p = xdpflow_proc(veth.obs, "run", "--config", str(conf), "--log-level", "debug")
-    p.wait_for("exporting")
-    prog = xdp_prog_id(veth.obs, veth.obs_if)
+        veth: VethPair, xdpflow_proc: Any, collectors: Callable[[int], JsonCollector], tmp_path: Path) -> None:
+    col, conf, p, prog = start_from_file(veth, xdpflow_proc, collectors, tmp_path)
     a = flow(1, 12)
     trafgen.send_flows(veth.gen, veth.gen_if, [a])
 
@@ -338,7 +277,7 @@ def test_sighup_with_a_broken_file_keeps_the_running_config(
 
 @pytest.mark.kernel
 def test_sighup_without_a_config_file_is_ignored(veth: VethPair, xdpflow_proc: Any,
-                                                 collectors: Callable[[int], Collector]) -> None:
+                                                 collectors: Callable[[int], JsonCollector]) -> None:
     collectors(4739)
     p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--scan-interval", str(SCAN),
                      "--max-entries", "4096")
