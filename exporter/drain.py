@@ -66,6 +66,7 @@ class Pages:
     datapath: Datapath
     active: int = 0
     chunk: int = CHUNK
+    first_flags: bool = True  # merge each flow's first-packet TCP flags (only biflows need them)
     _keys: npt.NDArray[np.void] = field(init=False)
     _values: npt.NDArray[np.void] = field(init=False)
 
@@ -107,7 +108,7 @@ class Pages:
         entries = 0
         for keys, values in self.chunks(idle):
             entries += len(keys)
-            parts.append(merge(keys, values, offset_ns))
+            parts.append(merge(keys, values, offset_ns, self.first_flags))
         records = np.concatenate(parts) if parts else np.zeros(0, dtype=FLOW_RECORD)
         return Merged(records, entries, idle, wait, self.datapath.take_page_stats(idle))
 

@@ -30,11 +30,13 @@ def clock_offset_ns() -> int:
     return time.time_ns() - time.monotonic_ns()
 
 
-def merge(keys: npt.NDArray[np.void], values: npt.NDArray[np.void], offset_ns: int) -> Records:
+def merge(keys: npt.NDArray[np.void], values: npt.NDArray[np.void], offset_ns: int,
+          first_flags: bool = True) -> Records:
     """keys: (n,) FLOW_KEY; values: (n, cpus) FLOW_VALUE -> (m,) FLOW_RECORD, m <= n.
 
     Entries whose slots all hold 0 packets (possible after an insert that
-    raced a drain) are dropped: they carry nothing to export.
+    raced a drain) are dropped: they carry nothing to export. `first_flags`
+    False leaves that field 0: only biflows read it (~7 % of the merge).
     """
     n = len(keys)
     out = np.zeros(n, dtype=FLOW_RECORD)
@@ -53,11 +55,12 @@ def merge(keys: npt.NDArray[np.void], values: npt.NDArray[np.void], offset_ns: i
     # ToS of the earliest slot; on a tie the highest, so CPU order never matters.
     earliest = seen & (first == first_ns[:, None])
     out["tos"] = np.where(earliest, values["tos"], 0).max(axis=1)
-    # Slots that started in the same clock tick: a bare SYN is the connection's first packet wherever it
-    # landed, so it wins; otherwise the highest flags, again independent of CPU order.
-    flags = values["first_flags"].astype(np.uint16)
-    bare_syn = (flags & 0x12) == 0x02
-    out["first_flags"] = (np.where(earliest, flags | (bare_syn << 8), 0).max(axis=1) & 0xFF).astype(np.uint8)
+    if first_flags:
+        # Slots that started in the same clock tick: a bare SYN is the connection's first packet wherever
+        # it landed, so it wins; otherwise the highest flags, again independent of CPU order.
+        flags = values["first_flags"].astype(np.uint16)
+        bare_syn = (flags & 0x12) == 0x02
+        out["first_flags"] = (np.where(earliest, flags | (bare_syn << 8), 0).max(axis=1) & 0xFF).astype(np.uint8)
     out["min_ttl"] = np.where(seen, values["min_ttl"], 255).min(axis=1)
     out["max_ttl"] = np.where(seen, values["max_ttl"], 0).max(axis=1)
     out["first_ms"] = ns_to_epoch_ms(first_ns, offset_ns)

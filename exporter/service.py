@@ -167,7 +167,7 @@ class Exporter:
         except BaseException:
             dp.close()
             raise
-        self.pages = Pages(dp)
+        self.pages = Pages(dp, first_flags=self.cfg.biflow)
 
     def _reconcile(self) -> None:
         """Attach to matching interfaces that appeared, release those that went (hotplug, SIGHUP)."""

@@ -212,3 +212,15 @@ def test_tos_on_first_seen_tie_is_independent_of_cpu_order() -> None:
     a = merge(keys, values, 0)
     b = merge(keys, values[:, ::-1].copy(), 0)
     assert int(a["tos"][0]) == int(b["tos"][0])
+
+
+@settings(max_examples=50, deadline=None)
+@given(maps=per_cpu_maps())
+def test_first_flags_only_when_asked(maps: tuple[np.ndarray, np.ndarray]) -> None:
+    """Without first_flags the merge skips that field (0) and every other field is the same."""
+    keys, values = maps
+    full, lean = merge(keys, values, OFFSET_NOW), merge(keys, values, OFFSET_NOW, first_flags=False)
+    assert not lean["first_flags"].any()
+    for f in FLOW_RECORD.names or ():
+        if f != "first_flags":
+            np.testing.assert_array_equal(full[f], lean[f], err_msg=f)
