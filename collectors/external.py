@@ -25,6 +25,26 @@ def _prefix(netns: str | None) -> list[str]:
     return ["ip", "netns", "exec", netns] if netns else []
 
 
+def wait_bound(proc: subprocess.Popen[str], port: int, netns: str | None, what: str, timeout: float = 20) -> None:
+    """Return once a UDP socket is bound to `port` (in `netns`): the collector receives from then on.
+
+    RuntimeError, with what the process printed, if it exits first or the timeout passes.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        res = subprocess.run([*_prefix(netns), "ss", "-Hlun", f"sport = :{port}"], capture_output=True, text=True,
+                             check=False)
+        if res.stdout.strip():
+            return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            out = proc.stdout.read() if proc.stdout else ""
+            how = "exited at start" if proc.returncode not in (None, -9) else f"bound no socket within {timeout:.0f} s"
+            raise RuntimeError(f"{what} {how}: {out.strip()[-300:]}")
+        time.sleep(0.05)
+
+
 def require(binary: str, package: str) -> str:
     path = shutil.which(binary)
     if path is None:
@@ -85,10 +105,7 @@ class Nfcapd(_Launched):
             "xdpflow",
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        time.sleep(0.5)
-        if self.proc.poll() is not None:
-            out = self.proc.stdout.read() if self.proc.stdout else ""
-            raise RuntimeError(f"nfcapd exited at start: {out.strip()[-300:]}")
+        wait_bound(self.proc, self.port, self.netns, "nfcapd")
         return self
 
     def stop(self) -> str:
@@ -230,10 +247,7 @@ class Nfacctd(_Launched):
                     "print_refresh_time: 1\ntimestamps_secs: false\n")
         self.proc = subprocess.Popen([*_prefix(self.netns), "nfacctd", "-f", conf], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
-        time.sleep(1.0)
-        if self.proc.poll() is not None:
-            out = self.proc.stdout.read() if self.proc.stdout else ""
-            raise RuntimeError(f"nfacctd exited at start: {out.strip()[-300:]}")
+        wait_bound(self.proc, self.port, self.netns, "nfacctd")
         return self
 
     def stop(self) -> str:

@@ -69,6 +69,7 @@ def add_log_options(p: argparse.ArgumentParser) -> None:
 
 def _cmd_dump(args: argparse.Namespace) -> int:
     from exporter import check, dump
+    from exporter.readiness import ready_file_problem
 
     problems = check.run_preflight()
     if problems:
@@ -76,9 +77,11 @@ def _cmd_dump(args: argparse.Namespace) -> int:
             print(f"xdpflow: error: preflight: {p}", file=sys.stderr)
         return 1
 
+    if args.ready_file is not None and (why := ready_file_problem(args.ready_file)) is not None:
+        raise CliError(f"--ready-file {args.ready_file}: {why}")
     opts = dump.DumpOptions(interfaces=tuple(args.interface), mode=args.mode, seconds=args.seconds,
                             json=args.json, scan_interval=args.scan_interval, max_entries=args.max_entries,
-                            max_kernel_memory=args.max_kernel_memory)
+                            max_kernel_memory=args.max_kernel_memory, ready_file=args.ready_file)
     return dump.run(opts)
 
 
@@ -100,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON lines named after IPFIX elements, then counters")
     p.add_argument("--scan-interval", type=_positive_float, default=None, metavar="S",
                    help="flip and drain the kernel pages every S seconds while counting (as the exporter does)")
+    p.add_argument("--ready-file", metavar="PATH", default=None,
+                   help="write this file once the program is attached (remove it at the end), so a script "
+                        "can start traffic only then; systemd readiness goes to $NOTIFY_SOCKET in any case")
     add_log_options(p)
     p.set_defaults(func=_cmd_dump)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from exporter import logs
+from exporter.readiness import ready_file_problem
 from exporter.transport import Endpoint, EndpointError, parse_endpoint
 from xdp import filters
 
@@ -331,6 +332,10 @@ class Config:
                            "console on a terminal, JSON lines otherwise", OPS, metavar="auto|console|json")
     metrics: str | None = _key(None, _metrics, f"Prometheus endpoint, e.g. {METRICS_HOST}:{METRICS_PORT}", OPS,
                                metavar="[HOST:]PORT")
+    ready_file: str | None = _key(None, _optional_str,
+                                  "write this file (JSON) once every interface is attached and the collectors are "
+                                  "open, remove it on exit: for scripts and readiness probes (systemd readiness "
+                                  "goes to $NOTIFY_SOCKET in any case)", OPS, metavar="PATH")
 
     def endpoints(self) -> tuple[Endpoint, ...]:
         return tuple(parse_endpoint(c) for c in self.collectors)
@@ -547,6 +552,9 @@ def _system_problems(values: dict[str, Any], sources: dict[str, str], good: Call
             errors.append(_line(key, fpath, sources[key], p))
     if good("filters"):
         errors += _filter_iface_problems(values["filters"], sources["filters"])
+    if good("ready_file") and values["ready_file"] is not None \
+            and (p := ready_file_problem(values["ready_file"])) is not None:
+        errors.append(_line("ready_file", values["ready_file"], sources["ready_file"], p))
     if good("max_entries", "max_kernel_memory"):
         p = memory_problem(values["max_entries"], values["max_kernel_memory"])
         if p is not None:

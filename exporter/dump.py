@@ -22,6 +22,7 @@ import structlog
 from exporter.drain import Pages
 from exporter.flowtable import FlowTable
 from exporter.merge import clock_offset_ns
+from exporter.readiness import Readiness
 from exporter.records import Records, to_ipfix_dict
 from xdp.loader import Datapath, human_bytes
 
@@ -39,6 +40,7 @@ class DumpOptions:
     scan_interval: float | None = None
     max_entries: int = 500_000
     max_kernel_memory: int = 1 << 30
+    ready_file: str | None = None   # written once attached, removed at the end (exporter/readiness.py)
 
 
 def run(opts: DumpOptions, out: TextIO = sys.stdout) -> int:
@@ -47,6 +49,7 @@ def run(opts: DumpOptions, out: TextIO = sys.stdout) -> int:
     table = FlowTable(active_timeout_s=_NEVER, idle_timeout_s=_NEVER)
     ended: list[Records] = []
     drains = 0
+    readiness = Readiness(opts.ready_file)
     try:
         with Datapath(max_entries=opts.max_entries, memory_budget=opts.max_kernel_memory).load() as dp:
             pages = Pages(dp)
@@ -55,6 +58,9 @@ def run(opts: DumpOptions, out: TextIO = sys.stdout) -> int:
             log.info("metering", interfaces={a.ifname: a.mode for a in dp.attachments},
                      max_entries=opts.max_entries, kernel_memory=human_bytes(dp.memory_bytes),
                      seconds=opts.seconds)
+            readiness.ready(f"metering {', '.join(f'{a.ifname} ({a.mode})' for a in dp.attachments)}",
+                            {"interfaces": {a.ifname: a.mode for a in dp.attachments},
+                             "max_entries": opts.max_entries})
             deadline = None if opts.seconds is None else time.monotonic() + opts.seconds
             while not stop.is_set():
                 left = None if deadline is None else deadline - time.monotonic()
@@ -67,12 +73,14 @@ def run(opts: DumpOptions, out: TextIO = sys.stdout) -> int:
                     continue
                 drains += 1
                 ended.append(table.update(pages.flip_and_merge(clock_offset_ns()).records, 0))
+            readiness.stopping()
             dp.detach_all()
             for m in pages.merge_all(clock_offset_ns()):
                 drains += 1
                 ended.append(table.update(m.records, 0))
             stats = dp.read_stats()
     finally:
+        readiness.close()
         for s, h in previous.items():
             signal.signal(s, h)
     ended.append(table.expire_all())

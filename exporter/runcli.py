@@ -23,12 +23,15 @@ EPILOG = """examples:
   xdpflow run -i eth0 --scan-interval 5 --active-timeout 60 --idle-timeout 15
   xdpflow run --config /etc/xdpflow/xdpflow.toml           settings from a file (see config/xdpflow.toml)
   XDPFLOW_INTERFACES=eth0,eth1 XDPFLOW_SCAN_INTERVAL=5 xdpflow run
+  xdpflow run -i eth0 --ready-file /run/xdpflow.ready &    the file appears once metering:
+  while [ ! -e /run/xdpflow.ready ]; do sleep 0.1; done       start traffic only then
 
 Every setting is a key in the TOML file, an XDPFLOW_<KEY> environment variable
 and a flag; flags override the environment, which overrides the file.
 Flows end on FIN/RST (flowEndReason 3), after --idle-timeout without packets (1),
 after --active-timeout since they started (2), or at shutdown (4). SIGTERM/SIGINT
-drain the kernel maps, export everything, detach and exit 0.
+drain the kernel maps, export everything, detach and exit 0. Under systemd
+(Type=notify) READY=1 goes to $NOTIFY_SOCKET once every interface is attached.
 """
 
 # Collector transports the service sends over today (it opens a UdpSender for every collector).

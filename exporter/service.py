@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import structlog
@@ -29,6 +30,7 @@ from exporter.ipfix.encoder import FlowTotals
 from exporter.kstats import DropWarning, KernelStats
 from exporter.merge import clock_offset_ns
 from exporter.metrics import Metrics, parse_listen
+from exporter.readiness import Readiness, process_age_seconds
 from exporter.records import END_FORCED, Records
 from exporter.transport import Endpoint, EndpointError, Sender, StreamOptions, TlsOptions, make_sender
 from xdp import filters
@@ -40,7 +42,8 @@ CAPACITY_WARNING_INTERVAL = 60.0
 # Sized or bound at start: the kernel maps, their budget, the metrics socket, the XDP mode.
 # biflow: the flow table holds another kind of record.
 # egress: it decides how biflows pair (exporter/biflow.py).
-RESTART_ONLY = ("max_entries", "max_kernel_memory", "metrics", "mode", "biflow", "egress")
+# ready_file: written once, at the start; a new path would leave the old file behind.
+RESTART_ONLY = ("max_entries", "max_kernel_memory", "metrics", "mode", "biflow", "egress", "ready_file")
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class RunConfig:
     metrics: str | None = None     # HOST:PORT of the Prometheus endpoint, None = off
     log_level: str = "info"        # applied by the CLI; here so a reload can report the change
     log_format: str = "auto"
+    ready_file: str | None = None  # written once metering, removed on exit (exporter/readiness.py)
 
 
 @dataclass
@@ -136,6 +140,8 @@ class Exporter:
     _paired_reported: int = 0
     kstats: KernelStats = field(default_factory=KernelStats)  # the kernel's own drop counters, beside ours
     _drop_warning: DropWarning = field(default_factory=DropWarning)
+    readiness: Readiness | None = None
+    startup: dict[str, float] = field(default_factory=dict)   # seconds per start step, for the "exporting" log
 
     def _compile_filters(self, cfg: RunConfig) -> filters.Tables:
         """The kernel tables for cfg.filters, interface names resolved now; FilterError if they don't compile."""
@@ -153,6 +159,8 @@ class Exporter:
     def _setup_kernel(self) -> None:
         dp = Datapath(max_entries=self.cfg.max_entries, memory_budget=self.cfg.max_kernel_memory).load()
         self.datapath = dp
+        self.startup["compile_and_load"] = round(dp.load_seconds, 3)
+        t0 = time.monotonic()
         try:
             try:
                 dp.configure(self._compile_filters(self.cfg), self.cfg.sampling)
@@ -167,6 +175,7 @@ class Exporter:
         except BaseException:
             dp.close()
             raise
+        self.startup["attach"] = round(time.monotonic() - t0, 3)
         self.pages = Pages(dp, first_flags=self.cfg.biflow)
 
     def _reconcile(self) -> None:
@@ -327,7 +336,12 @@ class Exporter:
     async def _apply_reload(self) -> None:
         """SIGHUP: new timeouts, collectors, log level and interface patterns; no re-attach, no flow lost."""
         async with self._reload_lock:  # two quick SIGHUPs must not open the same collector twice
-            await self._reload_once()
+            if self.readiness is not None:
+                self.readiness.reloading()
+            try:
+                await self._reload_once()
+            finally:
+                self._say_ready()  # metering went on throughout, with the new settings or the old
 
     async def _reload_once(self) -> None:
         if self.reload is None:
@@ -434,6 +448,23 @@ class Exporter:
             sender.send([enc.templates_message(time.time())], [0])
         return export
 
+    def _ready_info(self) -> dict[str, Any]:
+        dp = self.datapath
+        assert dp is not None
+        return {"interfaces": {a.ifname: a.mode for a in dp.attachments},
+                "egress": {e.ifname: e.method for e in dp.egress_attachments},
+                "collectors": [str(e.sender.endpoint) for e in self.exports],
+                "max_entries": self.cfg.max_entries, "scan_interval": self.cfg.scan_interval}
+
+    def _say_ready(self) -> None:
+        """READY=1 and the ready file: every configured interface attached, every collector socket open."""
+        if self.readiness is None or self.datapath is None:
+            return
+        info = self._ready_info()
+        ifaces = ", ".join(f"{k} ({v})" for k, v in info["interfaces"].items()) or "no interface yet"
+        self.readiness.ready(f"metering {ifaces}; exporting to {', '.join(info['collectors'])}",
+                             {**info, "startup_seconds": self.startup})
+
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -441,8 +472,11 @@ class Exporter:
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._apply_reload()))
         watcher: LinkWatcher | None = None
         watch_task: asyncio.Task[None] | None = None
+        self.readiness = Readiness(self.cfg.ready_file)
         try:
+            t0 = time.monotonic()
             self.exports = [await self._open_export(self.cfg, ep) for ep in self.cfg.collectors]
+            self.startup["collectors"] = round(time.monotonic() - t0, 3)
             self.table = self._flow_table(self.cfg)
             await asyncio.to_thread(self._setup_kernel)
             assert self.datapath is not None
@@ -459,7 +493,9 @@ class Exporter:
                      scan_interval=self.cfg.scan_interval, active_timeout=self.cfg.active_timeout,
                      idle_timeout=self.cfg.idle_timeout, observation_domain=self.cfg.observation_domain,
                      filters=list(self.cfg.filters), sampling=self.cfg.sampling, biflow=self.cfg.biflow,
-                     egress={e.ifname: e.method for e in self.datapath.egress_attachments})
+                     egress={e.ifname: e.method for e in self.datapath.egress_attachments},
+                     startup_seconds={**self.startup, "since_process_start": round(process_age_seconds(), 3)})
+            self._say_ready()
             next_scan = time.monotonic() + self.cfg.scan_interval
             while not self.stop.is_set():
                 try:
@@ -474,6 +510,7 @@ class Exporter:
                 if next_scan < time.monotonic():  # a scan overran: skip ahead rather than bunch scans up
                     log.warning("scan overran the interval", interval=self.cfg.scan_interval)
                     next_scan = time.monotonic() + self.cfg.scan_interval
+            self.readiness.stopping()
             res = await self.scan_once(shutdown=True)
             for ex in self.exports:
                 await ex.sender.close()
@@ -497,6 +534,7 @@ class Exporter:
                 with self._attach_lock:
                     self.datapath.close()
             self.kstats.close()
+            self.readiness.close()
             for ex in self.exports:
                 await ex.sender.close()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -12,6 +12,7 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +27,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from tools.netns import VethPair, in_netns, leftovers  # noqa: E402 - needs ROOT on sys.path
+from tools.ready import NotReady, wait_ready  # noqa: E402
 
 if TYPE_CHECKING:
     from tools.packets import Flow
@@ -57,6 +59,7 @@ class Proc:
     popen: subprocess.Popen[str]
     logs: list[dict[str, Any]] = field(default_factory=list)
     _q: queue.Queue[str | None] = field(default_factory=queue.Queue)
+    ready_file: Path | None = None   # run/dump: the --ready-file spawn() gave it
 
     def start_reader(self) -> None:
         def pump() -> None:
@@ -101,6 +104,16 @@ class Proc:
             self._take(0.1)
         return self.events(event)[count - 1]
 
+    def wait_ready(self, timeout: float = 60) -> dict[str, Any]:
+        """Wait for the process's readiness (its --ready-file); the log event that says what it meters."""
+        assert self.ready_file is not None, "not spawned with a ready file (run or dump)"
+        try:
+            wait_ready(self.ready_file, lambda: not self._ended and self.popen.poll() is None, timeout,
+                       tail=lambda: [json.dumps(r) for r in self.logs], poll=lambda: self._take(0.05))
+        except NotReady as e:
+            raise AssertionError(f"xdpflow {e}") from None
+        return self.wait_for("exporting" if "run" in self.popen.args else "metering")
+
     def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> tuple[int, str]:
         """Signal, collect stdout and every remaining log line, return (exit code, stdout)."""
         self.popen.send_signal(sig)
@@ -121,12 +134,24 @@ def xdpflow_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "exporter.cli", *args]
 
 
-def spawn(netns: str | None, args: Sequence[str]) -> Proc:
+_READY_DIR = tempfile.TemporaryDirectory(prefix="xdpflow-tests-ready-")
+
+
+def spawn(netns: str | None, args: Sequence[str], env: dict[str, str] | None = None) -> Proc:
+    """`xdpflow ARGS` (JSON logs); `run` and `dump` also get a --ready-file for Proc.wait_ready().
+
+    `env`: variables added to this process's environment."""
+    args = list(args)
+    ready = None
+    if args and args[0] in ("run", "dump") and "--ready-file" not in args:
+        ready = Path(tempfile.mkdtemp(dir=_READY_DIR.name)) / "ready"
+        args += ["--ready-file", str(ready)]
     cmd = xdpflow_cmd(*args, "--log-format", "json")
     if netns:
         cmd = in_netns(netns, cmd)
-    env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1")
-    p = Proc(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT))
+    full = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1", **(env or {}))
+    p = Proc(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full, cwd=ROOT),
+             ready_file=ready)
     p.start_reader()
     return p
 
@@ -136,8 +161,8 @@ def xdpflow_proc() -> Iterator[Any]:
     """Factory for xdpflow subprocesses; any still running at teardown are killed."""
     procs: list[Proc] = []
 
-    def start(netns: str | None, *args: str) -> Proc:
-        p = spawn(netns, args)
+    def start(netns: str | None, *args: str, env: dict[str, str] | None = None) -> Proc:
+        p = spawn(netns, args, env)
         procs.append(p)
         return p
 

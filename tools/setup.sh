@@ -19,7 +19,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: missing Debian packages ${missing[*]}; run as root (or apt-get install them)" >&2
     exit 1
   fi
-  echo "setup: installing ${missing[*]}"
+  echo "setup: installing Debian packages ${missing[*]} (apt; a few minutes the first time)"
   export DEBIAN_FRONTEND=noninteractive
   echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
   apt-get update -qq
@@ -28,11 +28,13 @@ fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating the virtual environment .venv ($("$PY" --version 2>&1))"
   "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 stamp=.venv/.xdpflow-deps
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing xdpflow and its Python packages into .venv (pip; a minute or two the first time)"
   log=$(mktemp)
   if ! .venv/bin/python -m pip install -q -e '.[dev]' >"$log" 2>&1; then
     cat "$log" >&2; rm -f "$log"; echo "setup: pip install failed" >&2; exit 1

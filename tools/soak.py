@@ -42,7 +42,10 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+from tools.ready import NotReady, wait_ready
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAYLOAD = 18
@@ -293,7 +296,10 @@ class Exporter:
     def __init__(self, netns: str, args: Sequence[str]) -> None:
         from tools.netns import in_netns
 
-        cmd = [sys.executable, "-m", "exporter.cli", "run", *args, "--log-format", "json", "--log-level", "debug"]
+        self._ready_dir = tempfile.TemporaryDirectory(prefix="xdpflow-soak-")
+        self.ready_file = Path(self._ready_dir.name) / "ready"
+        cmd = [sys.executable, "-m", "exporter.cli", "run", *args, "--log-format", "json", "--log-level", "debug",
+               "--ready-file", str(self.ready_file)]
         self.popen = subprocess.Popen(in_netns(netns, cmd), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                                       stderr=subprocess.PIPE, text=True)
         self.logs: list[dict[str, Any]] = []
@@ -340,6 +346,14 @@ class Exporter:
                 self._events.get(timeout=0.1)
             except queue.Empty:
                 pass
+
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Its ready file's contents, once every interface is attached; RuntimeError if it never is."""
+        try:
+            return wait_ready(self.ready_file, lambda: self.popen.poll() is None, timeout,
+                              tail=lambda: [json.dumps(r) for r in self.logs])
+        except NotReady as e:
+            raise RuntimeError(f"exporter {e}") from None
 
     def stop(self, timeout: float = 120.0) -> int:
         self.popen.send_signal(signal.SIGTERM)
@@ -505,7 +519,7 @@ def run_soak(seconds: float, flows_per_second: int = 1000, packets: int = 2, res
                                            udp_url, "--scan-interval", str(scan_interval), "--idle-timeout",
                                            str(idle), "--active-timeout", str(4 * idle), "--max-entries",
                                            str(max(16384, 4 * flows_per_second))])
-            exporter.wait_for("exporting", timeout=60)
+            exporter.wait_ready(timeout=60)
             t0 = time.monotonic()
             churn = Churn(pair.gen, pair.gen_if, flows_per_second, packets, 1.0, rate).start()
             restarts = 0

@@ -59,6 +59,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tools.ready import NotReady, wait_ready
+
 ROOT = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PROBES = ("none", "xdp_empty", "xdpflow", "softflowd")
@@ -759,21 +761,21 @@ class Sweep:
 
     def _start_xdpflow(self, tag: str, flows: int) -> Child:
         t = self.opts.timers
+        ready = self.workdir / f"{tag}.xdpflow.ready"
         child = Child("xdpflow", netns_exec(self.obs, [
             sys.executable, "-m", "exporter.cli", "run", "--interface", self.obs_if,
             "--collector", f"udp://127.0.0.1:{COLLECTOR_PORT}", "--scan-interval", str(t.scan_interval),
             "--active-timeout", str(t.active_timeout), "--idle-timeout", str(t.idle_timeout),
             "--mode", self.opts.xdp_mode,
             "--max-entries", str(max_entries_for(flows)), "--max-kernel-memory", "16G",
-            "--sequence-mode", "nfdump", "--log-format", "json", "--log-level", "info"]),
+            "--sequence-mode", "nfdump", "--log-format", "json", "--log-level", "info",
+            "--ready-file", str(ready)]),
             self.logdir / f"{tag}.xdpflow.log", cwd=ROOT, death_signal=signal.SIGTERM)
-        deadline = time.monotonic() + 180
-        while find_event(child.output(), "exporting") is None:
-            if not child.alive() or time.monotonic() > deadline:
-                out = child.output()
-                child.close()
-                raise PhaseError(f"xdpflow did not start: {out[-800:]}")
-            time.sleep(0.2)
+        try:
+            wait_ready(ready, child.alive, 180, tail=lambda: child.output().splitlines())
+        except NotReady as e:
+            child.close()
+            raise PhaseError(f"xdpflow did not start: {e}") from None
         return child
 
     def _start_softflowd(self, tag: str, flows: int) -> tuple[Child, Path]:

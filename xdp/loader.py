@@ -39,6 +39,7 @@ import errno
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -181,6 +182,7 @@ class Datapath:
     _sets: list[_RuleSet] = field(default_factory=lambda: [_RuleSet(), _RuleSet()])
     _rule_totals: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     _ctl_lock: threading.Lock = field(default_factory=threading.Lock)
+    load_seconds: float = 0.0       # compile + load in the child process
 
     @property
     def memory_bytes(self) -> int:
@@ -210,10 +212,14 @@ class Datapath:
                 f"lower --max-entries or raise --max-kernel-memory")
         if self._owned:
             raise LoaderError("this datapath is already loaded: close() it first")
+        log.info("compiling and loading the XDP program", max_entries=self.max_entries,
+                 kernel_memory=human_bytes(need))
+        t0 = time.monotonic()
         try:
             got = xcompile.load(self.max_entries)
         except xcompile.CompileError as e:
             raise LoaderError(str(e)) from None
+        self.load_seconds = time.monotonic() - t0
         fds = got.fds
         self._owned = list(fds.values())
         try:
@@ -233,9 +239,9 @@ class Datapath:
         except BaseException:
             self._close_fds()
             raise
-        log.debug("program loaded", headers=got.headers, max_entries=self.max_entries,
-                  kernel_memory=human_bytes(need), filter_tables=human_bytes(FILTER_TABLE_BYTES),
-                  egress=self.egress_prog_fd >= 0)
+        log.info("program loaded", seconds=round(self.load_seconds, 2), headers=got.headers,
+                 max_entries=self.max_entries, kernel_memory=human_bytes(need),
+                 filter_tables=human_bytes(FILTER_TABLE_BYTES), egress=self.egress_prog_fd >= 0)
         return self
 
     def _write_control(self) -> None:

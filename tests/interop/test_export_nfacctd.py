@@ -31,7 +31,7 @@ def test_export_to_nfacctd(veth: VethPair, xdpflow_proc: Any) -> None:
     with Nfacctd(PORT, netns=veth.obs) as nf:
         p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--collector", f"127.0.0.1:{PORT}",
                          "--scan-interval", "0.5", "--max-entries", "4096")
-        p.wait_for("exporting")
+        p.wait_ready()
         t_start = time.time()
         trafgen.send_flows(veth.gen, veth.gen_if, sent)
         t_end = time.time()

@@ -37,7 +37,7 @@ def test_export_to_nfcapd_is_exact(veth: VethPair, xdpflow_proc: Any, mode: str)
         p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--mode", mode,
                          "--collector", f"127.0.0.1:{PORT}", "--scan-interval", "0.5", "--idle-timeout", "30",
                          "--active-timeout", "60", "--max-entries", "4096", "--log-level", "debug")
-        started = p.wait_for("exporting")
+        started = p.wait_ready()
         assert started["interfaces"] == {veth.obs_if: mode}
         sent = standard_mix()
         t_start = time.time()

@@ -322,7 +322,7 @@ def test_three_collectors_each_get_everything_in_sequence(veth: VethPair, xdpflo
                          "--collector", f"tcp://127.0.0.1:{TCP_PORT}", "--scan-interval", "0.5",
                          "--idle-timeout", "1", "--active-timeout", "60", "--max-entries", "4096",
                          "--log-level", "debug")
-        started = p.wait_for("exporting")
+        started = p.wait_ready()
         assert len(started["collectors"]) == 3, started
         # Two batches, the first exported (idle timeout) before the second is sent: data in several
         # messages per collector, so each collector's numbering is checked across data messages.

@@ -117,7 +117,7 @@ def test_udp_collector_absent_30s_then_back(veth: VethPair, xdpflow_proc: Any) -
     with NetnsLoop(veth.obs) as loop:
         p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--collector", f"udp://127.0.0.1:{PORT}",
                          "--template-refresh", str(REFRESH), *COMMON)
-        wait_event(p, "exporting")
+        p.wait_ready()
         t_down = time.monotonic()
         trafgen.send_flows(veth.gen, veth.gen_if, during)
         wait_exported(p, len(during))
@@ -207,7 +207,7 @@ def test_tcp_collector_down_30s_then_back(veth: VethPair, xdpflow_proc: Any) -> 
         big, small = Side(stack, veth, xdpflow_proc, None), Side(stack, other, xdpflow_proc, SMALL_QUEUE)
         sides = (big, small)
         for s in sides:
-            wait_event(s.p, "exporting")
+            s.p.wait_ready()
         for s in sides:
             s.loop.run(s.stop_after_next_message(), timeout=10)
         t_down = time.monotonic()
@@ -303,7 +303,7 @@ def test_state_changes_during_startup_are_logged_whole(veth: VethPair, xdpflow_p
         try:
             p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--collector", f"udp://127.0.0.1:{PORT}",
                              "--collector", f"tcp://127.0.0.1:{PORT}", *COMMON)
-            wait_event(p, "exporting")
+            p.wait_ready()
             drain_logs(p, 1.0)
             rc, _ = p.stop()
         finally:

@@ -62,7 +62,7 @@ def test_sequence_mode_dialects(veth: VethPair, xdpflow_proc: Any, mode: str) ->
                          "--collector", f"udp://127.0.0.1:{NOT_COUNTING_PORT}",
                          "--scan-interval", "0.5", "--idle-timeout", "1", "--active-timeout", "60",
                          "--max-entries", "4096", "--log-level", "debug")
-        p.wait_for("exporting")
+        p.wait_ready()
         # Two batches exported by two different scans: flow records in several messages, each
         # message after the first preceded by one carrying options records.
         send_batches(veth, p, batches)

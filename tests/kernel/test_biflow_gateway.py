@@ -84,7 +84,7 @@ def test_a_connection_through_the_gateway_is_one_biflow(tmp_path: Path, xdpflow_
             exp = xdpflow_proc(r.router, "run", "--biflow", "-i", r.ra_if, "-i", r.rb_if, "-c", col.url,
                                "--scan-interval", "1", "--idle-timeout", "3", "--active-timeout", "30",
                                "--max-entries", "4096", "--log-level", "debug", "--metrics", str(METRICS_PORT))
-            exp.wait_for("exporting", timeout=60)
+            exp.wait_ready(timeout=60)
             server = subprocess.Popen(in_netns(r.b, [sys.executable, "-c", SERVER]), stdout=subprocess.PIPE,
                                       text=True)
             assert server.stdout is not None and server.stdout.readline().strip() == "ready"

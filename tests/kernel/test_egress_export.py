@@ -42,7 +42,7 @@ def run_gateway(tmp_path: Path, xdpflow_proc: Any, *extra: str) -> tuple[list[di
             exp = xdpflow_proc(r.router, "run", "--egress", *extra, "-i", r.ra_if, "-i", r.rb_if, "-c", col.url,
                                "--scan-interval", "1", "--idle-timeout", "3", "--active-timeout", "30",
                                "--max-entries", "4096", "--log-level", "debug", "--metrics", str(METRICS_PORT))
-            started = exp.wait_for("exporting", timeout=60)
+            started = exp.wait_ready(timeout=60)
             assert started["egress"] == {r.ra_if: "tcx", r.rb_if: "tcx"}
             subprocess.run(in_netns(r.a, [sys.executable, "-c", SEND]), check=True, timeout=30)
             # The router pings b itself: host-originated, seen leaving rb only.

@@ -123,7 +123,7 @@ def test_udp_collector_port_closed_then_opened(veth: VethPair, xdpflow_proc: Any
     """
     url = "udp://127.0.0.1:4739"
     p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--collector", url, *FAST)
-    p.wait_for("exporting")
+    p.wait_ready()
     flows, packets = 200, 5
     trafgen(veth.gen, veth.gen_if, churn_profile(1, flows), flows * packets, 20_000)  # phase A: 198.18.0.1
     wait_until(p, "phase A exported into the closed port", lambda: exported(p) >= flows)
@@ -215,7 +215,7 @@ def test_collector_name_that_stops_resolving(veth: VethPair, xdpflow_proc: Any, 
     procs += [tcp, udp]
     p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--collector", tcp_url, "--collector", udp_url,
                      *FAST)
-    p.wait_for("exporting")
+    p.wait_ready()
     traffic = Churn(veth.gen, veth.gen_if, flows=100, packets=2, period=0.25).start()
     procs.append(traffic)
     wait_until(p, "records exported", lambda: exported(p) > 0)
@@ -277,7 +277,7 @@ def test_tcp_collector_restarted_mid_stream(veth: VethPair, xdpflow_proc: Any, p
     tcp = CollectorProc(veth.obs, url)
     procs.append(tcp)
     p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--collector", url, *FAST)
-    p.wait_for("exporting")
+    p.wait_ready()
     traffic = Churn(veth.gen, veth.gen_if, flows=100, packets=2, period=0.25, first_second=100).start()
     procs.append(traffic)
     wait_until(p, "records exported", lambda: exported(p) > 0)
@@ -367,7 +367,7 @@ def big_scans(veth: VethPair, xdpflow_proc: Any, procs: list[Any], url: str) -> 
     collector = CollectorProc(veth.obs, url)
     procs.append(collector)
     p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--collector", url, *BIG)
-    p.wait_for("exporting")
+    p.wait_ready()
     flood = Flood(veth, 20_000, 60_000)
     procs.append(flood)
     wait_until(p, "big scans", lambda: max((s["entries"] for s in p.events("scan")), default=0) >= 2000)
@@ -387,7 +387,7 @@ def test_sigkill_mid_scan_then_restart(veth: VethPair, xdpflow_proc: Any, procs:
     collector = CollectorProc(veth.obs, url)
     procs.append(collector)
     again = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--collector", url, *BIG)
-    exporting = again.wait_for("exporting")
+    exporting = again.wait_ready()
     assert exporting["interfaces"] == {veth.obs_if: "native"}
     wait_until(again, "metering again", lambda: observed(again) > 0 and exported(again) >= 0)
     scan_tick(again, 3)
@@ -434,7 +434,7 @@ def test_second_exporter_on_the_same_interface_refuses(veth: VethPair, xdpflow_p
     collector = CollectorProc(veth.obs, url)
     procs.append(collector)
     first = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--collector", url, *FAST)
-    first.wait_for("exporting")
+    first.wait_ready()
     prog = xdp_prog_id(veth.obs, veth.obs_if)
     assert prog
     traffic = Churn(veth.gen, veth.gen_if, flows=100, packets=2, period=0.25, first_second=200).start()

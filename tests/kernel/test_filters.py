@@ -339,7 +339,7 @@ def test_run_with_filters_end_to_end(veth: VethPair, xdpflow_proc: Any, collecto
     p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--collector", f"127.0.0.1:{COLLECTOR_PORT}",
                      "--scan-interval", "0.25", "--idle-timeout", "1", "--active-timeout", "30",
                      "--max-entries", "4096", "--metrics", f"127.0.0.1:{METRICS_PORT}", "--log-level", "debug", *args)
-    started = p.wait_for("exporting")
+    started = p.wait_ready()
     assert started["filters"] == E2E_RULES and started["sampling"] == 1
     keep, drop = [KEEP_TCP, KEEP_UDP, KEEP_V6], [DROP_NET, DROP_DNS, DROP_V6]
     trafgen.send_flows(veth.gen, veth.gen_if, keep + drop)
@@ -399,7 +399,7 @@ def test_sighup_changes_rules_without_reattaching_or_losing_flows(
     conf = tmp_path / "xdpflow.toml"
     write_config(conf, veth, ["exclude proto udp"])
     p = xdpflow_proc(veth.obs, "run", "--config", str(conf), "--log-level", "debug")
-    p.wait_for("exporting")
+    p.wait_ready()
     prog = xdp_prog_id(veth.obs, veth.obs_if)
     long_tcp = Flow("long", "198.18.0.1", "198.19.0.1", TCP, 40001, 443, tcp_flags=0x10, count=30)
     udp = Flow("udp", "198.18.0.2", "198.19.0.2", UDP, 5000, 5001, count=20)

@@ -19,7 +19,7 @@ def test_hotplugged_interfaces_are_attached_and_released(veth: VethPair, xdpflow
     p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--interface", glob,
                      "--collector", "127.0.0.1:4739", "--scan-interval", "0.5", "--max-entries", "4096",
                      "--log-level", "debug")
-    p.wait_for("exporting")
+    p.wait_ready()
     assert xdp_attached(veth.obs, veth.obs_if)
     with open(f"/proc/{p.popen.pid}/maps", encoding="utf-8") as f:
         mapped = {ln.split()[-1] for ln in f if len(ln.split()) >= 6}

@@ -101,7 +101,7 @@ def test_max_rate_is_accounted_exactly(veth: VethPair, xdpflow_proc: Any, mode: 
     p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--mode", mode, "--collector", COLLECTOR,
                      "--scan-interval", "0.5", "--idle-timeout", "30", "--active-timeout", "60",
                      "--max-entries", "4096", "--metrics", f"127.0.0.1:{PORT}", "--log-level", "debug")
-    assert p.wait_for("exporting")["interfaces"] == {veth.obs_if: mode}
+    assert p.wait_ready()["interfaces"] == {veth.obs_if: mode}
     if rps:
         steer_to_other_cpus(veth)
     before = poll(veth.obs, lambda s: value(s, "xdpflow_scan_seconds_count") >= 1, "a first scan")

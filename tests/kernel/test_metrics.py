@@ -74,7 +74,7 @@ def test_metrics_move_with_traffic(veth: VethPair, xdpflow_proc: Any) -> None:
                      "--max-entries", "4096", "--metrics", f"127.0.0.1:{METRICS_PORT}", "--log-level", "debug")
     started = p.wait_for("metrics")
     assert started["url"] == f"http://127.0.0.1:{METRICS_PORT}/metrics"
-    p.wait_for("exporting")
+    p.wait_ready()
     assert listeners(veth.obs) == [f"127.0.0.1:{METRICS_PORT}"]
     p.wait_for("scan")
 
@@ -139,7 +139,7 @@ def test_metrics_are_off_by_default_and_loopback_when_on(veth: VethPair, xdpflow
     common = ("run", "--interface", veth.obs_if, "--collector", COLLECTOR, "--scan-interval", "0.5",
               "--max-entries", "4096")
     p = xdpflow_proc(veth.obs, *common)
-    p.wait_for("exporting")
+    p.wait_ready()
     assert listeners(veth.obs) == [], "nothing may listen unless --metrics is given"
     assert not p.events("metrics")
     rc, _ = p.stop()
@@ -147,7 +147,7 @@ def test_metrics_are_off_by_default_and_loopback_when_on(veth: VethPair, xdpflow
 
     p = xdpflow_proc(veth.obs, *common, "--metrics", ":9478")
     assert p.wait_for("metrics")["url"] == "http://127.0.0.1:9478/metrics"
-    p.wait_for("exporting")
+    p.wait_ready()
     assert listeners(veth.obs) == ["127.0.0.1:9478"], "a port alone binds loopback"
     assert value(scrape(veth.obs, 9478), "xdpflow_attached", interface=veth.obs_if, mode="native") == 1
     rc, _ = p.stop()

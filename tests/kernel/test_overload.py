@@ -48,7 +48,7 @@ def test_overload_is_accounted_exactly(veth: VethPair, xdpflow_proc: Any, factor
     try:
         p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--max-entries", str(MAX_ENTRIES),
                          "--scan-interval", "0.5", "--log-level", "debug")
-        p.wait_for("exporting")
+        p.wait_ready()
         sent = send_profile(veth, factor * MAX_ENTRIES, rounds=3)
         p.wait_for("scan", count=len(p.events("scan")) + 2)
         rc, _ = p.stop()

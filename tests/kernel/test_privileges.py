@@ -27,10 +27,13 @@ With one of the three missing, `run`'s preflight refuses: exit 1, one line namin
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -68,16 +71,23 @@ def status(pid: int) -> dict[str, str]:
 
 @pytest.mark.kernel
 @pytest.mark.parametrize("nobody", [False, True], ids=["root-three-caps", "nobody-ambient-caps"])
-def test_runs_and_meters_with_only_the_three_capabilities(veth: VethPair, procs: list[Any], nobody: bool) -> None:
+def test_runs_and_meters_with_only_the_three_capabilities(veth: VethPair, procs: list[Any], nobody: bool,
+                                                          request: pytest.FixtureRequest) -> None:
     collector = CollectorProc(veth.obs, "udp://127.0.0.1:4739")
     procs.append(collector)
+    # The ready file is written by the exporter itself, so as nobody too: a directory anyone may write.
+    ready_dir = Path(tempfile.mkdtemp(prefix="xdpflow-ready-"))
+    ready_dir.chmod(0o777)
+    ready = ready_dir / "ready"
     cmd = xdpflow(veth.obs, list(CAPS), nobody, "run", "--interface", veth.obs_if, "--collector",
                   "udp://127.0.0.1:4739", "--scan-interval", "0.5", "--idle-timeout", "1", "--active-timeout", "2",
-                  "--max-entries", "4096", "--log-level", "debug", "--log-format", "json")
-    p = Proc(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd="/"))
+                  "--max-entries", "4096", "--log-level", "debug", "--log-format", "json", "--ready-file", str(ready))
+    p = Proc(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), cwd="/"),
+             ready_file=ready)
+    request.addfinalizer(lambda: shutil.rmtree(ready_dir, ignore_errors=True))
     procs.append(p)
     p.start_reader()
-    exporting = p.wait_for("exporting", timeout=60)
+    exporting = p.wait_ready(timeout=60)
     assert exporting["interfaces"] == {veth.obs_if: "native"}
     st = status(p.popen.pid)
     assert int(st["CapEff"], 16) == sum(1 << bit for bit in CAPS.values()), st["CapEff"]

@@ -122,7 +122,7 @@ def test_round_robin_flows_are_each_sampled(veth: VethPair, xdpflow_proc: Any, c
     p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--collector", f"127.0.0.1:{COLLECTOR_PORT}",
                      "--scan-interval", "0.25", "--idle-timeout", "30", "--active-timeout", "60",
                      "--max-entries", "4096", "--sampling", str(n), "--log-level", "debug")
-    assert p.wait_for("exporting")["sampling"] == n
+    assert p.wait_ready()["sampling"] == n
     trafgen.send(veth.gen, veth.gen_if, [fl.frame() for fl in flows], per_flow * len(flows), gap_us=10)
     p.wait_for("scan", count=len(p.events("scan")) + 3)
     rc, _ = p.stop()

@@ -105,7 +105,7 @@ def start_from_file(veth: VethPair, xdpflow_proc: Any, collectors: Callable[[int
     conf = tmp_path / "xdpflow.toml"
     write_config(conf, **base_config(veth))
     p = xdpflow_proc(veth.obs, "run", "--config", str(conf), "--log-level", "debug")
-    p.wait_for("exporting")
+    p.wait_ready()
     return col, conf, p, xdp_prog_id(veth.obs, veth.obs_if)
 
 
@@ -167,7 +167,7 @@ def test_sighup_adds_and_removes_collectors(veth: VethPair, xdpflow_proc: Any,
     timeouts = {"idle_timeout": 1.5, "active_timeout": 10.0}
     write_config(conf, **base_config(veth, collectors=[old.url, kept.url], **timeouts))
     p = xdpflow_proc(veth.obs, "run", "--config", str(conf), "--log-level", "debug")
-    p.wait_for("exporting")
+    p.wait_ready()
     prog = xdp_prog_id(veth.obs, veth.obs_if)
 
     a = flow(1, 10)
@@ -215,7 +215,7 @@ def test_sighup_changes_the_log_level(veth: VethPair, xdpflow_proc: Any, collect
     conf = tmp_path / "xdpflow.toml"
     write_config(conf, **base_config(veth, log_level="debug"))
     p = xdpflow_proc(veth.obs, "run", "--config", str(conf))  # the level comes from the file only
-    p.wait_for("exporting")
+    p.wait_ready()
     scans_after(p, 2)
 
     write_config(conf, **base_config(veth, log_level="info"))
@@ -281,7 +281,7 @@ def test_sighup_without_a_config_file_is_ignored(veth: VethPair, xdpflow_proc: A
     collectors(4739)
     p = xdpflow_proc(veth.obs, "run", "--interface", veth.obs_if, "--scan-interval", str(SCAN),
                      "--max-entries", "4096")
-    p.wait_for("exporting")
+    p.wait_ready()
     p.popen.send_signal(signal.SIGHUP)
     p.wait_for("SIGHUP ignored: no configuration file to reload", timeout=10)
     assert p.popen.poll() is None

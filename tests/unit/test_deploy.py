@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,15 @@ def test_manifests_grant_only_the_documented_capabilities() -> None:
         assert "privileged: true" not in text and "SYS_ADMIN" not in text
 
 
+def test_manifests_probe_the_ready_file_they_ask_for() -> None:
+    for name in ("daemonset.yaml", "sidecar.yaml"):
+        text = (Path(ROOT) / "config/kubernetes" / name).read_text()
+        path = re.search(r'"--ready-file", "([^"]+)"', text)
+        assert path, f"{name}: no --ready-file"
+        assert f'command: ["test", "-f", "{path.group(1)}"]' in text, f"{name}: no readinessProbe on {path.group(1)}"
+        assert path.group(1).startswith("/tmp/"), "the root filesystem is read-only: the file goes to the emptyDir"
+
+
 def test_systemd_unit_is_hardened() -> None:
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
@@ -72,3 +82,5 @@ def test_systemd_unit_is_hardened() -> None:
     assert svc["NoNewPrivileges"] == "yes"
     assert "-HUP" in svc["ExecReload"]
     assert svc["ExecStart"].split()[1] == "run"
+    # Readiness: the exporter's main process sends READY=1 (exporter/readiness.py).
+    assert svc["Type"] == "notify" and svc["NotifyAccess"] == "main"
