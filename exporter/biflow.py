@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from exporter.flowtable import U8, FlowTable, RecordKind, _same_keys, fold_direction, key_hash, less
+from exporter.flowtable import U8, FlowTable, RecordKind, fold_direction
 from exporter.layout import FLOW_KEY
 from exporter.records import (
     BIFLOW_ARBITRARY,
@@ -51,6 +51,9 @@ from exporter.records import (
     FLOW_RECORD,
     KEY_SIZE,
     Records,
+    key_hash,
+    less,
+    same_keys,
 )
 
 TCP_SYN = 0x02
@@ -188,7 +191,7 @@ class BiflowTable(FlowTable):
         own_k, rev_k = pairing_keys(u, self.per_interface)
         own, rev = _key_bytes(own_k), _key_bytes(rev_k)
         h_own, h_rev = key_hash(own), key_hash(rev)
-        symmetric = _same_keys(own, rev)
+        symmetric = same_keys(own, rev)
         fwd_held, _ = self.find(own, h_own)
         rev_held, _ = self.find(rev, h_rev)
         reverse = rev_held & ~symmetric & ~fwd_held
@@ -209,7 +212,7 @@ class BiflowTable(FlowTable):
             order = np.argsort(h, kind="stable")
             at = np.minimum(np.searchsorted(h[order], h_rev[keys]), len(keys) - 1)
             cand = order[at]
-            paired = (h[cand] == h_rev[keys]) & _same_keys(own[keys[cand]], rev[keys])
+            paired = (h[cand] == h_rev[keys]) & same_keys(own[keys[cand]], rev[keys])
             i, j = np.flatnonzero(paired), cand[paired]
             starts, decided = _initiates(first, flags, u[keys], own[keys], i, j)
             key_reverse = np.zeros(len(keys), dtype=bool)

@@ -17,7 +17,7 @@ time, never correctness.
 2. Join: `searchsorted` of the scan's hashes in the table's, then a key-bytes
    comparison, splits the scan into flows already held and new flows.
 3. Fold held flows in place (sum, min, max, OR; ToS from the earlier
-   first_ms, the held record on a tie) and merge new ones in at their sorted
+   first_ms, ties broken as exporter/merge.py does) and merge new ones in at their sorted
    positions in one O(n) pass. A key repeated within one scan (two pages
    folded at once) is folded in a second pass, in input order.
 4. Expire with vectorised masks: FIN or RST seen (END_OF_FLOW) before idle
@@ -36,10 +36,12 @@ import math
 import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from exporter.merge import first_flags_rank
 from exporter.records import (
     END_ACTIVE,
     END_FORCED,
@@ -48,23 +50,23 @@ from exporter.records import (
     END_OF_FLOW,
     FLOW_RECORD,
     KEY_SIZE,
-    KEY_VIEW,
     TCP_FIN,
     TCP_RST,
     Records,
+    as_keys,
+    key_hash,
+    less,
+    order_by_hash,
+    same_keys,
 )
 
 _END_REASONS = frozenset({END_IDLE, END_ACTIVE, END_OF_FLOW, END_FORCED, END_LACK_OF_RESOURCES})
-_WORDS = -(-KEY_SIZE // 8)
-_MIX = np.uint64(0x9E3779B97F4A7C15)
-_FIN_1 = np.uint64(0xBF58476D1CE4E5B9)
-_FIN_2 = np.uint64(0x94D049BB133111EB)
 
 U8 = npt.NDArray[np.uint8]
 U64 = npt.NDArray[np.uint64]
 
 
-def _timeout_ms(name: str, seconds: float) -> int:
+def timeout_ms(name: str, seconds: float) -> int:
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         raise ValueError(f"{name} must be a number of seconds, got {seconds!r}")
     if not math.isfinite(seconds) or seconds <= 0:
@@ -79,7 +81,8 @@ def _bytes(records: Records) -> U8:
 
 def fold_direction(cur: Records, scan: Records, prefix: str = "") -> None:
     """Fold one direction's values (records.DIRECTION_FIELDS, names after `prefix`) of `scan` into `cur`:
-    sums, last max, OR of flags, TTL min/max, and ToS and first flags of the earlier first packet."""
+    sums, last max, OR of flags, TTL min/max, and ToS and first flags of the earlier first packet
+    (a tie as merge.py breaks it, so the fold does not depend on which record came first)."""
     p = prefix
     for name in ("packets", "octets"):
         cur[p + name] += scan[p + name]
@@ -87,7 +90,14 @@ def fold_direction(cur: Records, scan: Records, prefix: str = "") -> None:
     cur[p + "tcp_flags"] |= scan[p + "tcp_flags"]
     np.minimum(cur[p + "min_ttl"], scan[p + "min_ttl"], out=cur[p + "min_ttl"])
     np.maximum(cur[p + "max_ttl"], scan[p + "max_ttl"], out=cur[p + "max_ttl"])
-    earlier = scan[p + "first_ms"] < cur[p + "first_ms"]
+    first, s_first = cur[p + "first_ms"], scan[p + "first_ms"]
+    tie = s_first == first
+    if tie.any():
+        t_tos, t_ff = cur[p + "tos"][tie], cur[p + "first_flags"][tie]
+        s_tos, s_ff = scan[p + "tos"][tie], scan[p + "first_flags"][tie]
+        cur[p + "tos"][tie] = np.maximum(t_tos, s_tos)
+        cur[p + "first_flags"][tie] = np.where(first_flags_rank(s_ff) > first_flags_rank(t_ff), s_ff, t_ff)
+    earlier = s_first < first
     for name in ("tos", "first_flags", "first_ms"):
         cur[p + name][earlier] = scan[p + name][earlier]
 
@@ -108,69 +118,13 @@ UNIFLOW = RecordKind(FLOW_RECORD, fold_direction, lambda t: t["first_ms"], lambd
                      lambda t: t["tcp_flags"])
 
 
-def key_hash(key_bytes: U8) -> U64:
-    """64-bit hash of each (n, KEY_SIZE) row of key bytes: word-wise multiply-xor, splitmix64 finish."""
-    padded = np.zeros((len(key_bytes), _WORDS * 8), dtype=np.uint8)
-    padded[:, :KEY_SIZE] = key_bytes
-    words = padded.view("<u8")
-    h = np.full(len(key_bytes), _WORDS, dtype=np.uint64)
-    for i in range(_WORDS):
-        h ^= words[:, i]
-        h *= _MIX
-        h ^= h >> np.uint64(32)
-    h ^= h >> np.uint64(30)
-    h *= _FIN_1
-    h ^= h >> np.uint64(27)
-    h *= _FIN_2
-    h ^= h >> np.uint64(31)
-    return h
-
-
-def _as_keys(key_bytes: U8) -> npt.NDArray[np.void]:
-    return np.ascontiguousarray(key_bytes).view(KEY_VIEW).reshape(len(key_bytes))
-
-
-def less(a: U8, b: U8) -> npt.NDArray[np.bool_]:
-    """Row-wise a < b comparing key bytes lexicographically."""
-    differ = a != b
-    first = differ.argmax(axis=1)
-    rows = np.arange(len(a))
-    return differ.any(axis=1) & (a[rows, first] < b[rows, first])
-
-
-def _order(hashes: U64, key_bytes: U8) -> npt.NDArray[np.intp]:
-    """Permutation sorting by (hash, key bytes), stable for equal keys."""
-    # An unstable integer sort is ~25% cheaper; only runs of equal hashes need the stable byte-wise fix-up.
-    order = np.argsort(hashes)
-    sorted_h = hashes[order]
-    same = sorted_h[1:] == sorted_h[:-1]
-    if same.any():
-        in_run = np.zeros(len(order), dtype=bool)
-        in_run[1:] = same
-        in_run[:-1] |= same
-        at = np.flatnonzero(in_run)
-        run = np.cumsum(np.concatenate([[True], ~same]))[at]
-        members = order[at]
-        by_input = np.argsort(members, kind="stable")
-        by_key = by_input[np.argsort(_as_keys(key_bytes[members[by_input]]), kind="stable")]
-        order[at] = members[by_key[np.argsort(run[by_key], kind="stable")]]
-    return order
-
-
-def _same_keys(a: U8, b: U8) -> npt.NDArray[np.bool_]:
-    """Row-wise equality of (n, KEY_SIZE) key bytes, compared as 32-bit words."""
-    words = KEY_SIZE // 4
-    return (np.ascontiguousarray(a).view("<u4").reshape(-1, words)
-            == np.ascontiguousarray(b).view("<u4").reshape(-1, words)).all(axis=1)
-
-
 class FlowTable:
     def __init__(self, active_timeout_s: float = 60, idle_timeout_s: float = 15, capacity: int | None = None,
                  kind: RecordKind = UNIFLOW) -> None:
         self.kind = kind
         self._row = kind.dtype.itemsize
-        self.active_ms = _timeout_ms("active_timeout_s", active_timeout_s)
-        self.idle_ms = _timeout_ms("idle_timeout_s", idle_timeout_s)
+        self.active_ms = timeout_ms("active_timeout_s", active_timeout_s)
+        self.idle_ms = timeout_ms("idle_timeout_s", idle_timeout_s)
         if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer))
                                      or capacity <= 0):
             raise ValueError(f"capacity must be a positive integer or None, got {capacity!r}")
@@ -219,14 +173,14 @@ class FlowTable:
     def _fold(self, records: Records) -> None:
         raw = _bytes(records)
         hashes = key_hash(raw[:, :KEY_SIZE])
-        order = _order(hashes, raw[:, :KEY_SIZE])
+        order = order_by_hash(hashes, raw[:, :KEY_SIZE])
         # One random gather up front; every later pass over the scan is then sequential, like the table's.
         rows = np.take(raw, order, axis=0)
         hashes = hashes[order]
         # Equal keys are adjacent now; the k-th repeat of a key goes in the k-th pass, keeping input order.
         same_h = np.flatnonzero(hashes[1:] == hashes[:-1])
         repeat = np.zeros(len(rows), dtype=bool)
-        repeat[same_h + 1] = _same_keys(rows[same_h, :KEY_SIZE], rows[same_h + 1, :KEY_SIZE])
+        repeat[same_h + 1] = same_keys(rows[same_h, :KEY_SIZE], rows[same_h + 1, :KEY_SIZE])
         if not repeat.any():
             self._fold_unique(rows, hashes)
             return
@@ -246,7 +200,7 @@ class FlowTable:
         matched = np.zeros(len(keys), dtype=bool)
         if len(held):
             found = np.flatnonzero(self._hash[np.minimum(pos, len(held) - 1)] == hashes)
-            same = _same_keys(held[pos[found], :KEY_SIZE], keys[found])
+            same = same_keys(held[pos[found], :KEY_SIZE], keys[found])
             matched[found[same]] = True
             if not same.all():
                 self._resolve_collisions(keys, hashes, found[~same], pos, matched)
@@ -291,7 +245,7 @@ class FlowTable:
             live = np.flatnonzero(k < run)
             other = held_keys[start[live] + k]
             mine = keys[clash[live]]
-            equal = _same_keys(other, mine)
+            equal = same_keys(other, mine)
             hit[live[equal]] = start[live[equal]] + k
             below[live] += less(other, mine)
         found = hit >= 0
@@ -333,7 +287,7 @@ class FlowTable:
         tied = survivors[last == threshold]
         need = excess - int(np.count_nonzero(last < threshold))
         if need < len(tied):
-            tied = tied[np.argsort(_as_keys(self._rows[tied, :KEY_SIZE]), kind="stable")[:need]]
+            tied = tied[np.argsort(as_keys(self._rows[tied, :KEY_SIZE]), kind="stable")[:need]]
         reason[tied] = END_LACK_OF_RESOURCES
 
 
@@ -379,8 +333,13 @@ def benchmark_update(n: int, repeat: int = 3, clock: Callable[[], float] = timei
     return n / best
 
 
-def retime(table: FlowTable, active_timeout_s: float, idle_timeout_s: float) -> None:
+class Timed(Protocol):
+    active_ms: int
+    idle_ms: int
+
+
+def retime(table: Timed, active_timeout_s: float, idle_timeout_s: float) -> None:
     """Change a live table's timeouts (SIGHUP); flows held keep their counters and start times."""
-    active_ms = _timeout_ms("active_timeout_s", active_timeout_s)
-    idle_ms = _timeout_ms("idle_timeout_s", idle_timeout_s)
+    active_ms = timeout_ms("active_timeout_s", active_timeout_s)
+    idle_ms = timeout_ms("idle_timeout_s", idle_timeout_s)
     table.active_ms, table.idle_ms = active_ms, idle_ms

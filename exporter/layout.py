@@ -1,7 +1,8 @@
 """numpy mirror of xdp/flow.h: the kernel's structs as structured dtypes.
 
-The drain reads raw map memory into arrays of these dtypes; nothing else in
-user space knows a byte offset. tests/unit/test_layout.py compiles flow.h and
+The drain reads raw map memory (the mapped slot array, map values) through
+these dtypes; nothing else in user space knows a byte offset. Nested structs
+(a slot's key and value) are nested dtypes. tests/unit/test_layout.py compiles flow.h and
 checks every size and offset against these definitions.
 """
 
@@ -30,14 +31,44 @@ EGRESS = 1
 FLOW_VALUE = np.dtype([
     ("packets", "<u8"),
     ("octets", "<u8"),
-    ("first_seen_ns", "<u8"),
-    ("last_seen_ns", "<u8"),
+    ("first_seen", "<u8"),   # jiffies
+    ("last_seen", "<u8"),
     ("tcp_flags", "<u2"),
     ("tos", "u1"),
     ("min_ttl", "u1"),
     ("max_ttl", "u1"),
     ("first_flags", "u1"),
     ("pad", "u1", (2,)),
+])
+
+FLOW_SLOT = np.dtype([
+    ("key", FLOW_KEY),
+    ("value", FLOW_VALUE),
+])
+
+FLOW_REF = np.dtype([
+    ("slot", "<u4"),
+    ("gen", "<u4"),
+])
+
+NO_SLOT = 0xFFFFFFFF   # flow_ref.slot when the page had no free slot (XDPFLOW_NO_SLOT)
+
+FLOW_CACHE_ENTRY = np.dtype([
+    ("key", FLOW_KEY),
+    ("slot", "<u4"),
+    ("gen", "<u4"),
+    ("pad", "<u8"),
+])
+
+SLOT_ALLOC = np.dtype([
+    ("lock", "<u4"),         # struct bpf_spin_lock (one u32)
+    ("next", "<u4"),
+])
+
+CLOCK = np.dtype([
+    ("jiffies", "<u8"),
+    ("coarse_ns", "<u8"),
+    ("jiffies_after", "<u8"),
 ])
 
 FLOW_STATS = np.dtype([
@@ -53,10 +84,11 @@ FLOW_STATS = np.dtype([
     ("filtered_octets", "<u8"),
     ("sampled_out", "<u8"),
     ("sampled_out_octets", "<u8"),
+    ("flows_denied", "<u8"),
 ])
 
 CONTROL = np.dtype([
-    ("page", "<u4"),
+    ("gen", "<u4"),          # page = gen & 1
     ("config", "<u4"),
 ])
 
@@ -85,5 +117,7 @@ RULE_COUNTER = np.dtype([
 ])
 
 # C struct name -> dtype, for the layout test.
-STRUCTS = {"flow_key": FLOW_KEY, "flow_value": FLOW_VALUE, "flow_stats": FLOW_STATS, "xdpflow_ctl": CONTROL,
-           "rule_set": RULE_SET, "prefix_key": PREFIX_KEY, "rule_counter": RULE_COUNTER}
+STRUCTS = {"flow_key": FLOW_KEY, "flow_value": FLOW_VALUE, "flow_slot": FLOW_SLOT, "flow_ref": FLOW_REF,
+           "flow_cache_entry": FLOW_CACHE_ENTRY, "slot_alloc": SLOT_ALLOC, "xdpflow_clock": CLOCK,
+           "flow_stats": FLOW_STATS, "xdpflow_ctl": CONTROL, "rule_set": RULE_SET, "prefix_key": PREFIX_KEY,
+           "rule_counter": RULE_COUNTER}

@@ -77,6 +77,79 @@ def key_view(records: Records) -> npt.NDArray[np.void]:
     return np.ascontiguousarray(raw[:, :KEY_SIZE]).view(KEY_VIEW).reshape(len(records))
 
 
+# -- keys: hashing, ordering, comparing (the flow table's join and the merge both rest on them) ------
+
+_WORDS = -(-KEY_SIZE // 8)
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_FIN_1 = np.uint64(0xBF58476D1CE4E5B9)
+_FIN_2 = np.uint64(0x94D049BB133111EB)
+
+U8 = npt.NDArray[np.uint8]
+U64 = npt.NDArray[np.uint64]
+
+
+def key_hash(key_bytes: U8) -> U64:
+    """64-bit hash of each (n, KEY_SIZE) row of key bytes: word-wise multiply-xor, splitmix64 finish."""
+    padded = np.zeros((len(key_bytes), _WORDS * 8), dtype=np.uint8)
+    padded[:, :KEY_SIZE] = key_bytes
+    words = padded.view("<u8")
+    h = np.full(len(key_bytes), _WORDS, dtype=np.uint64)
+    for i in range(_WORDS):
+        h ^= words[:, i]
+        h *= _MIX
+        h ^= h >> np.uint64(32)
+    h ^= h >> np.uint64(30)
+    h *= _FIN_1
+    h ^= h >> np.uint64(27)
+    h *= _FIN_2
+    h ^= h >> np.uint64(31)
+    return h
+
+
+def as_keys(key_bytes: U8) -> npt.NDArray[np.void]:
+    return np.ascontiguousarray(key_bytes).view(KEY_VIEW).reshape(len(key_bytes))
+
+
+def less(a: U8, b: U8) -> npt.NDArray[np.bool_]:
+    """Row-wise a < b comparing key bytes lexicographically."""
+    differ = a != b
+    first = differ.argmax(axis=1)
+    rows = np.arange(len(a))
+    return differ.any(axis=1) & (a[rows, first] < b[rows, first])
+
+
+def order_by_hash(hashes: U64, key_bytes: U8) -> npt.NDArray[np.intp]:
+    """Permutation sorting by (hash, key bytes), stable for equal keys."""
+    # An unstable integer sort is ~25% cheaper; only runs of equal hashes need the stable byte-wise fix-up.
+    order = np.argsort(hashes)
+    sorted_h = hashes[order]
+    same = sorted_h[1:] == sorted_h[:-1]
+    if same.any():
+        in_run = np.zeros(len(order), dtype=bool)
+        in_run[1:] = same
+        in_run[:-1] |= same
+        at = np.flatnonzero(in_run)
+        run = np.cumsum(np.concatenate([[True], ~same]))[at]
+        members = order[at]
+        by_input = np.argsort(members, kind="stable")
+        by_key = by_input[np.argsort(as_keys(key_bytes[members[by_input]]), kind="stable")]
+        order[at] = members[by_key[np.argsort(run[by_key], kind="stable")]]
+    return order
+
+
+def same_keys(a: U8, b: U8) -> npt.NDArray[np.bool_]:
+    """Row-wise equality of (n, KEY_SIZE) key bytes, compared as 32-bit words."""
+    words = KEY_SIZE // 4
+    return (np.ascontiguousarray(a).view("<u4").reshape(-1, words)
+            == np.ascontiguousarray(b).view("<u4").reshape(-1, words)).all(axis=1)
+
+
+def key_order(records: Records) -> npt.NDArray[np.intp]:
+    """Permutation putting equal keys next to each other (by key hash, then key bytes)."""
+    raw = np.ascontiguousarray(records).view(np.uint8).reshape(len(records), records.dtype.itemsize)[:, :KEY_SIZE]
+    return order_by_hash(key_hash(raw), raw)
+
+
 def ipv4_of(addr16: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     """The last 4 bytes of IPv4-mapped addresses."""
     return addr16[..., 12:16]

@@ -21,17 +21,19 @@ from typing import Any
 import numpy as np
 import structlog
 
+from exporter import core
 from exporter.biflow import BiflowTable
-from exporter.drain import Merged, Pages
+from exporter.core import CoreTable
+from exporter.drain import Drained, Pages
 from exporter.flowtable import FlowTable, retime
 from exporter.interfaces import LinkWatcher, is_glob, matching, present
 from exporter.ipfix import Encoder, ExporterState
 from exporter.ipfix.encoder import FlowTotals
 from exporter.kstats import DropWarning, KernelStats
-from exporter.merge import clock_offset_ns
+from exporter.merge import clock_offset_ns, merge
 from exporter.metrics import Metrics, parse_listen
 from exporter.readiness import Readiness, process_age_seconds
-from exporter.records import END_FORCED, Records
+from exporter.records import END_FORCED, FLOW_RECORD, Records
 from exporter.transport import Endpoint, EndpointError, Sender, StreamOptions, TlsOptions, make_sender
 from xdp import filters
 from xdp.loader import Datapath, LoaderError, human_bytes, map_memory_bytes
@@ -100,11 +102,11 @@ class ScanResult:
     observed_octets: int = 0
     drained_packets: int = 0    # what the drained entries held
     drained_octets: int = 0
-    flows_created: int = 0      # kernel inserts in the drained pages' interval
+    flows_created: int = 0      # slots the drained pages' interval needed (taken + denied)
 
     @property
     def ignored_packets(self) -> int:
-        """Metered but in no entry: LRU evictions and insert failures (exact: same interval)."""
+        """Metered but in no slot: the page ran out of slots (exact: same interval)."""
         return self.observed_packets - self.drained_packets
 
     @property
@@ -117,7 +119,7 @@ class Exporter:
     cfg: RunConfig
     datapath: Datapath | None = None
     pages: Pages | None = None
-    table: FlowTable | None = None
+    table: FlowTable | CoreTable | None = None
     exports: list[Export] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     scans: int = 0
@@ -176,7 +178,7 @@ class Exporter:
             dp.close()
             raise
         self.startup["attach"] = round(time.monotonic() - t0, 3)
-        self.pages = Pages(dp, first_flags=self.cfg.biflow)
+        self.pages = Pages(dp)
 
     def _reconcile(self) -> None:
         """Attach to matching interfaces that appeared, release those that went (hotplug, SIGHUP)."""
@@ -232,37 +234,52 @@ class Exporter:
         dp.configure(filters.compile_rules(dp.tables.rules, links), dp.sampling)
         log.info("filter interfaces changed", interfaces={k: list(v) for k, v in resolved.items()})
 
-    def _scan(self, drains: list[Merged], now: float, shutdown: bool) -> ScanResult:
-        """Worker-thread half of a scan: fold into the table, expire."""
+    def _scan(self, drains: list[Drained], now: float, shutdown: bool) -> ScanResult:
+        """Worker-thread half of a scan: fold the drained pages' slots into the table, expire."""
         t0 = time.perf_counter()
-        assert self.table is not None
+        table = self.table
+        assert table is not None
         now_ms = int(now * 1000)
+        offset = clock_offset_ns()
         expired: list[Records] = []
-        res = ScanResult(0, 0, np.zeros(0, dtype=self.table.kind.dtype), 0.0, 0.0)
+        res = ScanResult(0, 0, np.zeros(0, dtype=table.kind.dtype if isinstance(table, FlowTable) else FLOW_RECORD),
+                         0.0, 0.0)
         for d in drains:
-            records = d.records
-            res.entries += d.entries
-            res.flows += len(records)
+            try:
+                if isinstance(table, CoreTable):
+                    # The hot path: slots folded straight from the kernel's mapping, in C.
+                    folded, packets, octets = table.fold_page(d, offset)
+                else:
+                    records = merge(d.records(offset))
+                    folded, packets, octets = len(records), int(records["packets"].sum()), \
+                        int(records["octets"].sum())
+                    expired.append(table.update(records, now_ms))
+            finally:
+                d.release()
+            res.entries += d.slots
+            res.flows += folded
             res.flip_seconds += d.flip_seconds
             res.observed_packets += d.stats["packets"]
             res.observed_octets += d.stats["octets"]
-            res.drained_packets += int(records["packets"].sum())
-            res.drained_octets += int(records["octets"].sum())
-            res.flows_created += d.stats["flows_created"]
-            expired.append(self.table.update(records, now_ms))
+            res.drained_packets += packets
+            res.drained_octets += octets
+            res.flows_created += d.stats["flows_created"] + d.stats["flows_denied"]
+        if isinstance(table, CoreTable):
+            expired.append(table.expire(now_ms))
         if shutdown:
-            expired.append(self.table.expire_all(END_FORCED))
+            expired.append(table.expire_all(END_FORCED))
         if expired:
             res.expired = np.concatenate(expired)
         res.seconds = time.perf_counter() - t0
         return res
 
-    def _drain(self, shutdown: bool) -> list[Merged]:
+    def _drain(self, shutdown: bool) -> list[Drained]:
         assert self.pages is not None and self.datapath is not None
         if shutdown:
+            # Detached first: no packet can arrive afterwards. The page being written is then the
+            # only one holding anything (every scan released the page it read).
             self.datapath.detach_all()
-            return self.pages.merge_all(clock_offset_ns())
-        return [self.pages.flip_and_merge(clock_offset_ns())]
+        return [self.pages.flip()]
 
     async def scan_once(self, shutdown: bool = False) -> ScanResult:
         t0 = time.perf_counter()
@@ -399,9 +416,9 @@ class Exporter:
         now = time.monotonic()
         if now - self._last_capacity_warning < CAPACITY_WARNING_INTERVAL:
             return
-        # An LRU map starts evicting before it is full (free nodes sit on per-CPU lists): leave headroom.
+        # Headroom: flows per scan grow between warnings, and a flow seen by two CPUs takes two slots.
         suggest = int(self._peak_created * 1.25) + 1024
-        log.warning("kernel flow table too small: packets lost to LRU evictions", lost_packets=self._lost_since_warning,
+        log.warning("kernel flow table too small: flows found no free slot", lost_packets=self._lost_since_warning,
                     flows_per_scan=self._peak_created, max_entries=self.cfg.max_entries,
                     suggested_max_entries=suggest,
                     suggested_kernel_memory=human_bytes(map_memory_bytes(suggest)))
@@ -425,11 +442,15 @@ class Exporter:
                        sequence_mode=cfg.sequence_mode, biflow=cfg.biflow)  # type: ignore[arg-type]
 
     @staticmethod
-    def _flow_table(cfg: RunConfig) -> FlowTable:
+    def _flow_table(cfg: RunConfig) -> FlowTable | CoreTable:
         # Twice the kernel's table: a scan's flows plus those still held from earlier scans.
         capacity = max(2 * cfg.max_entries, 1)
         if cfg.biflow:
             return BiflowTable(cfg.active_timeout, cfg.idle_timeout, capacity, per_interface=cfg.egress)
+        if core.available():
+            return CoreTable(active_timeout_s=cfg.active_timeout, idle_timeout_s=cfg.idle_timeout, capacity=capacity)
+        log.warning("the compiled core is not built: using the numpy flow table, several times slower per flow "
+                    "(`pip install .` builds it)", error=core.IMPORT_ERROR)
         return FlowTable(active_timeout_s=cfg.active_timeout, idle_timeout_s=cfg.idle_timeout, capacity=capacity)
 
     async def _open_export(self, cfg: RunConfig, ep: Endpoint) -> Export:

@@ -15,6 +15,8 @@ from typing import Any
 
 from tools.sweep import RATE_SWEEP_FLOWS, human_count, pivot, profile_flows
 
+PIPELINE_STAGES = ("fold", "expire", "encode", "send")   # tools/bench.py StageTimes
+
 STYLE = {"xdpflow": dict(color="tab:blue", marker="o"), "softflowd": dict(color="tab:red", marker="s"),
          "xdp_empty": dict(color="tab:grey", marker="^", ls="--")}
 
@@ -148,8 +150,9 @@ def write_plots(out_dir: Path, sweep_rows: Sequence[dict[str, Any]],
         fig, ax = plt.subplots(figsize=(7, 4.5))
         xs = [r["flows"] for r in rows]
         ax.plot(xs, [r["records_per_s"] for r in rows], label="total", color="black", marker="o", lw=2)
-        for stage in ("drain", "merge", "table", "encode", "send"):
-            ax.plot(xs, [r[f"{stage}_rps"] for r in rows], label=stage, marker=".", alpha=0.8)
+        for stage in PIPELINE_STAGES:
+            if all(f"{stage}_rps" in r for r in rows):   # results of older stage sets are left out
+                ax.plot(xs, [r[f"{stage}_rps"] for r in rows], label=stage, marker=".", alpha=0.8)
         ax.axhline(2e6, color="grey", ls=":", label="target: 2M records/s")
         ax.set_yscale("log")
         ax.set_ylabel("records/s on one core")

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PKGS=(python3-bpfcc linux-headers-amd64 netsniff-ng nfdump tshark pmacct softflowd iproute2 libcap2-bin gcc libc6-dev)
+PKGS=(python3-bpfcc linux-headers-amd64 netsniff-ng nfdump tshark pmacct softflowd iproute2 libcap2-bin gcc libc6-dev
+      python3-dev)
 case "$(uname -m)" in
   aarch64) PKGS[1]=linux-headers-arm64 ;;
 esac
@@ -33,8 +34,11 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 fi
 stamp=.venv/.xdpflow-deps
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  echo "setup: installing xdpflow and its Python packages into .venv (pip; a minute or two the first time)"
+# The compiled core (exporter/_core.c) is built by the same install: again when its source changes.
+core_built=$(ls exporter/_core*.so 2>/dev/null | head -n 1)
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+   || [ -z "$core_built" ] || [ exporter/_core.c -nt "$core_built" ]; then
+  echo "setup: installing xdpflow, its compiled core and its Python packages into .venv (pip; a minute or two the first time)"
   log=$(mktemp)
   if ! .venv/bin/python -m pip install -q -e '.[dev]' >"$log" 2>&1; then
     cat "$log" >&2; rm -f "$log"; echo "setup: pip install failed" >&2; exit 1

@@ -42,9 +42,12 @@ SOURCE = os.path.join(HERE, "flow.c")
 
 XDP_PROG = "xdpflow"
 EGRESS_PROG = "xdpflow_egress"      # the TC program in flow.c
-# Every map the loader reaches by name (flows0/flows1: the two pages; pages: the array-of-maps).
-MAPS = ("flows0", "flows1", "pages", "control", "stats", "rule_sets", "src_prefixes", "dst_prefixes",
-        "proto_masks", "sport_masks", "dport_masks", "vlan_masks", "iface_masks", "iface_masks_high", "rule_hits")
+CLOCK_PROG = "xdpflow_clock"        # run through BPF_PROG_TEST_RUN at each flip, never attached
+# Every map the loader reaches by name (flows: the LRU flow map; slots: the two pages of slots, mapped
+# by user space; fence: the array-of-maps whose update waits an RCU grace period).
+MAPS = ("flows", "slots", "slot_alloc", "flow_cache", "control", "stats", "clock", "fence", "rule_sets",
+        "src_prefixes", "dst_prefixes", "proto_masks", "sport_masks", "dport_masks", "vlan_masks", "iface_masks",
+        "iface_masks_high", "rule_hits")
 
 BCC_MISSING = ("the bcc Python module is missing: apt-get install python3-bpfcc "
                "(and run `make venv` to link it into .venv)")
@@ -164,7 +167,7 @@ def _loaded(header: dict[str, Any], fds: list[int], rc: int) -> Loaded:
     if "error" in header:
         got.close()
         raise CompileError(str(header["error"]))
-    missing = [n for n in (XDP_PROG, *MAPS) if n not in got.fds]
+    missing = [n for n in (XDP_PROG, CLOCK_PROG, *MAPS) if n not in got.fds]
     if not header or missing or len(names) != len(fds):
         got.close()
         how = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
@@ -238,12 +241,13 @@ def build(max_entries: int) -> tuple[dict[str, Any], list[int]]:
         with found.applied():
             bpf = _quiet_compile(BPF, SOURCE, cflags)
         fn = bpf.load_func(XDP_PROG.encode(), BPF.XDP)
+        clock = bpf.load_func(CLOCK_PROG.encode(), BPF.XDP)
     except Exception as e:  # bcc raises bare Exception for every failure
         msg = str(e)
         if "privileges" in msg or "Operation not permitted" in msg:
             raise CompileError(PRIVILEGES) from None
         raise CompileError(f"could not compile or load xdp/flow.c with {found.description}: {msg}") from None
-    fds = {XDP_PROG: fn.fd}
+    fds = {XDP_PROG: fn.fd, CLOCK_PROG: clock.fd}
     header: dict[str, Any] = {"headers": found.description}
     try:
         fds[EGRESS_PROG] = _quietly(lambda: bpf.load_func(EGRESS_PROG.encode(), BPF.SCHED_CLS).fd)

@@ -3,15 +3,28 @@
  * Theory of operation. For every frame: parse Ethernet, up to two VLAN tags,
  * IPv4 or IPv6 (skipping a bounded chain of extension headers) and the ports
  * of TCP, UDP and SCTP (or ICMP type/code); build a struct flow_key and add
- * the packet to page `control.page` of two per-CPU LRU flow maps ("pages"),
- * counting it in that page's slot of `stats`. The slot is read once per run,
- * so a packet's flow entry and its counters always land in the same page.
- * Every scan the exporter writes the other index into `control.page`, then
- * rewrites a slot of the array-of-maps `pages` with the fd it already holds:
+ * the packet to this CPU's slot for the flow in the active page, counting it
+ * in that page's slot of `stats` (flow.h: struct flow_slot, flow_ref, and the
+ * per-CPU cache in front of the flow map). The control slot is read once per
+ * run, so a packet's slot and its counters always land in the same page.
+ *
+ * The per-CPU LRU flow map `flows` maps a key to this CPU's slot; the slots
+ * themselves live in the mmap-able array `slots`, two pages of max_entries,
+ * so user space reads a drained page where it lies instead of walking a hash
+ * table (whose per-CPU values sit in random cache lines: >= 550 ns an entry
+ * on the test VM, whatever reads them). A slot belongs to one CPU and one
+ * scan interval: the CPU that meters a flow first in a page takes the page's
+ * next free slot (a spin-locked counter, once per flow, CPU and interval),
+ * writes key and packet, and only it adds to the slot afterwards.
+ *
+ * Every scan the exporter increments `control.gen` (page = gen & 1), then
+ * rewrites the slot of the array-of-maps `fence` with the fd it already holds:
  * a map-in-map update makes the kernel wait an RCU grace period
  * (synchronize_rcu) before returning, and XDP and TC programs run under RCU,
- * so afterwards no program that read the old index is still running. The old
- * page and its counters then have no writer and are drained exactly.
+ * so afterwards no program that read the old gen is still running. The old
+ * page, its slot count and its counters then have no writer and are drained
+ * exactly; refs and cache lines of the old gen are stale from then on, so no
+ * hash map entry is ever deleted (the LRU reuses stale ones).
  *
  * Two programs share everything above (maps, key layout, filters, sampling,
  * counters) through one inline parse and one inline meter():
@@ -94,11 +107,20 @@
 #define XDPFLOW_MAX_ENTRIES 500000
 #endif
 
-BPF_TABLE("lru_percpu_hash", struct flow_key, struct flow_value, flows0, XDPFLOW_MAX_ENTRIES);
-BPF_TABLE("lru_percpu_hash", struct flow_key, struct flow_value, flows1, XDPFLOW_MAX_ENTRIES);
-BPF_ARRAY_OF_MAPS(pages, "flows0", 2);       /* slot i -> flows<i>, set once at load */
-BPF_ARRAY(control, struct xdpflow_ctl, 1);   /* active page, rule set in force */
+#define XDPFLOW_CACHE_ENTRIES (1u << XDPFLOW_CACHE_BITS)
+
+/* The flow map: key -> this CPU's slot (struct flow_ref). */
+BPF_TABLE("lru_percpu_hash", struct flow_key, struct flow_ref, flows, XDPFLOW_MAX_ENTRIES);
+/* Two pages of slots; user space maps this array and reads drained pages in place. */
+BPF_F_TABLE("array", u32, struct flow_slot, slots, 2 * XDPFLOW_MAX_ENTRIES, BPF_F_MMAPABLE);
+BPF_ARRAY(slot_alloc, struct slot_alloc, 2);   /* next free slot of each page */
+BPF_PERCPU_ARRAY(flow_cache, struct flow_cache_entry, XDPFLOW_CACHE_ENTRIES);
+BPF_ARRAY(control, struct xdpflow_ctl, 1);     /* gen (so the active page), rule set in force */
 BPF_PERCPU_ARRAY(stats, struct flow_stats, 2); /* counters of each page */
+BPF_ARRAY(clock, struct xdpflow_clock, 1);     /* written by xdpflow_clock */
+/* Only for its update: rewriting a slot of an array-of-maps makes the kernel wait an RCU grace
+ * period before the syscall returns (the flip's fence, see xdp/loader.py). */
+BPF_ARRAY_OF_MAPS(fence, "clock", 1);
 
 /* Rule sets and their tables, two of each (index: set, or set * slots + value). */
 BPF_ARRAY(rule_sets, struct rule_set, 2);
@@ -426,10 +448,11 @@ static __always_inline int select_packet(__u32 set, const struct flow_key *key, 
 	return METER;
 }
 
-/* What a run reads once: the page (and stats slot) to write, the rule set in force. */
+/* What a run reads once: the gen (so the page, and its stats slot) to write, the rule set in force. */
 struct run {
 	struct flow_stats *st;
-	__u32 idx;
+	__u32 gen;
+	__u32 page;
 	__u32 config;
 };
 
@@ -439,9 +462,10 @@ static __always_inline int begin(struct run *r)
 	struct xdpflow_ctl *ctl = control.lookup(&zero);
 	if (!ctl)
 		return 0;
-	r->idx = ctl->page & 1;
+	r->gen = ctl->gen;
+	r->page = r->gen & 1;
 	r->config = ctl->config;
-	r->st = stats.lookup(&r->idx);
+	r->st = stats.lookup(&r->page);
 	return r->st != 0;
 }
 
@@ -454,8 +478,60 @@ static __always_inline void not_metered(struct flow_stats *st, int rc, __u32 seg
 		st->non_ip += segs;
 }
 
+/* The cache line a key maps to: a multiplicative hash over its 12 words. */
+static __always_inline __u32 cache_index(const struct flow_key *key)
+{
+	const __u32 *w = (const __u32 *)key;
+	__u32 h = 0;
+#pragma unroll
+	for (int i = 0; i < (int)(sizeof(*key) / 4); i++)
+		h = (h ^ w[i]) * 0x9E3779B1u;
+	return h >> (32 - XDPFLOW_CACHE_BITS);
+}
+
+/* Both keys 8-byte aligned: six 64-bit compares. */
+static __always_inline int same_key(const struct flow_key *a, const struct flow_key *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+	return ((x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4]) |
+		(x[5] ^ y[5])) == 0;
+}
+
+static __always_inline void add(struct flow_value *v, const struct parsed *p, __u32 segs, __u64 now)
+{
+	v->packets += segs;
+	v->octets += p->octets;
+	v->last_seen = now;
+	v->tcp_flags |= p->tcp_flags;
+	if (p->ttl < v->min_ttl)
+		v->min_ttl = p->ttl;
+	if (p->ttl > v->max_ttl)
+		v->max_ttl = p->ttl;
+}
+
+/* The next free slot of `page`, or XDPFLOW_NO_SLOT when the page is full. */
+static __always_inline __u32 take_slot(__u32 page)
+{
+	struct slot_alloc *a = slot_alloc.lookup(&page);
+	if (!a)
+		return XDPFLOW_NO_SLOT;
+	__u32 slot = XDPFLOW_NO_SLOT;
+	bpf_spin_lock(&a->lock);
+	if (a->next < XDPFLOW_MAX_ENTRIES) {
+		slot = a->next;
+		a->next = slot + 1;
+	}
+	bpf_spin_unlock(&a->lock);
+	return slot;
+}
+
 /* Meter a parsed IP packet seen on `ifindex` in `direction`; segs: the frames
- * on the wire it stands for (1 but for GSO at egress). */
+ * on the wire it stands for (1 but for GSO at egress).
+ *
+ * Hit path: the per-CPU cache names the flow's slot in the active page; add to it. Otherwise
+ * the flow map does (a ref of the current gen); otherwise the flow is new to this CPU in this
+ * page: take a slot, write the key and this packet into it, and point the ref at it. Either
+ * way the cache line is rewritten for the key. Only the CPU that took a slot writes it. */
 static __always_inline void meter(struct run *r, struct flow_key *key, struct parsed *p, __u32 ifindex,
 				  __u8 direction, __u32 segs)
 {
@@ -470,54 +546,94 @@ static __always_inline void meter(struct run *r, struct flow_key *key, struct pa
 	st->packets += segs;
 	st->octets += p->octets;
 
-	void *page = pages.lookup(&r->idx);
-	if (!page)
-		goto lost;
+	__u64 now = bpf_jiffies64();
+	__u32 gen = r->gen;
+	__u32 base = r->page * XDPFLOW_MAX_ENTRIES;
+	__u32 ci = cache_index(key);
+	struct flow_cache_entry *ce = flow_cache.lookup(&ci);
+	__u32 slot;
+	__u32 si;
+	struct flow_slot *s;
+	if (ce && ce->gen == gen && same_key(&ce->key, key)) {
+		slot = ce->slot;
+		if (slot >= XDPFLOW_MAX_ENTRIES)
+			goto lost;
+		si = base + slot;
+		s = slots.lookup(&si);
+		if (!s)
+			goto lost;
+		add(&s->value, p, segs, now);
+		return;
+	}
 
-	__u64 now = bpf_ktime_get_coarse_ns();
-	struct flow_value *v = bpf_map_lookup_elem(page, key);
-	if (!v) {
-		struct flow_value nv = {};
-		nv.packets = segs;
-		nv.octets = p->octets;
-		nv.first_seen_ns = now;
-		nv.last_seen_ns = now;
-		nv.tcp_flags = p->tcp_flags;
-		nv.tos = p->tos;
-		nv.first_flags = (__u8)p->tcp_flags;
-		nv.min_ttl = p->ttl;
-		nv.max_ttl = p->ttl;
-		long err = bpf_map_update_elem(page, key, &nv, BPF_NOEXIST);
-		if (err == 0) {
-			st->flows_created++;
-			return;
+	struct flow_ref *ref = flows.lookup(key);
+	if (ref && ref->gen == gen) {
+		slot = ref->slot;
+		if (slot < XDPFLOW_MAX_ENTRIES) {
+			si = base + slot;
+			s = slots.lookup(&si);
+			if (s)
+				add(&s->value, p, segs, now);
 		}
-		if (err != -17 /* EEXIST: another CPU inserted the key first */)
-			goto lost;
-		v = bpf_map_lookup_elem(page, key);
-		if (!v)
-			goto lost;
+	} else {
+		slot = take_slot(r->page);
+		if (slot < XDPFLOW_MAX_ENTRIES) {
+			si = base + slot;
+			s = slots.lookup(&si);
+			if (s) {
+				__builtin_memcpy(&s->key, key, sizeof(*key));
+				s->value.packets = segs;
+				s->value.octets = p->octets;
+				s->value.first_seen = now;
+				s->value.last_seen = now;
+				s->value.tcp_flags = p->tcp_flags;
+				s->value.tos = p->tos;
+				s->value.min_ttl = p->ttl;
+				s->value.max_ttl = p->ttl;
+				s->value.first_flags = (__u8)p->tcp_flags;
+				s->value.pad[0] = 0;
+				s->value.pad[1] = 0;
+				st->flows_created++;
+			}
+		} else {
+			st->flows_denied++;
+		}
+		if (ref) {
+			ref->slot = slot;
+			ref->gen = gen;
+		} else {
+			struct flow_ref nr = {.slot = slot, .gen = gen};
+			/* BPF_ANY from a program sets this CPU's value only (an insert zeroes the others').
+			 * A failure costs nothing counted: the slot holds the packet, and the next packet
+			 * finds the cache line below. */
+			flows.update(key, &nr);
+		}
 	}
-	if (v->packets == 0) {
-		/* This CPU's slot of an entry another CPU created. */
-		v->first_seen_ns = now;
-		v->tos = p->tos;
-		v->first_flags = (__u8)p->tcp_flags;
-		v->min_ttl = p->ttl;
+	if (ce) {
+		__builtin_memcpy(&ce->key, key, sizeof(*key));
+		ce->slot = slot;
+		ce->gen = gen;
 	}
-	v->packets += segs;
-	v->octets += p->octets;
-	v->last_seen_ns = now;
-	v->tcp_flags |= p->tcp_flags;
-	if (p->ttl < v->min_ttl)
-		v->min_ttl = p->ttl;
-	if (p->ttl > v->max_ttl)
-		v->max_ttl = p->ttl;
-	return;
+	if (slot < XDPFLOW_MAX_ENTRIES)
+		return;
 
 lost:
 	st->insert_failures += segs;
 	st->insert_failure_octets += p->octets;
+}
+
+/* Clock readings for user space (struct xdpflow_clock): run through BPF_PROG_TEST_RUN at each
+ * flip, never attached. */
+int xdpflow_clock(struct xdp_md *ctx)
+{
+	__u32 zero = 0;
+	struct xdpflow_clock *c = clock.lookup(&zero);
+	if (c) {
+		c->jiffies = bpf_jiffies64();
+		c->coarse_ns = bpf_ktime_get_coarse_ns();
+		c->jiffies_after = bpf_jiffies64();
+	}
+	return XDP_PASS;
 }
 
 /* Ingress: every frame the interface receives, before the stack sees it. */
@@ -530,7 +646,7 @@ int xdpflow(struct xdp_md *ctx)
 
 	const void *data = (const void *)(long)ctx->data;
 	const void *data_end = (const void *)(long)ctx->data_end;
-	struct flow_key key = {};
+	struct flow_key key __attribute__((aligned(8))) = {};
 	struct parsed p = {};
 	int rc = parse(data, data_end, (__u32)(data_end - data), &key, &p);
 	if (rc != OK) {
@@ -555,7 +671,7 @@ int xdpflow_egress(struct __sk_buff *skb)
 	const void *data = (const void *)(long)skb->data;
 	const void *data_end = (const void *)(long)skb->data_end;
 	__u32 len = skb->len;
-	struct flow_key key = {};
+	struct flow_key key __attribute__((aligned(8))) = {};
 	struct parsed p = {};
 	int rc = parse(data, data_end, len, &key, &p);
 	__u32 linear = (__u32)(data_end - data);

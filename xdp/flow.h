@@ -40,18 +40,16 @@ struct flow_key {
 #define XDPFLOW_INGRESS 0    /* metered by the XDP program (flow.c: xdpflow) */
 #define XDPFLOW_EGRESS  1    /* metered by the TC egress program (flow.c: xdpflow_egress) */
 
-/* Per-CPU flow value. Size is a multiple of 8 (bcc requires it for per-CPU
- * leaves). Timestamps come from bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC at
- * tick resolution): on the 2-vCPU test VM (PROG_TEST_RUN) the precise clock
- * costs ~30 ns a packet and the coarse one ~13 ns; IPFIX exports
- * milliseconds. bpf_jiffies64() would cost ~2 ns but needs HZ calibration in
- * user space (see docs/benchmarks.md). A slot whose packets is 0 belongs to
- * a CPU that never saw the flow and carries no data. */
+/* A flow's counters for one scan interval on one CPU: the value of a slot (below). Size is a
+ * multiple of 8. Times are jiffies (bpf_jiffies64(): the tick counter, ~2 ns a read where the
+ * coarse clock costs ~19 ns on the 2-vCPU test VM); user space converts them with two
+ * (jiffies, CLOCK_MONOTONIC_COARSE) samples taken at the flips that open and close the page
+ * (struct xdpflow_clock), so IPFIX milliseconds keep the tick's resolution (4 ms at HZ=250). */
 struct flow_value {
 	__u64 packets;       /* IE 2 packetDeltaCount */
 	__u64 octets;        /* IE 1 octetDeltaCount (IP total length: header + payload) */
-	__u64 first_seen_ns; /* IE 152 flowStartMilliseconds, after clock conversion */
-	__u64 last_seen_ns;  /* IE 153 flowEndMilliseconds, after clock conversion */
+	__u64 first_seen;    /* IE 152 flowStartMilliseconds, after clock conversion (jiffies) */
+	__u64 last_seen;     /* IE 153 flowEndMilliseconds, after clock conversion (jiffies) */
 	__u16 tcp_flags;     /* IE 6 tcpControlBits: OR over packets, 9 bits (NS..FIN) */
 	__u8  tos;           /* IE 5 ipClassOfService of the flow's first packet */
 	__u8  min_ttl;       /* IE 52 minimumTTL (IPv6: hop limit) */
@@ -60,6 +58,67 @@ struct flow_value {
 	                      * a biflow's initiator (bare SYN) from its answer (SYN+ACK) */
 	__u8  pad[2];        /* always zero */
 };                           /* 40 bytes */
+
+/* One element of the mmap-able array `slots`: a flow's key and its counters for one CPU and one
+ * scan interval. The array holds two pages of XDPFLOW_MAX_ENTRIES slots (page p: index
+ * p * XDPFLOW_MAX_ENTRIES + slot); a CPU takes the next free slot of the active page for a flow
+ * the first time it meters the flow in that page, writes the key and the first packet, and
+ * afterwards only adds to it. User space reads a drained page's slots 0..slot_alloc.next - 1
+ * straight from its mapping and merges the slots of equal keys (one per CPU that saw the flow). */
+struct flow_slot {
+	struct flow_key   key;
+	struct flow_value value;
+};                           /* 88 bytes */
+
+/* Per-CPU value of the LRU flow map `flows`: where this CPU counts the flow. A ref is current
+ * when gen is the control slot's gen; an older one points into a page already drained, and the
+ * next packet takes a fresh slot. slot XDPFLOW_NO_SLOT: the page had no free slot for the flow
+ * this interval (its packets count as insert_failures, without asking again). */
+struct flow_ref {
+	__u32 slot;
+	__u32 gen;
+};                           /* 8 bytes */
+
+#define XDPFLOW_NO_SLOT 0xFFFFFFFFu
+
+/* Per-CPU direct-mapped cache in front of `flows` (array `flow_cache`, indexed by a multiplicative
+ * hash of the key): a hit finds the slot with array lookups the verifier inlines and one key
+ * compare, no hash-map helper call (jhash over 48 bytes, bucket walk, LRU reference bit: ~50 ns
+ * of the hit path on the test VM). Valid only while gen is current, so a flip empties it. */
+struct flow_cache_entry {
+	struct flow_key key;
+	__u32 slot;
+	__u32 gen;
+	__u64 pad;           /* always zero: one 64-byte line per entry */
+};                           /* 64 bytes */
+
+#ifndef XDPFLOW_CACHE_BITS
+#define XDPFLOW_CACHE_BITS 12   /* 4096 entries per CPU (256 KiB) */
+#endif
+
+#ifdef __bpf__
+/* struct bpf_spin_lock: from <uapi/linux/bpf.h>, which flow.c includes first. */
+#else
+#include <linux/bpf.h>
+#endif
+
+/* Slot allocator of one page (array `slot_alloc`, index = page): the next free slot, taken under
+ * the lock by whichever CPU meters a flow new to it (once per flow, CPU and scan interval). User
+ * space reads `next` once the page is drained and sets it back to 0 before the page is active
+ * again; it never exceeds XDPFLOW_MAX_ENTRIES. */
+struct slot_alloc {
+	struct bpf_spin_lock lock;
+	__u32 next;
+};                           /* 8 bytes */
+
+/* Two clock readings taken together by the program xdpflow_clock (run by user space through
+ * BPF_PROG_TEST_RUN at every flip): jiffies, CLOCK_MONOTONIC_COARSE, jiffies again (when the
+ * two jiffies differ a tick fell between the reads, and user space reads again). */
+struct xdpflow_clock {
+	__u64 jiffies;
+	__u64 coarse_ns;
+	__u64 jiffies_after;
+};                           /* 24 bytes */
 
 /* Per-CPU counters (one slot of a per-CPU array), shared by both programs:
  * ingress and egress packets count in the same slots. The ground truth for
@@ -75,26 +134,30 @@ struct flow_stats {
 	__u64 frames;               /* every frame the programs ran on (GSO: each segment) */
 	__u64 packets;              /* IP packets metered (observed): IE 163-ish totals */
 	__u64 octets;               /* IP octets metered (sum of IP total length) */
-	__u64 flows_created;        /* successful inserts of a new key into a page */
+	__u64 flows_created;        /* slots taken: a flow new to this CPU in this page */
 	__u64 parse_failures;       /* malformed or truncated frames, passed untouched */
 	__u64 non_ip;               /* frames that are not IPv4/IPv6 (ARP, LLDP...) */
-	__u64 insert_failures;      /* metered packets no page could hold */
+	__u64 insert_failures;      /* metered packets no slot could hold (the page's slots ran out) */
 	__u64 insert_failure_octets;/* their octets */
 	__u64 filtered;             /* IP packets a filter rule excluded, passed unmetered */
 	__u64 filtered_octets;      /* their octets */
 	__u64 sampled_out;          /* IP packets the sampler skipped, passed unmetered */
 	__u64 sampled_out_octets;   /* their octets */
-};                                  /* 96 bytes */
+	__u64 flows_denied;         /* flows (per CPU) that found no free slot: flows_created + this
+	                             * is how many slots the interval needed */
+};                                  /* 104 bytes */
 
-/* Run-time configuration: slot 0 of the array `control`, read once per run.
+/* Run-time configuration: slot 0 of the array `control`, read once per run. gen counts the
+ * flips; the active page is gen & 1 (gen starts at 1, so a zeroed ref or cache entry is never
+ * current).
  * config 0 is the fast path (no filter, no sampling): one compare. Otherwise
  * config - 1 names the rule set (0 or 1) in force. User space fills the other
  * set, points config at it, waits an RCU grace period (no program still uses
  * the old set) and only then touches the old one, so every packet is judged by
  * exactly one complete rule set and a change needs no recompile or re-attach.
- * Both fields change by one byte at most, so a reader never sees a torn value. */
+ * Each field is an aligned 32-bit word, read and written whole: a reader never sees a torn value. */
 struct xdpflow_ctl {
-	__u32 page;      /* flow page (and stats slot) programs write: 0 or 1 */
+	__u32 gen;       /* flips so far + 1; page (slots and stats slot) programs write: gen & 1 */
 	__u32 config;    /* 0: no filter, no sampling; else 1 + rule set index */
 };                       /* 8 bytes */
 

@@ -2,8 +2,12 @@
 
 Lifecycle: `Datapath.load()` checks the kernel memory budget, has a child
 process compile and load the program (xdp.compile: bcc, kernel headers from
-xdp.headers) and hand over the file descriptors of both programs and every
-map, then points the control slot at page 0 with no rule set. bcc and its
+xdp.headers) and hand over the file descriptors of the programs and every
+map, then sets the control slot to gen 1 (page 1 active) with no rule set.
+`flip()` makes the other page active and returns once no program still
+writes the old one, with a clock reading for the drain (see flow.c);
+`read_slots()` then hands out the old page's slots, read through mappings of
+the slot array a window at a time, and `reset_slots()` frees the page. bcc and its
 LLVM are never imported here: everything after the load is bpf(2) on those
 descriptors (xdp.bpfsys), and `close()` closes them, which frees the programs
 and maps (a process that dies frees them the same way).
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import socket
 import threading
@@ -49,10 +54,22 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from exporter.layout import CONTROL, FLOW_KEY, FLOW_STATS, FLOW_VALUE, PREFIX_KEY, RULE_COUNTER, RULE_SET
+from exporter.layout import (
+    CLOCK,
+    CONTROL,
+    FLOW_CACHE_ENTRY,
+    FLOW_KEY,
+    FLOW_REF,
+    FLOW_SLOT,
+    FLOW_STATS,
+    PREFIX_KEY,
+    RULE_COUNTER,
+    RULE_SET,
+    SLOT_ALLOC,
+)
 from xdp import bpfsys, filters
 from xdp import compile as xcompile
-from xdp.compile import EGRESS_PROG, XDP_PROG
+from xdp.compile import CLOCK_PROG, EGRESS_PROG, XDP_PROG
 
 log = structlog.get_logger("xdpflow.loader")
 
@@ -95,15 +112,19 @@ def possible_cpus() -> int:
     return total
 
 
-def map_memory_bytes(max_entries: int, cpus: int | None = None) -> int:
-    """Kernel memory of both flow pages: entries x possible CPUs x value size x 2.
+CACHE_BITS = 12                      # flow.h XDPFLOW_CACHE_BITS: per-CPU cache lines in front of the flow map
+HTAB_ELEM_OVERHEAD = 48              # struct htab_elem's own fields (hash node, LRU node, hash), per entry
 
-    Key storage and hash overhead add roughly (key + 48 bytes) x entries per page;
-    it is included so the figure is what the kernel really charges, give or take.
-    """
+
+def map_memory_bytes(max_entries: int, cpus: int | None = None) -> int:
+    """Kernel memory of the flow maps: the LRU flow map (key, element overhead, one flow_ref per
+    possible CPU), two pages of max_entries slots, and the per-CPU cache. What the kernel really
+    charges, give or take the allocators' rounding."""
     cpus = possible_cpus() if cpus is None else cpus
-    per_entry = cpus * FLOW_VALUE.itemsize + FLOW_KEY.itemsize + 48
-    return PAGES * max_entries * per_entry
+    lru = max_entries * (FLOW_KEY.itemsize + HTAB_ELEM_OVERHEAD + 8 + cpus * FLOW_REF.itemsize)
+    slots = PAGES * max_entries * FLOW_SLOT.itemsize
+    cache = cpus * (1 << CACHE_BITS) * FLOW_CACHE_ENTRY.itemsize
+    return lru + slots + cache
 
 
 def human_bytes(n: int) -> str:
@@ -157,15 +178,30 @@ class _RuleSet:
     iface_keys: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ClockReading:
+    """jiffies and CLOCK_MONOTONIC_COARSE (ns) read together in the kernel (struct xdpflow_clock)."""
+
+    jiffies: int
+    coarse_ns: int
+
+
+SLOT_WINDOW = 65_536                 # slots mapped at a time when a page is read
+
+
 @dataclass
 class Datapath:
-    """The compiled program, its two flow pages, its counters and its rule sets."""
+    """The compiled program, its flow map, its two pages of slots, its counters and its rule sets."""
 
     max_entries: int = DEFAULT_MAX_ENTRIES
     memory_budget: int = DEFAULT_MEMORY_BUDGET
     prog_fd: int = -1
-    page_fds: tuple[int, int] = (-1, -1)
-    pages_fd: int = -1
+    clock_prog_fd: int = -1
+    flows_fd: int = -1
+    slots_fd: int = -1
+    slot_alloc_fd: int = -1
+    fence_fd: int = -1
+    clock_fd: int = -1
     control_fd: int = -1
     stats_fd: int = -1
     _retired: dict[str, int] = field(default_factory=dict)
@@ -176,7 +212,7 @@ class Datapath:
     _fds: dict[str, int] = field(default_factory=dict)
     _owned: list[int] = field(default_factory=list)  # every descriptor load() received: close() closes them
     _egress_error: str = ""         # why the egress program did not load, said when it is asked for
-    _page: int = 0
+    _gen: int = 1                   # control.gen: flips + 1; the active page is gen & 1
     _set: int = 0                   # rule set index the control slot names (when _config is on)
     _config: int = 0                # control.config: 0 (nothing to select) or 1 + _set
     _sets: list[_RuleSet] = field(default_factory=lambda: [_RuleSet(), _RuleSet()])
@@ -224,18 +260,22 @@ class Datapath:
         self._owned = list(fds.values())
         try:
             self.prog_fd = fds[XDP_PROG]
+            self.clock_prog_fd = fds[CLOCK_PROG]
             self.egress_prog_fd = fds.get(EGRESS_PROG, -1)
             self._egress_error = got.egress_error or ""
-            self.page_fds = (fds["flows0"], fds["flows1"])
-            self.pages_fd = fds["pages"]
+            self.flows_fd = fds["flows"]
+            self.slots_fd = fds["slots"]
+            self.slot_alloc_fd = fds["slot_alloc"]
+            self.fence_fd = fds["fence"]
+            self.clock_fd = fds["clock"]
             self.control_fd = fds["control"]
             self.stats_fd = fds["stats"]
             self._fds = {name: fds[name] for name in ("rule_sets", "src_prefixes", "dst_prefixes", "proto_masks",
                                                       "sport_masks", "dport_masks", "vlan_masks", "iface_masks",
                                                       "iface_masks_high", "rule_hits")}
-            for i, fd in enumerate(self.page_fds):
-                bpfsys.map_update(self.pages_fd, ctypes.c_uint32(i), ctypes.c_uint32(fd))
-            self.set_active(0)
+            bpfsys.map_update(self.fence_fd, ctypes.c_uint32(0), ctypes.c_uint32(self.clock_fd))
+            with self._ctl_lock:
+                self._write_control()
         except BaseException:
             self._close_fds()
             raise
@@ -244,27 +284,74 @@ class Datapath:
                  filter_tables=human_bytes(FILTER_TABLE_BYTES), egress=self.egress_prog_fd >= 0)
         return self
 
+    @property
+    def active(self) -> int:
+        """The page programs write now."""
+        return self._gen & 1
+
     def _write_control(self) -> None:
         ctl = np.zeros(1, dtype=CONTROL)
-        ctl["page"], ctl["config"] = self._page, self._config
+        ctl["gen"], ctl["config"] = self._gen, self._config
         bpfsys.map_update(self.control_fd, ctypes.c_uint32(0), ctl)
 
     def _fence(self) -> None:
         """Return once no program that read the control slot before this call is still running.
 
-        The fence is a rewrite of a slot of the array-of-maps `pages` with the fd
-        it already holds: for map-in-map updates the kernel runs synchronize_rcu()
-        before the syscall returns (maybe_wait_bpf_programs), and XDP programs
-        run inside an RCU read-side section.
+        The fence is a rewrite of the slot of the array-of-maps `fence` with the
+        fd it already holds: for map-in-map updates the kernel runs
+        synchronize_rcu() before the syscall returns (maybe_wait_bpf_programs),
+        and XDP and TC programs run inside an RCU read-side section.
         """
-        bpfsys.map_update(self.pages_fd, ctypes.c_uint32(self._page), ctypes.c_uint32(self.page_fds[self._page]))
+        bpfsys.map_update(self.fence_fd, ctypes.c_uint32(0), ctypes.c_uint32(self.clock_fd))
 
-    def set_active(self, page: int) -> None:
-        """Make programs write page `page`; return once none still writes the other (see _fence)."""
+    def read_clock(self) -> ClockReading:
+        """jiffies and the coarse monotonic clock, read by the kernel in one run (retried across a tick)."""
+        out = np.zeros(1, dtype=CLOCK)
+        for _ in range(8):
+            bpfsys.prog_test_run(self.clock_prog_fd, bytes(64))
+            bpfsys.map_lookup(self.clock_fd, ctypes.c_uint32(0), out)
+            if out["jiffies"][0] == out["jiffies_after"][0]:
+                break
+        return ClockReading(int(out["jiffies"][0]), int(out["coarse_ns"][0]))
+
+    def flip(self) -> ClockReading:
+        """Make the other page active; return once no program still writes the old one, with the clock then.
+
+        The reading closes the old page's interval and opens the new one's (merge.TimeBase).
+        """
         with self._ctl_lock:
-            self._page = page
+            self._gen = (self._gen + 1) & 0xFFFFFFFF or 2  # gen 0 marks never-written refs: skip it on wrap
             self._write_control()
             self._fence()
+        return self.read_clock()
+
+    def slot_count(self, page: int) -> int:
+        """Slots taken in `page` (idle: no program writes it)."""
+        out = np.zeros(1, dtype=SLOT_ALLOC)
+        bpfsys.map_lookup(self.slot_alloc_fd, ctypes.c_uint32(page), out)
+        return min(int(out["next"][0]), self.max_entries)
+
+    def read_slots(self, page: int, count: int, window: int = SLOT_WINDOW) -> Iterator[npt.NDArray[np.void]]:
+        """Slots 0..count-1 of idle `page` (FLOW_SLOT), `window` at a time, read in place through a mapping.
+
+        Each array is a view of a mapping of the slot array: use it before asking for the next one
+        (the mapping goes with its last reference, so the process never holds more than a window).
+        """
+        if page == self.active:
+            raise ValueError("refusing to read the active page: flip first")
+        size = FLOW_SLOT.itemsize
+        for first in range(0, count, window):
+            n = min(window, count - first)
+            start = (page * self.max_entries + first) * size
+            offset = start - start % mmap.ALLOCATIONGRANULARITY
+            mm = mmap.mmap(self.slots_fd, start + n * size - offset, mmap.MAP_SHARED, mmap.PROT_READ,
+                           offset=offset)
+            yield np.frombuffer(mm, dtype=FLOW_SLOT, count=n, offset=start - offset)
+            del mm
+
+    def reset_slots(self, page: int) -> None:
+        """Free every slot of idle `page` for its next turn (programs start again at slot 0)."""
+        bpfsys.map_update(self.slot_alloc_fd, ctypes.c_uint32(page), np.zeros(1, dtype=SLOT_ALLOC))
 
     # -- filters and sampling --------------------------------------------
 
@@ -403,7 +490,7 @@ class Datapath:
     def take_page_stats(self, page: int) -> dict[str, int]:
         """Counters of an idle page since it was last taken, summed over CPUs; resets them.
 
-        Only for a page no program writes (after set_active to the other one):
+        Only for a page no program writes (after flip() made the other one active):
         the read and the reset then see no concurrent increment.
         """
         per_cpu = self._page_stats(page)
@@ -570,8 +657,8 @@ class Datapath:
                 log.debug("descriptor already closed", fd=fd, reason=str(e))
         self._owned = []
         self._fds = {}
-        self.prog_fd = self.egress_prog_fd = self.pages_fd = self.control_fd = self.stats_fd = -1
-        self.page_fds = (-1, -1)
+        self.prog_fd = self.egress_prog_fd = self.clock_prog_fd = self.control_fd = self.stats_fd = -1
+        self.flows_fd = self.slots_fd = self.slot_alloc_fd = self.fence_fd = self.clock_fd = -1
 
     def __enter__(self) -> Datapath:
         return self

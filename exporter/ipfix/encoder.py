@@ -49,10 +49,9 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -71,83 +70,101 @@ SEQUENCE_MODULUS = 1 << 32
 SequenceMode = Literal["rfc", "nfdump"]
 SEQUENCE_MODES: tuple[str, ...] = get_args(SequenceMode)
 
-Column = Callable[[Records], npt.ArrayLike]
+@dataclass(frozen=True)
+class Source:
+    """Where an information element's value comes from in a record: `field`, or the bytes `part`
+    of it (an IPv4 address inside an IPv4-mapped one), or, with `when` = (flag field, value), the
+    field where the flag has that value and 0 elsewhere. The numpy columns and the compiled
+    core's field programs are both derived from these, so the two encoders read the same bytes."""
 
+    field: str
+    part: tuple[int, int] | None = None
+    when: tuple[str, int] | None = None
 
-def _icmp_type_code(icmp_protocol: int) -> Column:
-    def column(recs: Records) -> npt.ArrayLike:
-        return np.where(recs["protocol"] == icmp_protocol, recs["dst_port"], np.uint16(0))
-    return column
+    def column(self, recs: Records) -> npt.ArrayLike:
+        col = recs[self.field]
+        if self.part is not None:
+            return col[:, self.part[0]:self.part[1]]
+        if self.when is not None:
+            flag, value = self.when
+            return np.where(recs[flag] == value, col, col.dtype.type(0))
+        return col
 
-
-def _field(name: str) -> Column:
-    return lambda recs: recs[name]
-
-
-def _on_hook(ifindex: str, direction: str, hook: int) -> Column:
-    # One interface field per hook: the one that metered the flow carries the ifindex, the other 0.
-    return lambda recs: np.where(recs[direction] == hook, recs[ifindex], np.uint32(0))
-
-
-def _ipv4(name: str) -> Column:
-    # FLOW_RECORD stores IPv4 IPv4-mapped (::ffff:a.b.c.d); the address is the last 4 bytes.
-    return lambda recs: recs[name][:, 12:16]
+    def op(self, dtype: np.dtype[np.void], length: int) -> bytes:
+        """The 8-byte field program step of exporter/_core.c (code, dst_len, src, cond, src_len, cond_value)."""
+        sub, offset = dtype.fields[self.field][:2]  # type: ignore[index]
+        if sub.subdtype is not None:  # bytes (an address)
+            first = self.part[0] if self.part is not None else 0
+            return struct.pack("<BBHHBB", 2, length, offset + first, 0, 0, 0)
+        if self.when is None:
+            return struct.pack("<BBHHBB", 1, length, offset, 0, sub.itemsize, 0)
+        flag, value = self.when
+        return struct.pack("<BBHHBB", 3, length, offset, dtype.fields[flag][1], sub.itemsize, value)  # type: ignore[index]
 
 
 # Where each information element of the flow templates comes from in a FLOW_RECORD.
-FLOW_COLUMNS: dict[str, Column] = {
-    "sourceIPv4Address": _ipv4("src_addr"),
-    "destinationIPv4Address": _ipv4("dst_addr"),
-    "sourceIPv6Address": _field("src_addr"),
-    "destinationIPv6Address": _field("dst_addr"),
-    "sourceTransportPort": _field("src_port"),
-    "destinationTransportPort": _field("dst_port"),
-    "protocolIdentifier": _field("protocol"),
-    "ingressInterface": _on_hook("ifindex", "direction", INGRESS),
-    "egressInterface": _on_hook("ifindex", "direction", EGRESS),
-    "flowDirection": _field("direction"),
-    "vlanId": _field("vlan_id"),
-    "ipClassOfService": _field("tos"),
-    "tcpControlBits": _field("tcp_flags"),
-    "icmpTypeCodeIPv4": _icmp_type_code(1),
-    "icmpTypeCodeIPv6": _icmp_type_code(58),
-    "minimumTTL": _field("min_ttl"),
-    "maximumTTL": _field("max_ttl"),
-    "packetDeltaCount": _field("packets"),
-    "octetDeltaCount": _field("octets"),
-    "flowStartMilliseconds": _field("first_ms"),
-    "flowEndMilliseconds": _field("last_ms"),
-    "flowEndReason": _field("end_reason"),
+FLOW_SOURCES: dict[str, Source] = {
+    # FLOW_RECORD stores IPv4 IPv4-mapped (::ffff:a.b.c.d); the address is the last 4 bytes.
+    "sourceIPv4Address": Source("src_addr", part=(12, 16)),
+    "destinationIPv4Address": Source("dst_addr", part=(12, 16)),
+    "sourceIPv6Address": Source("src_addr"),
+    "destinationIPv6Address": Source("dst_addr"),
+    "sourceTransportPort": Source("src_port"),
+    "destinationTransportPort": Source("dst_port"),
+    "protocolIdentifier": Source("protocol"),
+    # One interface field per hook: the one that metered the flow carries the ifindex, the other 0.
+    "ingressInterface": Source("ifindex", when=("direction", INGRESS)),
+    "egressInterface": Source("ifindex", when=("direction", EGRESS)),
+    "flowDirection": Source("direction"),
+    "vlanId": Source("vlan_id"),
+    "ipClassOfService": Source("tos"),
+    "tcpControlBits": Source("tcp_flags"),
+    "icmpTypeCodeIPv4": Source("dst_port", when=("protocol", 1)),
+    "icmpTypeCodeIPv6": Source("dst_port", when=("protocol", 58)),
+    "minimumTTL": Source("min_ttl"),
+    "maximumTTL": Source("max_ttl"),
+    "packetDeltaCount": Source("packets"),
+    "octetDeltaCount": Source("octets"),
+    "flowStartMilliseconds": Source("first_ms"),
+    "flowEndMilliseconds": Source("last_ms"),
+    "flowEndReason": Source("end_reason"),
 }
 
 
 # A BIFLOW_RECORD names its forward half as FLOW_RECORD does; the reverse half has the RFC 5103 elements.
-BIFLOW_COLUMNS: dict[str, Column] = {
-    **FLOW_COLUMNS,
-    "ingressInterface": _on_hook("fwd_ifindex", "fwd_direction", INGRESS),
-    "egressInterface": _on_hook("fwd_ifindex", "fwd_direction", EGRESS),
-    "flowDirection": _field("fwd_direction"),
-    "reverseIngressInterface": _on_hook("rev_ifindex", "rev_direction", INGRESS),
-    "reverseEgressInterface": _on_hook("rev_ifindex", "rev_direction", EGRESS),
-    "reversePacketDeltaCount": _field("r_packets"),
-    "reverseOctetDeltaCount": _field("r_octets"),
-    "reverseFlowStartMilliseconds": _field("r_first_ms"),
-    "reverseFlowEndMilliseconds": _field("r_last_ms"),
-    "reverseTcpControlBits": _field("r_tcp_flags"),
-    "reverseIpClassOfService": _field("r_tos"),
-    "reverseMinimumTTL": _field("r_min_ttl"),
-    "reverseMaximumTTL": _field("r_max_ttl"),
-    "biflowDirection": _field("biflow_direction"),
+BIFLOW_SOURCES: dict[str, Source] = {
+    **FLOW_SOURCES,
+    "ingressInterface": Source("fwd_ifindex", when=("fwd_direction", INGRESS)),
+    "egressInterface": Source("fwd_ifindex", when=("fwd_direction", EGRESS)),
+    "flowDirection": Source("fwd_direction"),
+    "reverseIngressInterface": Source("rev_ifindex", when=("rev_direction", INGRESS)),
+    "reverseEgressInterface": Source("rev_ifindex", when=("rev_direction", EGRESS)),
+    "reversePacketDeltaCount": Source("r_packets"),
+    "reverseOctetDeltaCount": Source("r_octets"),
+    "reverseFlowStartMilliseconds": Source("r_first_ms"),
+    "reverseFlowEndMilliseconds": Source("r_last_ms"),
+    "reverseTcpControlBits": Source("r_tcp_flags"),
+    "reverseIpClassOfService": Source("r_tos"),
+    "reverseMinimumTTL": Source("r_min_ttl"),
+    "reverseMaximumTTL": Source("r_max_ttl"),
+    "biflowDirection": Source("biflow_direction"),
 }
 
 
-def encode_records(template: Template, records: Records, columns: dict[str, Column] = FLOW_COLUMNS) -> memoryview:
-    """The data records of `records` under `template`, back to back, without a set header."""
+def encode_records(template: Template, records: Records, sources: dict[str, Source] = FLOW_SOURCES) -> memoryview:
+    """The data records of `records` under `template`, back to back, without a set header (numpy)."""
     out = np.empty(len(records), dtype=template.wire_dtype)
     for name in template.names:
-        out[name] = columns[name](records)
+        out[name] = sources[name].column(records)
     # A flat byte view of the packed array: messages are joined from slices of it, with no copy of the whole.
     return out.view(np.uint8).data
+
+
+def field_program(template: Template, dtype: np.dtype[np.void], sources: dict[str, Source]) -> bytes:
+    """`template`'s data record as exporter/_core.c's field program over records of `dtype`."""
+    lengths = dict(zip(template.names, (template.wire_dtype.fields[n][0].itemsize  # type: ignore[index]
+                                        for n in template.names), strict=True))
+    return b"".join(sources[name].op(dtype, lengths[name]) for name in template.names)
 
 
 @dataclass(frozen=True)
@@ -192,6 +209,7 @@ class Encoder:
         exporting_process_id: int = 0,
         exporter_address: str | IPv4Address | IPv6Address | None = None,
         biflow: bool = False,
+        compiled: bool | None = None,
     ) -> None:
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise ValueError(f"mtu {mtu} outside {MIN_MTU}..{MAX_MTU}")
@@ -212,9 +230,17 @@ class Encoder:
         self.sequence_mode: SequenceMode = sequence_mode
         self.biflow = biflow
         self.record_dtype = BIFLOW_RECORD if biflow else FLOW_RECORD
-        self._columns = BIFLOW_COLUMNS if biflow else FLOW_COLUMNS
+        self._sources = BIFLOW_SOURCES if biflow else FLOW_SOURCES
         self._data_templates: tuple[tuple[int, Template], ...] = (
             ((4, BIFLOW_V4), (6, BIFLOW_V6)) if biflow else ((4, FLOW_V4), (6, FLOW_V6)))
+        # The compiled core (exporter/_core.c) encodes and frames when it is built; the numpy and
+        # Python code below is the reference it is tested against (compiled=False forces it).
+        from exporter import core
+
+        if compiled and not core.available():
+            core.module()  # raises, saying why
+        self._core = core.module() if (compiled is None and core.available()) or compiled else None
+        self._programs = {v: field_program(t, self.record_dtype, self._sources) for v, t in self._data_templates}
         self._options = OptionsEncoder(tuple(t for _, t in self._data_templates), odid,
                                        exporting_process_id, exporter_address)
         self._template_sets = template_sets(self.templates)
@@ -278,11 +304,45 @@ class Encoder:
         groups: list[RecordGroup] = []
         if options is not None:
             groups.extend(self._options.groups(options))
+        if self._core is not None:
+            return self._encode_core(groups, records, now, export_time)
         if len(records):
             groups.extend(self._encode_groups(records))
         if not groups:
             return []
-        return self._build(groups, now, export_time)
+        return self._build_py([g for g in groups if g[2] > 0], now, export_time)
+
+    def _encode_core(self, groups: list[RecordGroup], records: Records, now: float, export_time: int) -> list[bytes]:
+        """encode() in the compiled core: data records encoded straight into the messages."""
+        assert self._core is not None
+        count_options = self.sequence_mode == "rfc"
+        frames: list[tuple[Any, ...]] = [(t.template_id, t.record_length, payload, count, count_options, False)
+                                         for t, payload, count in groups if count > 0]
+        options = len(frames)
+        if len(records):
+            flat = np.ascontiguousarray(records)
+            version_at = self.record_dtype.fields["ip_version"][1]  # type: ignore[index]
+            frames += [(t.template_id, t.record_length, flat, self._programs[v], self.record_dtype.itemsize,
+                        version_at, v, True, True) for v, t in self._data_templates]
+        if not frames:
+            return []
+        elapsed = now - self._templates_sent_at
+        due_by_time = self._templates_forced or elapsed >= self.template_refresh_s or elapsed < 0
+        messages, flows, sequence, sent, since, counts = self._core.frame(
+            frames, self._template_sets, self.mtu, self.odid, export_time, self._sequence, due_by_time,
+            self._messages_since_templates, self.template_refresh_messages)
+        if sum(counts[options:]) != len(records):
+            raise ValueError("records with an ip_version other than 4 or 6")
+        if not messages:
+            return []
+        if sent:
+            self._templates_forced = False
+            self._templates_sent_at = now
+        self._messages_since_templates = since
+        self._sequence = sequence
+        self.last_flow_counts = flows
+        self._count_output(len(messages), sum(len(m) for m in messages), len(records), sum(counts[:options]))
+        return list(messages)
 
     def flow_totals(self, message: bytes | bytearray | memoryview) -> FlowTotals:
         """Flow records in one of this encoder's messages, with their packets and octets summed.
@@ -312,7 +372,8 @@ class Encoder:
             pos += set_len
         return total
 
-    def _build(self, groups: list[RecordGroup], now: float, export_time: int) -> list[bytes]:
+    def _build_py(self, groups: list[RecordGroup], now: float, export_time: int) -> list[bytes]:
+        """The reference framing (the compiled core's frame() does the same, byte for byte)."""
         messages: list[bytes] = []
         parts: list[bytes | memoryview] = []
         pack_set = SET_HEADER.pack
@@ -385,7 +446,7 @@ class Encoder:
             if count == 0:
                 continue
             subset = records if count == len(records) else records[mask]
-            groups.append((template, encode_records(template, subset, self._columns), count))
+            groups.append((template, encode_records(template, subset, self._sources), count))
         if selected != len(records):
             raise ValueError("records with an ip_version other than 4 or 6")
         return groups

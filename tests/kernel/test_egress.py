@@ -37,7 +37,6 @@ from hypothesis import strategies as st
 
 from exporter.drain import Pages
 from exporter.layout import EGRESS, INGRESS
-from exporter.merge import merge
 from tests.conftest import ROOT, xdp_attached
 from tests.kernel import frames as fr
 from tests.kernel import refparser as ref
@@ -108,10 +107,12 @@ def drain_all(dp: Datapath) -> dict[Tuple5, dict[Where, dict[str, int]]]:
     out: dict[Tuple5, dict[Where, dict[str, int]]] = defaultdict(dict)
     drained = 0
     for _ in range(2):
-        d = pages.flip_and_drain()
-        assert not d.keys["pad"].any(), "flow_key.pad is not zero"
-        assert set(np.unique(d.keys["direction"]).tolist()) <= {INGRESS, EGRESS}
-        recs = merge(d.keys, d.values, 0)
+        d = pages.flip_and_merge(0, keep_slots=True)
+        assert d.slots is not None
+        keys = d.slots["key"]
+        assert not keys["pad"].any(), "flow_key.pad is not zero"
+        assert set(np.unique(keys["direction"]).tolist()) <= {INGRESS, EGRESS}
+        recs = d.records
         assert d.stats["insert_failures"] == 0 and d.stats["parse_failures"] == 0, d.stats
         assert d.stats["packets"] == int(recs["packets"].sum()), d.stats
         assert d.stats["octets"] == int(recs["octets"].sum()), d.stats

@@ -38,7 +38,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.drain import Pages
 from exporter.layout import CONTROL
-from exporter.merge import merge
 from tests.conftest import ROOT, JsonCollector, Proc, xdp_prog_id, xdpflow_cmd
 from tests.kernel import frames as fr
 from tests.unit.test_filter_rules import rules_st
@@ -138,7 +137,7 @@ def run_rules(h: Harness, rules: list[str], packets: list[P],
     parsed = filters.parse_rules(rules)
     tables = filters.compile_rules(parsed)
     links = filters.interfaces_now()
-    h.pages.flip_and_drain()  # start from an empty page
+    h.pages.flip_and_merge(0)  # start from an empty page
     dp.configure(tables, 1)
     verdicts = []
     included = [0, 0]
@@ -170,8 +169,8 @@ def run_rules(h: Harness, rules: list[str], packets: list[P],
             if (pk, ok) != (p0, o0):
                 moved[k] = (pk - p0, ok - o0)
         assert moved == ({label: (1, octets)} if parsed else {}), (rules, p, want, moved)
-    d = h.pages.flip_and_drain()
-    recs = merge(d.keys, d.values, 0)
+    d = h.pages.flip_and_merge(0)
+    recs = d.records
     # Excluded packets made no entry: the page holds exactly the included packets.
     assert [int(recs["packets"].sum()), int(recs["octets"].sum())] == included
     assert d.stats["packets"] == included[0] and d.stats["flows_created"] == len(recs)
@@ -244,7 +243,7 @@ def test_rule_matrix(h: Harness, case: str) -> None:
 def control(dp: Datapath) -> tuple[int, int]:
     ctl = np.zeros(1, dtype=CONTROL)
     assert bpfsys.map_lookup(dp.control_fd, ctypes.c_uint32(0), ctl)
-    return int(ctl["page"][0]), int(ctl["config"][0])
+    return int(ctl["gen"][0]) & 1, int(ctl["config"][0])   # (active page, rule set in force)
 
 
 def test_no_rules_is_the_fast_path(h: Harness) -> None:

@@ -20,10 +20,16 @@ def run_cli(netns: str | None, *args: str, timeout: float = 60) -> subprocess.Co
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
 
 
-def test_memory_is_entries_cpus_value_pages() -> None:
+def test_memory_grows_with_entries_and_cpus_and_less_per_entry_than_per_cpu_pages() -> None:
+    fixed = map_memory_bytes(0, cpus=2)   # the per-CPU cache
     small, big = map_memory_bytes(1000, cpus=2), map_memory_bytes(2000, cpus=2)
-    assert big == 2 * small
+    assert big - fixed == 2 * (small - fixed)
     assert map_memory_bytes(1000, cpus=4) > small
+    for cpus in (2, 64):
+        # Before the slot array: 2 pages x (cpus x 40-byte values + 48-byte key + 48 bytes of element).
+        per_cpu_pages = 2 * (cpus * 40 + 48 + 48)
+        per_entry = (map_memory_bytes(1_000_000, cpus=cpus) - map_memory_bytes(0, cpus=cpus)) / 1_000_000
+        assert per_entry < per_cpu_pages, (cpus, per_entry, per_cpu_pages)
 
 
 @pytest.mark.kernel
@@ -123,13 +129,14 @@ def test_close_frees_every_program_and_map() -> None:
     from xdp import bpfsys
 
     dp = Datapath(max_entries=128).load()
-    progs = [bpfsys.prog_id(dp.prog_fd), bpfsys.prog_id(dp.load_egress())]
-    maps = [bpfsys.map_id(fd) for fd in (*dp.page_fds, dp.pages_fd, dp.control_fd, dp.stats_fd, *dp._fds.values())]
-    assert len(set(maps)) == 15 and all(bpfsys.exists(m, is_map=True) for m in maps)
+    progs = [bpfsys.prog_id(dp.prog_fd), bpfsys.prog_id(dp.load_egress()), bpfsys.prog_id(dp.clock_prog_fd)]
+    own = (dp.flows_fd, dp.slots_fd, dp.slot_alloc_fd, dp.fence_fd, dp.clock_fd, dp.control_fd, dp.stats_fd)
+    maps = [bpfsys.map_id(fd) for fd in (*own, *dp._fds.values())]
+    assert len(set(maps)) == 17 and all(bpfsys.exists(m, is_map=True) for m in maps)
     assert all(bpfsys.exists(p) for p in progs)
-    assert all(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC for fd in (dp.prog_fd, *dp.page_fds))
+    assert all(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC for fd in (dp.prog_fd, *own))
     dp.close()
-    assert dp.prog_fd == dp.egress_prog_fd == dp.pages_fd == -1 and dp.page_fds == (-1, -1)
+    assert dp.prog_fd == dp.egress_prog_fd == dp.clock_prog_fd == dp.flows_fd == dp.slots_fd == -1
     deadline = time.monotonic() + 10   # the kernel frees them from a work queue, after an RCU grace period
     while time.monotonic() < deadline:
         alive = [p for p in progs if bpfsys.exists(p)] + [m for m in maps if bpfsys.exists(m, is_map=True)]

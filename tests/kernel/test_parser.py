@@ -39,7 +39,6 @@ from hypothesis import strategies as st
 
 from exporter.drain import Pages
 from exporter.layout import FLOW_KEY
-from exporter.merge import merge
 from tests.kernel import frames as fr
 from tests.kernel import refparser as ref
 from tests.kernel.refparser import FlowKey, Metered, Verdict
@@ -98,7 +97,7 @@ class Harness:
     allowed: tuple[int, ...] = ()
     linear_max: int = 0
     egress_max: int = 0      # largest frame a sched_cls test run takes (0: not measured yet)
-    last_values: npt.NDArray[np.void] | None = None  # (flows, cpus) FLOW_VALUE of the last drain
+    last_slots: npt.NDArray[np.void] | None = None  # FLOW_SLOT of the last drain (one per flow and CPU)
     drained_packets: int = 0
     drained_octets: int = 0
     dirty: bool = False
@@ -134,28 +133,31 @@ class Harness:
                 or (ethertype == ref.ETH_P_IPV6 and l3 < 40))
 
     def drain(self) -> tuple[dict[FlowKey, dict[str, int]], list[tuple[int, int]]]:
-        """Flip, drain the page just written; (merged flows by key, per-entry (first, last) ns)."""
-        d = self.pages.flip_and_drain()
+        """Flip, drain the page just written; (merged flows by key, per-slot (first, last) monotonic ns)."""
+        d = self.pages.flip_and_merge(0, keep_slots=True)
         self.dirty = False
-        self.last_values = d.values
-        assert not d.values["pad"].any(), "flow_value.pad is not zero"
-        recs = merge(d.keys, d.values, 0)
-        assert len(recs) == len(d.keys), "drained an entry whose per-CPU slots all hold 0 packets"
+        slots = d.slots
+        assert slots is not None and d.timebase is not None
+        self.last_slots = slots
+        assert not slots["value"]["pad"].any(), "flow_value.pad is not zero"
+        assert (slots["value"]["packets"] > 0).all(), "a slot a program took holds no packet"
+        recs = d.records
         # The page's own counters cover exactly the packets in its flows (nothing is lost at this size).
         assert d.stats["packets"] == int(recs["packets"].sum()) + d.stats["insert_failures"], d.stats
         assert d.stats["octets"] == int(recs["octets"].sum()) + d.stats["insert_failure_octets"], d.stats
-        assert d.stats["flows_created"] == len(recs), d.stats
+        assert d.stats["flows_created"] == len(slots), d.stats
+        assert {FlowKey.unpack(k.tobytes()) for k in slots["key"]} == {FlowKey.from_record(r) for r in recs}
         flows: dict[FlowKey, dict[str, int]] = {}
-        for raw, rec in zip(d.keys, recs, strict=True):
-            key = FlowKey.unpack(raw.tobytes())
-            assert key == FlowKey.from_record(rec)
+        for rec in recs:
+            key = FlowKey.from_record(rec)
             assert key not in flows, f"key drained twice: {key}"
             flows[key] = {name: int(rec[name]) for name in ("packets", "octets", "tcp_flags", "tos", "first_flags",
                                                             "min_ttl", "max_ttl")}
             self.drained_packets += int(rec["packets"])
             self.drained_octets += int(rec["octets"])
-        seen = d.values["packets"] > 0
-        times = [(int(v["first_seen_ns"]), int(v["last_seen_ns"])) for v in d.values[seen]]
+        v = slots["value"]
+        times = list(zip(d.timebase.to_ns(v["first_seen"]).tolist(), d.timebase.to_ns(v["last_seen"]).tolist(),
+                         strict=True))
         return flows, times
 
     def clean(self) -> None:
@@ -184,6 +186,7 @@ class Harness:
         self.dirty = True
         results: list[ref.Result] = []
         expected: dict[FlowKey, Aggregate] = {}
+        slots: set[tuple[FlowKey, int]] = set()   # a CPU takes a slot for a flow the first time it meters it
         t0 = time.monotonic_ns()
         before = self.stats()
         for i, frame in enumerate(batch):
@@ -217,7 +220,9 @@ class Harness:
                 want_delta["packets"] = 1
                 want_delta["octets"] = want.octets
                 agg = expected.setdefault(want.key, Aggregate())
-                want_delta["flows_created"] = int(agg.packets == 0)
+                cpu = cpus[i] if cpus is not None else self.cpu
+                want_delta["flows_created"] = int((want.key, cpu) not in slots)
+                slots.add((want.key, cpu))
                 agg.add(want, i)
             assert delta == want_delta, f"counters moved by {delta}, expected {want_delta}; {where}"
         t1 = time.monotonic_ns()
@@ -240,8 +245,8 @@ class Harness:
                 f"flow {key}: drained {got[key]}, expected {want_value}; "
                 f"frames {[_show(batch[i], 80) for i in agg.frames]}")
         for first, last in times:
-            # bpf_ktime_get_coarse_ns: CLOCK_MONOTONIC at tick resolution, so it may lag a little.
-            assert t0 - 1_000_000_000 <= first <= last <= t1, (first, last, t0, t1)
+            # jiffies mapped onto CLOCK_MONOTONIC_COARSE (merge.TimeBase): tick resolution, lagging a little.
+            assert t0 - 1_000_000_000 <= first <= last <= t1 + 10_000_000, (first, last, t0, t1)
         return results
 
     def check_counters(self) -> None:
@@ -577,16 +582,17 @@ def test_one_flow_on_two_cpus(harness: Harness) -> None:
     a, b = harness.allowed[:2]
     batch = [_v4(17, fr.udp(7, 7, bytes(n)), tos=n, ttl=100 - n) for n in range(10)]
     harness.run(batch, cpus=[a, b] * 5)
-    values = harness.last_values
-    assert values is not None and values.shape[0] == 1
-    for cpu, first in ((a, 0), (b, 1)):
-        slot = values[0, cpu]
+    slots = harness.last_slots
+    assert slots is not None and len(slots) == 2, "one slot per CPU that saw the flow"
+    assert len({k.tobytes() for k in slots["key"]}) == 1
+    # CPU a metered the even frames, b the odd ones: each slot starts from its CPU's first packet.
+    for first in (0, 1):
+        (slot,) = slots["value"][slots["value"]["tos"] == first]
         mine = range(first, 10, 2)
         assert int(slot["packets"]) == 5
         assert int(slot["octets"]) == sum(28 + n for n in mine)
-        assert int(slot["tos"]) == first, f"CPU {cpu}: ToS is not that of its first packet"
         assert (int(slot["min_ttl"]), int(slot["max_ttl"])) == (100 - mine[-1], 100 - first)
-        assert 0 < int(slot["first_seen_ns"]) <= int(slot["last_seen_ns"])
+        assert 0 < int(slot["first_seen"]) <= int(slot["last_seen"])
 
 
 def test_jumbo_frames_beyond_the_linear_part(harness: Harness) -> None:

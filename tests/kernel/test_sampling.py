@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from exporter.drain import Pages
-from exporter.merge import merge
 from tests.conftest import JsonCollector
 from tests.kernel.test_filters import COLLECTOR_PORT
 from tools import trafgen
@@ -72,8 +71,8 @@ def test_sampled_share_is_within_the_bound(dp: Datapath, n: int) -> None:
 def test_per_flow_counts_are_binomial_and_exact(dp: Datapath) -> None:
     flows, runs, n = 1000, 200, 10
     pages = Pages(dp)
-    pages.flip_and_drain()
-    pages.flip_and_drain()
+    pages.flip_and_merge(0)
+    pages.flip_and_merge(0)
     dp.configure(None, n)
     try:
         for i in range(flows):
@@ -81,8 +80,8 @@ def test_per_flow_counts_are_binomial_and_exact(dp: Datapath) -> None:
             bpfsys.prog_test_run(dp.prog_fd, frame, repeat=runs)
     finally:
         dp.configure(None, 1)
-    d = pages.flip_and_drain()
-    recs = merge(d.keys, d.values, 0)
+    d = pages.flip_and_merge(0)
+    recs = d.records
     assert d.stats["frames"] == flows * runs == d.stats["packets"] + d.stats["sampled_out"]
     assert int(recs["packets"].sum()) == d.stats["packets"] and d.stats["insert_failures"] == 0
     per_flow = np.zeros(flows)

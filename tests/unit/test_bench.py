@@ -350,7 +350,7 @@ def test_report_writes_summary_and_plots(tmp_path: Path) -> None:
                      {**_row("xdpflow", 1.0, 0.01), "pps_target": 10_000}])
     bench._write_json(tmp_path / "sweep.json", rows)
     bench._write_json(tmp_path / "pipeline.json", [
-        {"flows": n, "records_per_s": 1e6, "drain_rps": 2e6, "merge_rps": 3e6, "table_rps": 2e6, "encode_rps": 4e6,
+        {"flows": n, "slots": 2 * n, "records_per_s": 1e6, "fold_rps": 2e6, "expire_rps": 3e6, "encode_rps": 4e6,
          "send_rps": 8e6, "cpu_s": 0.1, "datagrams": 10, "peak_rss_mb": 100.0} for n in (10_000, 100_000)])
     path = bench.write_report(tmp_path)
     text = path.read_text(encoding="utf-8")

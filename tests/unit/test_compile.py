@@ -20,9 +20,7 @@ FAKE = r"""
 import json, os, socket, sys, time
 sock = socket.socket(fileno=int(sys.argv[sys.argv.index("--socket") + 1]))
 what = sys.argv[1]
-names = ["xdpflow", "xdpflow_egress", "flows0", "flows1", "pages", "control", "stats", "rule_sets", "src_prefixes",
-         "dst_prefixes", "proto_masks", "sport_masks", "dport_masks", "vlan_masks", "iface_masks",
-         "iface_masks_high", "rule_hits"]
+names = NAMES
 if what == "exit":
     sys.exit(3)
 if what == "kill":
@@ -42,7 +40,7 @@ header = {"names": names, "headers": "/usr/src/linux-headers-x (test)"}
 if what == "egress-failed":
     header["egress_error"] = "could not load the egress program xdpflow_egress: Invalid argument"
 socket.send_fds(sock, [json.dumps(header).encode()], fds)
-"""
+""".replace("NAMES", repr([xcompile.XDP_PROG, xcompile.EGRESS_PROG, xcompile.CLOCK_PROG, *xcompile.MAPS]))
 
 
 @pytest.fixture
@@ -62,7 +60,7 @@ def test_descriptors_arrive_named_and_close_on_exec(fake_child: Callable[[str], 
     before = open_fds()
     got = xcompile.load(1024)
     try:
-        assert set(got.fds) == {xcompile.XDP_PROG, xcompile.EGRESS_PROG, *xcompile.MAPS}
+        assert set(got.fds) == {xcompile.XDP_PROG, xcompile.EGRESS_PROG, xcompile.CLOCK_PROG, *xcompile.MAPS}
         assert got.headers == "/usr/src/linux-headers-x (test)" and got.egress_error is None
         assert len(set(got.fds.values())) == len(got.fds)
         for fd in got.fds.values():

@@ -26,6 +26,17 @@ XDP_DIR = ROOT / "xdp"
 Layout = dict[tuple[str, str | None], tuple[int, int]]
 
 
+def _paths(dtype: np.dtype[np.void], prefix: str = "") -> list[str]:
+    """Every field, nested ones as dotted member designators (key.src_addr), parents before children."""
+    out = []
+    for name in dtype.names or ():
+        sub = dtype.fields[name][0]  # type: ignore[index]
+        out.append(prefix + name)
+        if sub.names:
+            out += _paths(sub, prefix + name + ".")
+    return out
+
+
 def _program() -> str:
     lines = [
         "#include <stdio.h>",
@@ -36,7 +47,7 @@ def _program() -> str:
     for struct_name, dtype in STRUCTS.items():
         lines.append(f'  printf("{struct_name} - %zu %zu\\n", sizeof(struct {struct_name}), '
                      f"_Alignof(struct {struct_name}));")
-        for name in dtype.names or ():
+        for name in _paths(dtype):
             lines.append(f'  printf("{struct_name} {name} %zu %zu\\n", offsetof(struct {struct_name}, {name}), '
                          f"sizeof(((struct {struct_name} *)0)->{name}));")
     lines += ["  return 0;", "}"]
@@ -71,11 +82,15 @@ def test_struct_size_matches(c_layout: Layout, struct_name: str) -> None:
 
 @pytest.mark.parametrize("struct_name", list(STRUCTS))
 def test_field_offsets_and_sizes_match(c_layout: Layout, struct_name: str) -> None:
-    dtype = STRUCTS[struct_name]
-    assert dtype.fields is not None
-    for name in dtype.names or ():
-        sub, offset = dtype.fields[name][:2]
-        assert c_layout[(struct_name, name)] == (offset, sub.itemsize), f"struct {struct_name}.{name}"
+    def check(dtype: np.dtype[np.void], prefix: str, base: int) -> None:
+        for name in dtype.names or ():
+            sub, offset = dtype.fields[name][:2]  # type: ignore[index]
+            path = prefix + name
+            assert c_layout[(struct_name, path)] == (base + offset, sub.itemsize), f"struct {struct_name}.{path}"
+            if sub.names:
+                check(sub, path + ".", base + offset)
+
+    check(STRUCTS[struct_name], "", 0)
 
 
 @pytest.mark.parametrize("struct_name", list(STRUCTS))
@@ -101,11 +116,15 @@ def test_value_size_is_a_multiple_of_8(c_layout: Layout) -> None:
 @pytest.mark.parametrize("struct_name", list(STRUCTS))
 def test_multibyte_fields_are_host_order(struct_name: str) -> None:
     """The kernel writes host byte order; the dtypes must read it that way on this machine."""
-    dtype = STRUCTS[struct_name]
-    assert dtype.fields is not None
-    for name in dtype.names or ():
-        base = dtype.fields[name][0].base
-        assert base.itemsize == 1 or base.isnative, f"{struct_name}.{name} is {base.str}, not native order"
+    def check(dtype: np.dtype[np.void], where: str) -> None:
+        for name in dtype.names or ():
+            sub = dtype.fields[name][0]  # type: ignore[index]
+            if sub.names:
+                check(sub, f"{where}.{name}")
+            else:
+                assert sub.base.itemsize == 1 or sub.base.isnative, f"{where}.{name} is {sub.base.str}"
+
+    check(STRUCTS[struct_name], struct_name)
 
 
 def test_direction_values_match_flow_h() -> None:
@@ -116,8 +135,23 @@ def test_direction_values_match_flow_h() -> None:
 
 
 def test_dtypes_are_plain_structs() -> None:
-    for struct_name, dtype in STRUCTS.items():
-        assert dtype.names, struct_name
+    def check(dtype: np.dtype[np.void], where: str) -> None:
+        assert dtype.names, where
         assert not dtype.hasobject
         for name in dtype.names:
-            assert np.issubdtype(dtype.fields[name][0].base, np.unsignedinteger), f"{struct_name}.{name}"  # type: ignore[index]
+            sub = dtype.fields[name][0]  # type: ignore[index]
+            if sub.names:
+                check(sub, f"{where}.{name}")
+            else:
+                assert np.issubdtype(sub.base, np.unsignedinteger), f"{where}.{name}"
+
+    for struct_name, dtype in STRUCTS.items():
+        check(dtype, struct_name)
+
+
+def test_slot_is_key_then_value() -> None:
+    """The mapped slot array is read as FLOW_SLOT; the C core reads the same bytes by offset."""
+    from exporter.layout import FLOW_KEY, FLOW_SLOT
+
+    assert FLOW_SLOT.itemsize == FLOW_KEY.itemsize + FLOW_VALUE.itemsize
+    assert FLOW_SLOT.itemsize % 8 == 0

@@ -1,0 +1,1167 @@
+/* xdpflow's compiled core: the per-record stages of a scan, on the numpy buffers, without copies.
+ *
+ * Theory of operation. A scan hands over the slots of a drained page (struct flow_slot, read
+ * where they lie in the kernel's mapped slot array), one per CPU that saw a flow. Table folds
+ * each slot into its flow in one pass: jiffies become epoch milliseconds (the page's time base,
+ * computed exactly as exporter/merge.py does), the key is looked up in an open-addressing hash
+ * table (linear probing, index of row numbers, rows dense in insertion order) and the slot's
+ * counters are added, or a row is appended. The fold is merge.py's and flowtable.py's: sums,
+ * max last, OR of flags, min/max TTL, and the ToS and first-packet flags of the earliest first
+ * packet (on a tie the higher ToS; a bare SYN first, then the higher flags), so the result does
+ * not depend on the order slots come in. expire() walks the rows once: FIN/RST (end of flow),
+ * idle, active timeout, then, above the capacity, the least recently seen (lack of resources);
+ * ended rows leave by swap-remove and backward-shift deletion, so the rows stay dense.
+ *
+ * encode() turns FLOW_RECORD (or BIFLOW_RECORD) rows into IPFIX data records for one template
+ * by a small field program built in Python from the template (exporter/ipfix/encoder.py);
+ * frame() cuts them into messages exactly as the Python reference does; send() hands a batch
+ * of datagrams to a connected UDP socket, runs of equal-length datagrams as UDP GSO sends.
+ *
+ * exporter/flowtable.py, merge.py and the encoder's numpy path stay the references: property
+ * tests compare this module with them record for record and byte for byte.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+
+#define KEY_SIZE 48
+
+/* FLOW_RECORD (exporter/records.py): packed, 87 bytes. */
+typedef struct __attribute__((packed)) {
+	uint8_t key[KEY_SIZE];
+	uint64_t packets;
+	uint64_t octets;
+	uint64_t first_ms;
+	uint64_t last_ms;
+	uint16_t tcp_flags;
+	uint8_t tos;
+	uint8_t min_ttl;
+	uint8_t max_ttl;
+	uint8_t end_reason;
+	uint8_t first_flags;
+} rec_t;
+
+/* struct flow_slot (xdp/flow.h): key, then struct flow_value; 88 bytes. */
+typedef struct __attribute__((packed)) {
+	uint8_t key[KEY_SIZE];
+	uint64_t packets;
+	uint64_t octets;
+	uint64_t first_seen;
+	uint64_t last_seen;
+	uint16_t tcp_flags;
+	uint8_t tos;
+	uint8_t min_ttl;
+	uint8_t max_ttl;
+	uint8_t first_flags;
+	uint8_t pad[2];
+} slot_t;
+
+_Static_assert(sizeof(rec_t) == 87, "FLOW_RECORD is 87 bytes");
+_Static_assert(sizeof(slot_t) == 88, "struct flow_slot is 88 bytes");
+
+#define END_IDLE 1
+#define END_ACTIVE 2
+#define END_OF_FLOW 3
+#define END_LACK_OF_RESOURCES 5
+#define TCP_FIN 0x01
+#define TCP_RST 0x04
+
+/* -- memory ------------------------------------------------------------------------------------ */
+
+#define HUGE (2u << 20)
+
+/* Large arrays on 2 MiB boundaries with transparent huge pages asked for: the fold touches rows and
+ * index entries at random, and on a VM each TLB miss is a two-level page walk. */
+static void *big_alloc(size_t bytes)
+{
+	void *p = NULL;
+	if (bytes >= HUGE) {
+		if (posix_memalign(&p, HUGE, bytes) != 0)
+			return NULL;
+#ifdef MADV_HUGEPAGE
+		madvise(p, bytes, MADV_HUGEPAGE);
+#endif
+		return p;
+	}
+	return malloc(bytes ? bytes : 1);
+}
+
+/* -- hashing ----------------------------------------------------------------------------------- */
+
+static inline uint64_t key_hash(const uint8_t *k)
+{
+	uint64_t w[6];
+	memcpy(w, k, sizeof(w));
+	uint64_t h = 6;
+	for (int i = 0; i < 6; i++) {
+		h ^= w[i];
+		h *= 0x9E3779B97F4A7C15ull;
+		h ^= h >> 32;
+	}
+	h ^= h >> 30;
+	h *= 0xBF58476D1CE4E5B9ull;
+	h ^= h >> 27;
+	h *= 0x94D049BB133111EBull;
+	h ^= h >> 31;
+	return h;
+}
+
+/* -- the fold ---------------------------------------------------------------------------------- */
+
+/* The first-packet flags that win among slots starting in the same millisecond: a bare SYN, else
+ * the higher (merge.py's rule). */
+static inline uint8_t pick_first_flags(uint8_t a, uint8_t b)
+{
+	unsigned ra = a | (((a & 0x12) == 0x02) << 8);
+	unsigned rb = b | (((b & 0x12) == 0x02) << 8);
+	return (uint8_t)(ra >= rb ? a : b);
+}
+
+/* Fold `add` (one slot, times already converted) into `cur`. */
+static inline void fold(rec_t *cur, const rec_t *add)
+{
+	cur->packets += add->packets;
+	cur->octets += add->octets;
+	if (add->last_ms > cur->last_ms)
+		cur->last_ms = add->last_ms;
+	cur->tcp_flags |= add->tcp_flags;
+	if (add->min_ttl < cur->min_ttl)
+		cur->min_ttl = add->min_ttl;
+	if (add->max_ttl > cur->max_ttl)
+		cur->max_ttl = add->max_ttl;
+	if (add->first_ms < cur->first_ms) {
+		cur->first_ms = add->first_ms;
+		cur->tos = add->tos;
+		cur->first_flags = add->first_flags;
+	} else if (add->first_ms == cur->first_ms) {
+		if (add->tos > cur->tos)
+			cur->tos = add->tos;
+		cur->first_flags = pick_first_flags(cur->first_flags, add->first_flags);
+	}
+}
+
+/* merge.TimeBase.to_ns, then ns_to_epoch_ms: the same IEEE double operations in the same order. */
+static inline uint64_t jiffies_to_ms(uint64_t j, int64_t start_j, int64_t start_ns, double slope,
+				     int64_t offset_ns)
+{
+	int64_t ns = start_ns + (int64_t)floor((double)((int64_t)j - start_j) * slope + 0.5);
+	int64_t t = ns + offset_ns;
+	int64_t ms = t / 1000000;
+	if (t % 1000000 < 0)
+		ms -= 1;  /* floor division, as numpy's // */
+	return (uint64_t)ms;
+}
+
+/* -- Table ------------------------------------------------------------------------------------- */
+
+typedef struct {
+	PyObject_HEAD
+	rec_t *rows;
+	size_t n;
+	size_t cap;          /* rows allocated */
+	uint32_t *index;     /* 0: empty; else row + 1 */
+	size_t mask;         /* index size - 1 (a power of 2, >= 2 x cap) */
+	long long active_ms;
+	long long idle_ms;
+	long long capacity;  /* flows kept at most after expiry; 0: no bound */
+} Table;
+
+static int table_reserve(Table *t, size_t need)
+{
+	if (need <= t->cap)
+		return 0;
+	size_t cap = t->cap ? t->cap : 1024;
+	while (cap < need)
+		cap *= 2;
+	if (cap > 0xFFFFFFFEu) {
+		PyErr_SetString(PyExc_MemoryError, "flow table: more than 2^32 - 2 rows");
+		return -1;
+	}
+	rec_t *rows = big_alloc(cap * sizeof(rec_t));
+	size_t size = 1;
+	while (size < 2 * cap)
+		size *= 2;
+	uint32_t *index = big_alloc(size * sizeof(uint32_t));
+	if (!rows || !index) {
+		free(rows);
+		free(index);
+		PyErr_NoMemory();
+		return -1;
+	}
+	if (t->n)
+		memcpy(rows, t->rows, t->n * sizeof(rec_t));
+	memset(index, 0, size * sizeof(uint32_t));
+	size_t mask = size - 1;
+	for (size_t r = 0; r < t->n; r++) {
+		size_t i = key_hash(rows[r].key) & mask;
+		while (index[i])
+			i = (i + 1) & mask;
+		index[i] = (uint32_t)(r + 1);
+	}
+	free(t->rows);
+	free(t->index);
+	t->rows = rows;
+	t->index = index;
+	t->cap = cap;
+	t->mask = mask;
+	return 0;
+}
+
+/* The row holding `key`, or NULL; *pos: its index position, else where it would go. */
+static inline rec_t *table_find(const Table *t, const uint8_t *key, uint64_t h, size_t *pos)
+{
+	size_t i = h & t->mask;
+	for (;;) {
+		uint32_t e = t->index[i];
+		if (!e) {
+			*pos = i;
+			return NULL;
+		}
+		rec_t *r = &t->rows[e - 1];
+		if (memcmp(r->key, key, KEY_SIZE) == 0) {
+			*pos = i;
+			return r;
+		}
+		i = (i + 1) & t->mask;
+	}
+}
+
+/* Fold one record (times in ms) in, or append it; the caller reserved room (no GIL needed here). */
+static inline void table_add_hashed(Table *t, const rec_t *add, uint64_t h)
+{
+	size_t pos;
+	rec_t *cur = table_find(t, add->key, h, &pos);
+	if (cur) {
+		fold(cur, add);
+		return;
+	}
+	rec_t *row = &t->rows[t->n];
+	*row = *add;
+	row->end_reason = 0;
+	t->index[pos] = (uint32_t)(t->n + 1);
+	t->n++;
+}
+
+static inline void table_add(Table *t, const rec_t *add)
+{
+	table_add_hashed(t, add, key_hash(add->key));
+}
+
+/* Remove index entry at `pos` (linear probing: shift back the entries that probed past it). */
+static void index_remove(Table *t, size_t pos)
+{
+	size_t mask = t->mask;
+	size_t hole = pos;
+	size_t i = pos;
+	for (;;) {
+		i = (i + 1) & mask;
+		uint32_t e = t->index[i];
+		if (!e)
+			break;
+		size_t ideal = key_hash(t->rows[e - 1].key) & mask;
+		/* e may fill the hole unless its ideal position lies cyclically in (hole, i]. */
+		if (((i - ideal) & mask) >= ((i - hole) & mask)) {
+			t->index[hole] = e;
+			hole = i;
+		}
+	}
+	t->index[hole] = 0;
+}
+
+static size_t index_pos_of_row(const Table *t, size_t row)
+{
+	size_t i = key_hash(t->rows[row].key) & t->mask;
+	while (t->index[i] != row + 1)
+		i = (i + 1) & t->mask;
+	return i;
+}
+
+/* Remove row r: its index entry goes, the last row moves into its place. */
+static void table_remove(Table *t, size_t r)
+{
+	index_remove(t, index_pos_of_row(t, r));
+	size_t last = t->n - 1;
+	if (r != last) {
+		size_t lp = index_pos_of_row(t, last);
+		t->rows[r] = t->rows[last];
+		t->index[lp] = (uint32_t)(r + 1);
+	}
+	t->n--;
+}
+
+static int table_init(Table *self, PyObject *args, PyObject *kwds)
+{
+	static char *kwlist[] = {"active_ms", "idle_ms", "capacity", NULL};
+	long long active = 60000, idle = 15000, capacity = 0;
+	if (!PyArg_ParseTupleAndKeywords(args, kwds, "|LLL", kwlist, &active, &idle, &capacity))
+		return -1;
+	if (active <= 0 || idle <= 0 || capacity < 0) {
+		PyErr_SetString(PyExc_ValueError, "timeouts must be > 0 ms and capacity >= 0");
+		return -1;
+	}
+	self->active_ms = active;
+	self->idle_ms = idle;
+	self->capacity = capacity;
+	return table_reserve(self, 1024);
+}
+
+static void table_dealloc(Table *self)
+{
+	free(self->rows);
+	free(self->index);
+	Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int get_buffer(PyObject *obj, Py_buffer *view, size_t item, const char *what)
+{
+	if (PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS) < 0)
+		return -1;
+	if (view->len % (Py_ssize_t)item) {
+		PyErr_Format(PyExc_ValueError, "%s: %zd bytes is not a whole number of %zu-byte items", what, view->len,
+			     item);
+		PyBuffer_Release(view);
+		return -1;
+	}
+	return 0;
+}
+
+static PyObject *table_fold_slots(Table *self, PyObject *args)
+{
+	PyObject *obj;
+	long long start_j, start_ns, offset_ns;
+	double slope;
+	if (!PyArg_ParseTuple(args, "OLLdL", &obj, &start_j, &start_ns, &slope, &offset_ns))
+		return NULL;
+	Py_buffer view;
+	if (get_buffer(obj, &view, sizeof(slot_t), "slots") < 0)
+		return NULL;
+	size_t n = (size_t)view.len / sizeof(slot_t);
+	const slot_t *s = view.buf;
+	size_t folded = 0;
+	unsigned long long packets = 0, octets = 0;
+	if (table_reserve(self, self->n + n) < 0) {
+		PyBuffer_Release(&view);
+		return NULL;
+	}
+	Py_BEGIN_ALLOW_THREADS
+	/* Slots come in arrival order, rows in insertion order: each lookup is two cache misses (an
+	 * index entry, then a row). Hash a batch ahead and prefetch both, so the misses overlap. */
+	enum { AHEAD = 16 };
+	uint64_t h[AHEAD];
+	for (size_t base = 0; base < n; base += AHEAD) {
+		size_t m = n - base < AHEAD ? n - base : AHEAD;
+		for (size_t i = 0; i < m; i++) {
+			h[i] = key_hash(s[base + i].key);
+			__builtin_prefetch(&self->index[h[i] & self->mask]);
+		}
+		for (size_t i = 0; i < m; i++) {
+			uint32_t e = self->index[h[i] & self->mask];
+			if (e)
+				__builtin_prefetch(&self->rows[e - 1]);
+		}
+		for (size_t i = 0; i < m; i++) {
+			const slot_t *x = &s[base + i];
+			if (!x->packets)
+				continue;  /* never written by a program: carries nothing */
+			rec_t r;
+			memcpy(r.key, x->key, KEY_SIZE);
+			r.packets = x->packets;
+			r.octets = x->octets;
+			r.first_ms = jiffies_to_ms(x->first_seen, start_j, start_ns, slope, offset_ns);
+			r.last_ms = jiffies_to_ms(x->last_seen, start_j, start_ns, slope, offset_ns);
+			r.tcp_flags = x->tcp_flags;
+			r.tos = x->tos;
+			r.min_ttl = x->min_ttl;
+			r.max_ttl = x->max_ttl;
+			r.end_reason = 0;
+			r.first_flags = x->first_flags;
+			table_add_hashed(self, &r, h[i]);
+			folded++;
+			packets += x->packets;
+			octets += x->octets;
+		}
+	}
+	Py_END_ALLOW_THREADS
+	PyBuffer_Release(&view);
+	return Py_BuildValue("nKK", (Py_ssize_t)folded, packets, octets);
+}
+
+static PyObject *table_fold_records(Table *self, PyObject *obj)
+{
+	Py_buffer view;
+	if (get_buffer(obj, &view, sizeof(rec_t), "records") < 0)
+		return NULL;
+	size_t n = (size_t)view.len / sizeof(rec_t);
+	const rec_t *in = view.buf;
+	if (table_reserve(self, self->n + n) < 0) {
+		PyBuffer_Release(&view);
+		return NULL;
+	}
+	Py_BEGIN_ALLOW_THREADS
+	for (size_t i = 0; i < n; i++)
+		table_add(self, &in[i]);
+	Py_END_ALLOW_THREADS
+	PyBuffer_Release(&view);
+	return PyLong_FromSize_t(n);
+}
+
+typedef struct {
+	uint64_t last_ms;
+	const uint8_t *key;
+	size_t row;
+} victim_t;
+
+static int victim_cmp(const void *a, const void *b)
+{
+	const victim_t *x = a, *y = b;
+	if (x->last_ms != y->last_ms)
+		return x->last_ms < y->last_ms ? -1 : 1;
+	return memcmp(x->key, y->key, KEY_SIZE);
+}
+
+/* Mark ended rows in `reason` (0: stays). Returns the count, or -1 on allocation failure. */
+static long long table_mark(Table *t, long long now_ms, uint8_t *reason)
+{
+	long long ended = 0;
+	for (size_t r = 0; r < t->n; r++) {
+		const rec_t *x = &t->rows[r];
+		uint8_t why = 0;
+		/* Signed: a record stamped after now (clock step) is simply not due. */
+		if (now_ms - (long long)x->first_ms >= t->active_ms)
+			why = END_ACTIVE;
+		if (now_ms - (long long)x->last_ms >= t->idle_ms)
+			why = END_IDLE;
+		if (x->tcp_flags & (TCP_FIN | TCP_RST))
+			why = END_OF_FLOW;
+		reason[r] = why;
+		ended += why != 0;
+	}
+	long long survivors = (long long)t->n - ended;
+	if (t->capacity && survivors > t->capacity) {
+		long long excess = survivors - t->capacity;
+		victim_t *v = malloc((size_t)survivors * sizeof(victim_t));
+		if (!v)
+			return -1;
+		size_t k = 0;
+		for (size_t r = 0; r < t->n; r++)
+			if (!reason[r])
+				v[k++] = (victim_t){t->rows[r].last_ms, t->rows[r].key, r};
+		qsort(v, k, sizeof(victim_t), victim_cmp);
+		for (long long i = 0; i < excess; i++)
+			reason[v[i].row] = END_LACK_OF_RESOURCES;
+		free(v);
+		ended += excess;
+	}
+	return ended;
+}
+
+/* Move rows marked in `reason` (or every row, when reason is NULL: with `all_reason`) into a new
+ * bytearray of FLOW_RECORD, in row order, and remove them. */
+static PyObject *table_take(Table *t, const uint8_t *reason, long long count, uint8_t all_reason)
+{
+	PyObject *out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)((size_t)count * sizeof(rec_t)));
+	if (!out)
+		return NULL;
+	rec_t *o = (rec_t *)PyByteArray_AS_STRING(out);
+	if (!reason) {
+		for (size_t r = 0; r < t->n; r++) {
+			o[r] = t->rows[r];
+			o[r].end_reason = all_reason;
+		}
+		t->n = 0;
+		memset(t->index, 0, (t->mask + 1) * sizeof(uint32_t));
+		return out;
+	}
+	size_t k = 0;
+	for (size_t r = 0; r < t->n; r++)
+		if (reason[r]) {
+			o[k] = t->rows[r];
+			o[k].end_reason = reason[r];
+			k++;
+		}
+	if ((size_t)count * 4 >= t->n) {
+		/* Many go: keep the survivors in order and build the index again (O(rows), no probing
+		 * per removal). */
+		size_t kept = 0;
+		for (size_t r = 0; r < t->n; r++)
+			if (!reason[r])
+				t->rows[kept++] = t->rows[r];
+		t->n = kept;
+		memset(t->index, 0, (t->mask + 1) * sizeof(uint32_t));
+		for (size_t r = 0; r < kept; r++) {
+			size_t i = key_hash(t->rows[r].key) & t->mask;
+			while (t->index[i])
+				i = (i + 1) & t->mask;
+			t->index[i] = (uint32_t)(r + 1);
+		}
+		return out;
+	}
+	/* A few go: remove from the end backwards (swap-remove only moves rows already decided). */
+	for (size_t r = t->n; r-- > 0;)
+		if (reason[r])
+			table_remove(t, r);
+	return out;
+}
+
+static PyObject *table_expire(Table *self, PyObject *arg)
+{
+	long long now_ms = PyLong_AsLongLong(arg);
+	if (now_ms == -1 && PyErr_Occurred())
+		return NULL;
+	uint8_t *reason = malloc(self->n ? self->n : 1);
+	if (!reason)
+		return PyErr_NoMemory();
+	long long ended;
+	Py_BEGIN_ALLOW_THREADS
+	ended = table_mark(self, now_ms, reason);
+	Py_END_ALLOW_THREADS
+	if (ended < 0) {
+		free(reason);
+		return PyErr_NoMemory();
+	}
+	PyObject *out = table_take(self, reason, ended, 0);
+	free(reason);
+	return out;
+}
+
+static PyObject *table_expire_all(Table *self, PyObject *arg)
+{
+	long reason = PyLong_AsLong(arg);
+	if (reason == -1 && PyErr_Occurred())
+		return NULL;
+	if (reason < 1 || reason > 5) {
+		PyErr_SetString(PyExc_ValueError, "reason must be a flowEndReason 1..5");
+		return NULL;
+	}
+	return table_take(self, NULL, (long long)self->n, (uint8_t)reason);
+}
+
+static PyObject *table_flows(Table *self, PyObject *Py_UNUSED(ignored))
+{
+	return PyByteArray_FromStringAndSize((const char *)self->rows, (Py_ssize_t)(self->n * sizeof(rec_t)));
+}
+
+static PyObject *table_totals(Table *self, PyObject *Py_UNUSED(ignored))
+{
+	unsigned long long p = 0, o = 0;
+	for (size_t r = 0; r < self->n; r++) {
+		p += self->rows[r].packets;
+		o += self->rows[r].octets;
+	}
+	return Py_BuildValue("KK", p, o);
+}
+
+static Py_ssize_t table_len(Table *self)
+{
+	return (Py_ssize_t)self->n;
+}
+
+static PyObject *table_get_ms(Table *self, void *which)
+{
+	return PyLong_FromLongLong(which ? self->idle_ms : self->active_ms);
+}
+
+static int table_set_ms(Table *self, PyObject *value, void *which)
+{
+	long long v = value ? PyLong_AsLongLong(value) : -1;
+	if (v == -1 && PyErr_Occurred())
+		return -1;
+	if (v <= 0) {
+		PyErr_SetString(PyExc_ValueError, "a timeout must be > 0 ms");
+		return -1;
+	}
+	if (which)
+		self->idle_ms = v;
+	else
+		self->active_ms = v;
+	return 0;
+}
+
+static PyMethodDef table_methods[] = {
+	{"fold_slots", (PyCFunction)table_fold_slots, METH_VARARGS,
+	 "fold_slots(slots, start_jiffies, start_ns, slope, offset_ns) -> (slots, packets, octets) folded\n\n"
+	 "Fold a buffer of struct flow_slot in; times: merge.TimeBase (start, slope) and the epoch offset."},
+	{"fold_records", (PyCFunction)table_fold_records, METH_O,
+	 "fold_records(records) -> count\n\nFold a buffer of FLOW_RECORD (times in epoch ms) in."},
+	{"expire", (PyCFunction)table_expire, METH_O,
+	 "expire(now_ms) -> bytearray of the FLOW_RECORDs that end, removed from the table"},
+	{"expire_all", (PyCFunction)table_expire_all, METH_O,
+	 "expire_all(reason) -> bytearray of every FLOW_RECORD, ended with `reason`; the table is empty"},
+	{"flows", (PyCFunction)table_flows, METH_NOARGS, "flows() -> bytearray: a copy of the live FLOW_RECORDs"},
+	{"totals", (PyCFunction)table_totals, METH_NOARGS, "totals() -> (packets, octets) held"},
+	{NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef table_getset[] = {
+	{"active_ms", (getter)table_get_ms, (setter)table_set_ms, "active timeout (ms)", NULL},
+	{"idle_ms", (getter)table_get_ms, (setter)table_set_ms, "idle timeout (ms)", (void *)1},
+	{NULL, NULL, NULL, NULL, NULL},
+};
+
+static PySequenceMethods table_as_sequence = {
+	.sq_length = (lenfunc)table_len,
+};
+
+static PyTypeObject TableType = {
+	PyVarObject_HEAD_INIT(NULL, 0)
+	.tp_name = "exporter._core.Table",
+	.tp_doc = "Table(active_ms, idle_ms, capacity=0): flows held between scans (see the module docstring)",
+	.tp_basicsize = sizeof(Table),
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_new = PyType_GenericNew,
+	.tp_init = (initproc)table_init,
+	.tp_dealloc = (destructor)table_dealloc,
+	.tp_methods = table_methods,
+	.tp_getset = table_getset,
+	.tp_as_sequence = &table_as_sequence,
+};
+
+/* -- encode ------------------------------------------------------------------------------------ */
+
+/* One field of a data record (8 bytes, built by exporter/ipfix/encoder.py):
+ *   code 1 UINT: little-endian unsigned of src_len bytes at src -> big-endian dst_len bytes
+ *                (a shorter dst keeps the low bytes, as numpy's assignment into a narrower field);
+ *   code 2 RAW:  dst_len bytes copied from src;
+ *   code 3 COND: as UINT when the byte at cond equals cond_value, else zeros. */
+typedef struct __attribute__((packed)) {
+	uint8_t code;
+	uint8_t dst_len;
+	uint16_t src;
+	uint16_t cond;
+	uint8_t src_len;
+	uint8_t cond_value;
+} op_t;
+
+_Static_assert(sizeof(op_t) == 8, "op is 8 bytes");
+
+static inline uint64_t load_uint(const uint8_t *src, unsigned len)
+{
+	/* Fixed-size copies the compiler turns into single loads (little-endian host). */
+	switch (len) {
+	case 1:
+		return src[0];
+	case 2: {
+		uint16_t v;
+		memcpy(&v, src, 2);
+		return v;
+	}
+	case 4: {
+		uint32_t v;
+		memcpy(&v, src, 4);
+		return v;
+	}
+	default: {
+		uint64_t v;
+		memcpy(&v, src, 8);
+		return v;
+	}
+	}
+}
+
+static inline void put_uint(uint8_t *dst, unsigned dst_len, const uint8_t *src, unsigned src_len)
+{
+	uint64_t v = load_uint(src, src_len);
+	switch (dst_len) {
+	case 1:
+		dst[0] = (uint8_t)v;
+		break;
+	case 2: {
+		uint16_t w = __builtin_bswap16((uint16_t)v);
+		memcpy(dst, &w, 2);
+		break;
+	}
+	case 4: {
+		uint32_t w = __builtin_bswap32((uint32_t)v);
+		memcpy(dst, &w, 4);
+		break;
+	}
+	case 8: {
+		uint64_t w = __builtin_bswap64(v);
+		memcpy(dst, &w, 8);
+		break;
+	}
+	default:
+		for (unsigned i = 0; i < dst_len; i++)
+			dst[dst_len - 1 - i] = (uint8_t)(i < 8 ? v >> (8 * i) : 0);
+	}
+}
+
+static inline void put_raw(uint8_t *dst, const uint8_t *src, unsigned len)
+{
+	if (len == 4)
+		memcpy(dst, src, 4);
+	else if (len == 16)
+		memcpy(dst, src, 16);
+	else
+		memcpy(dst, src, len);
+}
+
+/* A field program checked against the record size; its data record length, or -1 (exception set). */
+static Py_ssize_t check_program(const Py_buffer *prog, Py_ssize_t rec_size, Py_ssize_t version_off)
+{
+	if (rec_size <= 0 || prog->len % (Py_ssize_t)sizeof(op_t) || version_off < 0 || version_off >= rec_size) {
+		PyErr_SetString(PyExc_ValueError, "bad record size, field program or version offset");
+		return -1;
+	}
+	const op_t *ops = prog->buf;
+	size_t nops = (size_t)prog->len / sizeof(op_t);
+	Py_ssize_t reclen = 0;
+	for (size_t i = 0; i < nops; i++) {
+		unsigned sl = ops[i].src_len;
+		if (ops[i].src + (ops[i].code == 2 ? ops[i].dst_len : sl) > rec_size || ops[i].cond >= rec_size ||
+		    ops[i].code < 1 || ops[i].code > 3 ||
+		    (ops[i].code != 2 && sl != 1 && sl != 2 && sl != 4 && sl != 8)) {
+			PyErr_SetString(PyExc_ValueError, "field program reads past the record");
+			return -1;
+		}
+		reclen += ops[i].dst_len;
+	}
+	return reclen;
+}
+
+static inline uint8_t *encode_one(uint8_t *o, const uint8_t *rec, const op_t *ops, size_t nops)
+{
+	for (size_t i = 0; i < nops; i++) {
+		const op_t *op = &ops[i];
+		switch (op->code) {
+		case 1:
+			put_uint(o, op->dst_len, rec + op->src, op->src_len);
+			break;
+		case 2:
+			put_raw(o, rec + op->src, op->dst_len);
+			break;
+		default:
+			if (rec[op->cond] == op->cond_value)
+				put_uint(o, op->dst_len, rec + op->src, op->src_len);
+			else
+				memset(o, 0, op->dst_len);
+		}
+		o += op->dst_len;
+	}
+	return o;
+}
+
+static PyObject *core_encode(PyObject *Py_UNUSED(mod), PyObject *args)
+{
+	PyObject *recs_obj;
+	Py_buffer prog;
+	Py_ssize_t rec_size, version_off;
+	int version;
+	if (!PyArg_ParseTuple(args, "Oy*nni", &recs_obj, &prog, &rec_size, &version_off, &version))
+		return NULL;
+	Py_ssize_t reclen = check_program(&prog, rec_size, version_off);
+	Py_buffer view;
+	if (reclen < 0 || get_buffer(recs_obj, &view, (size_t)rec_size, "records") < 0) {
+		PyBuffer_Release(&prog);
+		return NULL;
+	}
+	size_t n = (size_t)view.len / (size_t)rec_size;
+	const uint8_t *in = view.buf;
+	size_t count = 0;
+	for (size_t r = 0; r < n; r++)
+		count += in[r * (size_t)rec_size + (size_t)version_off] == version;
+	PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(count * (size_t)reclen));
+	if (out) {
+		uint8_t *o = (uint8_t *)PyBytes_AS_STRING(out);
+		const op_t *ops = prog.buf;
+		size_t nops = (size_t)prog.len / sizeof(op_t);
+		Py_BEGIN_ALLOW_THREADS
+		for (size_t r = 0; r < n; r++) {
+			const uint8_t *rec = in + r * (size_t)rec_size;
+			if (rec[version_off] == version)
+				o = encode_one(o, rec, ops, nops);
+		}
+		Py_END_ALLOW_THREADS
+	}
+	PyBuffer_Release(&view);
+	PyBuffer_Release(&prog);
+	return out ? Py_BuildValue("Nn", out, (Py_ssize_t)count) : NULL;
+}
+
+/* -- frame ------------------------------------------------------------------------------------- */
+
+static void put16(uint8_t *p, unsigned v)
+{
+	p[0] = (uint8_t)(v >> 8);
+	p[1] = (uint8_t)v;
+}
+
+static void put32(uint8_t *p, uint32_t v)
+{
+	p[0] = (uint8_t)(v >> 24);
+	p[1] = (uint8_t)(v >> 16);
+	p[2] = (uint8_t)(v >> 8);
+	p[3] = (uint8_t)v;
+}
+
+/* One run of records of one template: either encoded already (payload: count records back to
+ * back), or records to encode now (those of `version` in a FLOW_RECORD/BIFLOW_RECORD buffer). */
+typedef struct {
+	unsigned tid;
+	Py_ssize_t reclen;
+	Py_ssize_t count;
+	int counted, is_flow;
+	Py_buffer payload;       /* .obj NULL for a records group */
+	Py_buffer records, program;
+	Py_ssize_t rec_size, version_off;
+	int version;
+	const uint8_t *cursor, *end;
+} group_t;
+
+static void release_groups(group_t *g, Py_ssize_t n)
+{
+	for (Py_ssize_t i = 0; i < n; i++) {
+		if (g[i].payload.obj)
+			PyBuffer_Release(&g[i].payload);
+		if (g[i].records.obj)
+			PyBuffer_Release(&g[i].records);
+		if (g[i].program.obj)
+			PyBuffer_Release(&g[i].program);
+	}
+	free(g);
+}
+
+static int parse_group(PyObject *item, group_t *g)
+{
+	memset(g, 0, sizeof(*g));
+	Py_ssize_t size = PyTuple_Check(item) ? PyTuple_GET_SIZE(item) : -1;
+	if (size == 6) {
+		if (!PyArg_ParseTuple(item, "Iny*npp", &g->tid, &g->reclen, &g->payload, &g->count, &g->counted,
+				      &g->is_flow))
+			return -1;
+		if (g->reclen <= 0 || g->count < 0 || g->payload.len < g->reclen * g->count) {
+			PyErr_SetString(PyExc_ValueError, "payload shorter than its records");
+			return -1;
+		}
+		return 0;
+	}
+	if (size == 9) {
+		PyObject *recs;
+		if (!PyArg_ParseTuple(item, "InOy*nnipp", &g->tid, &g->reclen, &recs, &g->program, &g->rec_size,
+				      &g->version_off, &g->version, &g->counted, &g->is_flow))
+			return -1;
+		Py_ssize_t reclen = check_program(&g->program, g->rec_size, g->version_off);
+		if (reclen < 0)
+			return -1;
+		if (reclen != g->reclen) {
+			PyErr_SetString(PyExc_ValueError, "field program and template disagree on the record length");
+			return -1;
+		}
+		if (get_buffer(recs, &g->records, (size_t)g->rec_size, "records") < 0)
+			return -1;
+		const uint8_t *in = g->records.buf;
+		size_t n = (size_t)g->records.len / (size_t)g->rec_size;
+		for (size_t r = 0; r < n; r++)
+			g->count += in[r * (size_t)g->rec_size + (size_t)g->version_off] == g->version;
+		g->cursor = in;
+		g->end = in + g->records.len;
+		return 0;
+	}
+	PyErr_SetString(PyExc_TypeError, "a group is a 6-tuple (payload) or a 9-tuple (records)");
+	return -1;
+}
+
+/* Write the next k records of group g at o. */
+static void group_emit(group_t *g, uint8_t *o, Py_ssize_t pos, Py_ssize_t k)
+{
+	if (g->payload.obj) {
+		memcpy(o, (const uint8_t *)g->payload.buf + pos * g->reclen, (size_t)(k * g->reclen));
+		return;
+	}
+	const op_t *ops = g->program.buf;
+	size_t nops = (size_t)g->program.len / sizeof(op_t);
+	while (k > 0 && g->cursor < g->end) {
+		if (g->cursor[g->version_off] == g->version) {
+			o = encode_one(o, g->cursor, ops, nops);
+			k--;
+		}
+		g->cursor += g->rec_size;
+	}
+}
+
+/* frame(groups, template_sets, mtu, odid, export_time, sequence, templates_due, messages_since,
+ *       refresh_messages)
+ *   -> (messages, flows_per_message, sequence, templates_sent, messages_since, counts)
+ * groups, in order: (template_id, record_length, payload, count, counted, is_flow), or
+ * (template_id, record_length, records, record_size, program, version_offset, version, counted,
+ * is_flow) to encode records of one ip_version straight into the messages; counts: the records
+ * each group held. The Python reference is Encoder._build_py with encode_records (numpy); the
+ * two agree byte for byte. */
+static PyObject *core_frame(PyObject *Py_UNUSED(mod), PyObject *args)
+{
+	PyObject *glist;
+	Py_buffer tsets;
+	Py_ssize_t mtu;
+	unsigned long odid, export_time, sequence;
+	int due;
+	Py_ssize_t since, refresh_messages;
+	if (!PyArg_ParseTuple(args, "O!y*nkkkpnn", &PyList_Type, &glist, &tsets, &mtu, &odid, &export_time,
+			      &sequence, &due, &since, &refresh_messages))
+		return NULL;
+	Py_ssize_t ngroups = PyList_GET_SIZE(glist);
+	group_t *groups = calloc((size_t)(ngroups ? ngroups : 1), sizeof(group_t));
+	PyObject *messages = PyList_New(0), *flows = PyList_New(0), *counts = PyList_New(0);
+	uint8_t *buf = malloc((size_t)mtu);
+	PyObject *result = NULL;
+	Py_ssize_t parsed = 0;
+	if (!groups || !messages || !flows || !counts || !buf)
+		goto out;
+	for (; parsed < ngroups; parsed++)
+		if (parse_group(PyList_GET_ITEM(glist, parsed), &groups[parsed]) < 0) {
+			parsed++;
+			goto out;
+		}
+	int is_open = 0, templates_sent = 0;
+	Py_ssize_t room = 0, used = 0;
+	uint32_t seq = (uint32_t)sequence;
+	unsigned long in_message = 0, flows_in_message = 0;
+
+#define CLOSE_MESSAGE()                                                                            \
+	do {                                                                                       \
+		put16(buf, 10);                                                                    \
+		put16(buf + 2, (unsigned)used);                                                    \
+		put32(buf + 4, (uint32_t)export_time);                                             \
+		put32(buf + 8, seq);                                                               \
+		put32(buf + 12, (uint32_t)odid);                                                   \
+		PyObject *m = PyBytes_FromStringAndSize((const char *)buf, used);                  \
+		PyObject *f = PyLong_FromUnsignedLong(flows_in_message);                           \
+		if (!m || !f || PyList_Append(messages, m) < 0 || PyList_Append(flows, f) < 0) {   \
+			Py_XDECREF(m);                                                             \
+			Py_XDECREF(f);                                                             \
+			goto out;                                                                  \
+		}                                                                                  \
+		Py_DECREF(m);                                                                      \
+		Py_DECREF(f);                                                                      \
+		seq += (uint32_t)in_message;                                                       \
+	} while (0)
+
+	for (Py_ssize_t gi = 0; gi < ngroups; gi++) {
+		group_t *g = &groups[gi];
+		PyObject *c = PyLong_FromSsize_t(g->count);
+		if (!c || PyList_Append(counts, c) < 0) {
+			Py_XDECREF(c);
+			goto out;
+		}
+		Py_DECREF(c);
+		Py_ssize_t pos = 0;
+		while (pos < g->count) {
+			if (room < 4 + g->reclen) {
+				if (is_open)
+					CLOSE_MESSAGE();
+				in_message = flows_in_message = 0;
+				is_open = 1;
+				used = 16;
+				room = mtu - 16;
+				if (due || since >= refresh_messages) {
+					memcpy(buf + used, tsets.buf, (size_t)tsets.len);
+					used += tsets.len;
+					room -= tsets.len;
+					due = 0;
+					since = 0;
+					templates_sent = 1;
+				}
+				since++;
+			}
+			Py_ssize_t k = (room - 4) / g->reclen;
+			if (k > g->count - pos)
+				k = g->count - pos;
+			put16(buf + used, g->tid);
+			put16(buf + used + 2, (unsigned)(4 + k * g->reclen));
+			group_emit(g, buf + used + 4, pos, k);
+			used += 4 + k * g->reclen;
+			room -= 4 + k * g->reclen;
+			pos += k;
+			if (g->counted)
+				in_message += (unsigned long)k;
+			if (g->is_flow)
+				flows_in_message += (unsigned long)k;
+		}
+	}
+	if (is_open)
+		CLOSE_MESSAGE();
+#undef CLOSE_MESSAGE
+	result = Py_BuildValue("OOkinO", messages, flows, (unsigned long)seq, templates_sent, since, counts);
+out:
+	free(buf);
+	if (groups)
+		release_groups(groups, parsed);
+	PyBuffer_Release(&tsets);
+	Py_XDECREF(messages);
+	Py_XDECREF(flows);
+	Py_XDECREF(counts);
+	return result;
+}
+
+/* -- send ------------------------------------------------------------------------------------- */
+
+#ifndef SOL_UDP
+#define SOL_UDP 17
+#endif
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+
+#define MAX_SEGMENTS 64   /* datagrams per UDP_SEGMENT send (the kernel's UDP_MAX_SEGMENTS) */
+#define MAX_GSO_BYTES 65000
+
+static int gso_broken;    /* the kernel or the route refused UDP_SEGMENT once: send one by one */
+
+/* send(fd, messages, start, segment=True) -> (next, errno): the messages from `start` on, to a
+ * connected datagram socket, until all are sent (next == len, errno 0) or one fails (next: that
+ * one, errno: why). With `segment`, a run of datagrams of equal length goes as one UDP_SEGMENT
+ * (GSO) send: the kernel cuts it into the same datagrams after one pass through the stack,
+ * instead of one pass each. A failed send is reported for its first datagram, as a plain send of
+ * that datagram would have been (after an ICMP error the kernel refuses the next send whole and
+ * transmits nothing). Not sendmmsg: when one of its messages fails after others went, the error
+ * is dropped, and a refusal would go uncounted. Where the path refuses segmentation itself,
+ * datagrams go one a send from then on. */
+static PyObject *core_send(PyObject *Py_UNUSED(mod), PyObject *args)
+{
+	int fd, segment = 1;
+	PyObject *list;
+	Py_ssize_t start;
+	if (!PyArg_ParseTuple(args, "iO!n|p", &fd, &PyList_Type, &list, &start, &segment))
+		return NULL;
+	Py_ssize_t n = PyList_GET_SIZE(list);
+	for (Py_ssize_t i = start; i < n; i++)
+		if (!PyBytes_Check(PyList_GET_ITEM(list, i))) {
+			PyErr_SetString(PyExc_TypeError, "messages must be bytes");
+			return NULL;
+		}
+	struct iovec iov[MAX_SEGMENTS];
+	union {
+		char buf[CMSG_SPACE(sizeof(uint16_t))];
+		struct cmsghdr align;
+	} ctl;
+	int err = 0;
+	Py_BEGIN_ALLOW_THREADS
+	while (start < n) {
+		PyObject *m = PyList_GET_ITEM(list, start);
+		Py_ssize_t len = PyBytes_GET_SIZE(m);
+		Py_ssize_t c = 1;
+		if (segment && !gso_broken && len > 0)
+			while (start + c < n && c < MAX_SEGMENTS && (c + 1) * len <= MAX_GSO_BYTES &&
+			       PyBytes_GET_SIZE(PyList_GET_ITEM(list, start + c)) == len)
+				c++;
+		ssize_t r;
+		if (c == 1) {
+			r = send(fd, PyBytes_AS_STRING(m), (size_t)len, MSG_DONTWAIT);
+		} else {
+			struct msghdr h;
+			memset(&h, 0, sizeof(h));
+			for (Py_ssize_t j = 0; j < c; j++) {
+				PyObject *x = PyList_GET_ITEM(list, start + j);
+				iov[j].iov_base = PyBytes_AS_STRING(x);
+				iov[j].iov_len = (size_t)len;
+			}
+			h.msg_iov = iov;
+			h.msg_iovlen = (size_t)c;
+			h.msg_control = ctl.buf;
+			h.msg_controllen = sizeof(ctl.buf);
+			struct cmsghdr *cm = CMSG_FIRSTHDR(&h);
+			cm->cmsg_level = SOL_UDP;
+			cm->cmsg_type = UDP_SEGMENT;
+			cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+			uint16_t seg = (uint16_t)len;
+			memcpy(CMSG_DATA(cm), &seg, sizeof(seg));
+			r = sendmsg(fd, &h, MSG_DONTWAIT);
+		}
+		if (r >= 0) {
+			start += c;
+			continue;
+		}
+		int e = errno;
+		if (e == EINTR)
+			continue;
+		if (c > 1 && (e == EINVAL || e == EOPNOTSUPP || e == ENOPROTOOPT || e == EIO || e == EMSGSIZE)) {
+			gso_broken = 1;  /* segmentation refused on this path: from now on one datagram a send */
+			continue;
+		}
+		err = e;
+		break;
+	}
+	Py_END_ALLOW_THREADS
+	return Py_BuildValue("ni", start, err);
+}
+
+/* -- module ------------------------------------------------------------------------------------ */
+
+static PyMethodDef core_methods[] = {
+	{"encode", core_encode, METH_VARARGS,
+	 "encode(records, program, record_size, version_offset, version) -> (payload, count)\n\n"
+	 "Data records of every record whose ip_version is `version`, back to back."},
+	{"frame", core_frame, METH_VARARGS,
+	 "frame(groups, template_sets, mtu, odid, export_time, sequence, templates_due, messages_since, "
+	 "refresh_messages) -> (messages, flows_per_message, sequence, templates_sent, messages_since, counts)"},
+	{"send", core_send, METH_VARARGS,
+	 "send(fd, messages, start, segment=True) -> (next, errno): to a connected datagram socket, runs of "
+	 "equal-length datagrams as UDP GSO sends"},
+	{NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+	PyModuleDef_HEAD_INIT, "exporter._core",
+	"xdpflow's compiled core: flow table, IPFIX record encoding and framing, batched send.", -1, core_methods,
+	NULL, NULL, NULL, NULL,
+};
+
+static int add_layout(PyObject *m, const char *name, const size_t *offsets, const char *const *names, int count)
+{
+	PyObject *d = PyDict_New();
+	if (!d)
+		return -1;
+	for (int i = 0; i < count; i++) {
+		PyObject *v = PyLong_FromSize_t(offsets[i]);
+		if (!v || PyDict_SetItemString(d, names[i], v) < 0) {
+			Py_XDECREF(v);
+			Py_DECREF(d);
+			return -1;
+		}
+		Py_DECREF(v);
+	}
+	return PyModule_AddObject(m, name, d);
+}
+
+PyMODINIT_FUNC PyInit__core(void)
+{
+	if (PyType_Ready(&TableType) < 0)
+		return NULL;
+	PyObject *m = PyModule_Create(&core_module);
+	if (!m)
+		return NULL;
+	Py_INCREF(&TableType);
+	if (PyModule_AddObject(m, "Table", (PyObject *)&TableType) < 0)
+		goto fail;
+	/* The byte layouts this module reads and writes, for tests/unit/test_core.py to hold against the
+	 * numpy dtypes. */
+	static const char *const rec_names[] = {"key", "packets", "octets", "first_ms", "last_ms", "tcp_flags",
+						"tos", "min_ttl", "max_ttl", "end_reason", "first_flags"};
+	static const size_t rec_offsets[] = {
+		offsetof(rec_t, key), offsetof(rec_t, packets), offsetof(rec_t, octets), offsetof(rec_t, first_ms),
+		offsetof(rec_t, last_ms), offsetof(rec_t, tcp_flags), offsetof(rec_t, tos), offsetof(rec_t, min_ttl),
+		offsetof(rec_t, max_ttl), offsetof(rec_t, end_reason), offsetof(rec_t, first_flags)};
+	static const char *const slot_names[] = {"key", "packets", "octets", "first_seen", "last_seen", "tcp_flags",
+						 "tos", "min_ttl", "max_ttl", "first_flags"};
+	static const size_t slot_offsets[] = {
+		offsetof(slot_t, key), offsetof(slot_t, packets), offsetof(slot_t, octets),
+		offsetof(slot_t, first_seen), offsetof(slot_t, last_seen), offsetof(slot_t, tcp_flags),
+		offsetof(slot_t, tos), offsetof(slot_t, min_ttl), offsetof(slot_t, max_ttl),
+		offsetof(slot_t, first_flags)};
+	if (add_layout(m, "RECORD_OFFSETS", rec_offsets, rec_names, 11) < 0 ||
+	    add_layout(m, "SLOT_OFFSETS", slot_offsets, slot_names, 10) < 0 ||
+	    PyModule_AddIntConstant(m, "RECORD_SIZE", sizeof(rec_t)) < 0 ||
+	    PyModule_AddIntConstant(m, "SLOT_SIZE", sizeof(slot_t)) < 0)
+		goto fail;
+	return m;
+fail:
+	Py_DECREF(m);
+	return NULL;
+}
