@@ -12,6 +12,9 @@
  * idle, active timeout, then, above the capacity, the least recently seen (lack of resources);
  * ended rows leave by swap-remove and backward-shift deletion, so the rows stay dense.
  *
+ * Rows are FLOW_RECORDs held compactly (78 bytes: no end reason, times as 32-bit ms from a
+ * table epoch); expire() hands FLOW_RECORDs out in a Block on huge pages.
+ *
  * encode() turns FLOW_RECORD (or BIFLOW_RECORD) rows into IPFIX data records for one template
  * by a small field program built in Python from the template (exporter/ipfix/encoder.py);
  * frame() cuts them into messages exactly as the Python reference does; send() hands a batch
@@ -24,7 +27,6 @@
 #include <Python.h>
 
 #include <errno.h>
-#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -78,20 +80,32 @@ _Static_assert(sizeof(slot_t) == 88, "struct flow_slot is 88 bytes");
 
 #define HUGE (2u << 20)
 
-/* Large arrays on 2 MiB boundaries with transparent huge pages asked for: the fold touches rows and
- * index entries at random, and on a VM each TLB miss is a two-level page walk. */
+/* Large arrays as their own anonymous mappings, with transparent huge pages asked for: the fold
+ * touches rows and index entries at random, and on a VM each TLB miss is a two-level page walk.
+ * A mapping costs memory only where it is touched, so the table's rows can be reserved for its
+ * whole capacity at once: they never move, and no growth holds two copies. big_free() needs the
+ * size big_alloc() was given. */
 static void *big_alloc(size_t bytes)
 {
-	void *p = NULL;
-	if (bytes >= HUGE) {
-		if (posix_memalign(&p, HUGE, bytes) != 0)
-			return NULL;
+	if (bytes < HUGE)
+		return malloc(bytes ? bytes : 1);
+	void *p = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (p == MAP_FAILED)
+		return NULL;
 #ifdef MADV_HUGEPAGE
-		madvise(p, bytes, MADV_HUGEPAGE);
+	madvise(p, bytes, MADV_HUGEPAGE);
 #endif
-		return p;
-	}
-	return malloc(bytes ? bytes : 1);
+	return p;
+}
+
+static void big_free(void *p, size_t bytes)
+{
+	if (!p)
+		return;
+	if (bytes < HUGE)
+		free(p);
+	else
+		munmap(p, bytes);
 }
 
 /* -- hashing ----------------------------------------------------------------------------------- */
@@ -114,7 +128,27 @@ static inline uint64_t key_hash(const uint8_t *k)
 	return h;
 }
 
-/* -- the fold ---------------------------------------------------------------------------------- */
+/* -- rows and the fold ------------------------------------------------------------------------- */
+
+/* A flow held by the table: FLOW_RECORD without end_reason, times as signed ms from the table's
+ * epoch (rows live at most an active timeout, so they fit 32 bits easily; the epoch moves when a
+ * time would not). 78 bytes where a FLOW_RECORD is 87: at a million flows, 9 MB of RSS. */
+typedef struct __attribute__((packed)) {
+	uint8_t key[KEY_SIZE];
+	uint64_t packets;
+	uint64_t octets;
+	int32_t first;
+	int32_t last;
+	uint16_t tcp_flags;
+	uint8_t tos;
+	uint8_t min_ttl;
+	uint8_t max_ttl;
+	uint8_t first_flags;
+} row_t;
+
+_Static_assert(sizeof(row_t) == 78, "row is 78 bytes");
+
+#define EPOCH_SPAN (1LL << 30)   /* rebase when a time lies further than this from the epoch */
 
 /* The first-packet flags that win among slots starting in the same millisecond: a bare SYN, else
  * the higher (merge.py's rule). */
@@ -125,98 +159,129 @@ static inline uint8_t pick_first_flags(uint8_t a, uint8_t b)
 	return (uint8_t)(ra >= rb ? a : b);
 }
 
-/* Fold `add` (one slot, times already converted) into `cur`. */
-static inline void fold(rec_t *cur, const rec_t *add)
+/* Fold `add` into `cur` (both relative to the same epoch). */
+static inline void fold(row_t *cur, const row_t *add)
 {
 	cur->packets += add->packets;
 	cur->octets += add->octets;
-	if (add->last_ms > cur->last_ms)
-		cur->last_ms = add->last_ms;
+	if (add->last > cur->last)
+		cur->last = add->last;
 	cur->tcp_flags |= add->tcp_flags;
 	if (add->min_ttl < cur->min_ttl)
 		cur->min_ttl = add->min_ttl;
 	if (add->max_ttl > cur->max_ttl)
 		cur->max_ttl = add->max_ttl;
-	if (add->first_ms < cur->first_ms) {
-		cur->first_ms = add->first_ms;
+	if (add->first < cur->first) {
+		cur->first = add->first;
 		cur->tos = add->tos;
 		cur->first_flags = add->first_flags;
-	} else if (add->first_ms == cur->first_ms) {
+	} else if (add->first == cur->first) {
 		if (add->tos > cur->tos)
 			cur->tos = add->tos;
 		cur->first_flags = pick_first_flags(cur->first_flags, add->first_flags);
 	}
 }
 
-/* merge.TimeBase.to_ns, then ns_to_epoch_ms: the same IEEE double operations in the same order. */
-static inline uint64_t jiffies_to_ms(uint64_t j, int64_t start_j, int64_t start_ns, double slope,
-				     int64_t offset_ns)
+/* floor() of a double well inside the int64 range, without a libm call: truncate, then step down
+ * where truncation went up (negative values with a fraction). */
+static inline int64_t floor_int(double x)
 {
-	int64_t ns = start_ns + (int64_t)floor((double)((int64_t)j - start_j) * slope + 0.5);
+	int64_t i = (int64_t)x;
+	return (double)i > x ? i - 1 : i;
+}
+
+/* merge.TimeBase.to_ns, then ns_to_epoch_ms: the same IEEE double operations in the same order. */
+static inline int64_t jiffies_to_ms(uint64_t j, int64_t start_j, int64_t start_ns, double slope, int64_t offset_ns)
+{
+	int64_t ns = start_ns + floor_int((double)((int64_t)j - start_j) * slope + 0.5);
 	int64_t t = ns + offset_ns;
 	int64_t ms = t / 1000000;
 	if (t % 1000000 < 0)
 		ms -= 1;  /* floor division, as numpy's // */
-	return (uint64_t)ms;
+	return ms;
 }
 
 /* -- Table ------------------------------------------------------------------------------------- */
 
 typedef struct {
 	PyObject_HEAD
-	rec_t *rows;
+	row_t *rows;
 	size_t n;
 	size_t cap;          /* rows allocated */
 	uint32_t *index;     /* 0: empty; else row + 1 */
 	size_t mask;         /* index size - 1 (a power of 2, >= 2 x cap) */
+	long long epoch;     /* ms; rows' times are relative to it */
+	int has_epoch;
+	uint8_t *reason;     /* an expiry in progress: each row's end reason (0: stays); else NULL */
+	size_t cursor;       /* rows before it have been handed out */
 	long long active_ms;
 	long long idle_ms;
 	long long capacity;  /* flows kept at most after expiry; 0: no bound */
 } Table;
 
-static int table_reserve(Table *t, size_t need)
+/* Put every row in the index again (a new index, or after many removals). */
+static void index_fill(uint32_t *index, size_t mask, const row_t *rows, size_t n)
 {
-	if (need <= t->cap)
-		return 0;
-	size_t cap = t->cap ? t->cap : 1024;
-	while (cap < need)
-		cap *= 2;
-	if (cap > 0xFFFFFFFEu) {
-		PyErr_SetString(PyExc_MemoryError, "flow table: more than 2^32 - 2 rows");
-		return -1;
-	}
-	rec_t *rows = big_alloc(cap * sizeof(rec_t));
-	size_t size = 1;
-	while (size < 2 * cap)
-		size *= 2;
-	uint32_t *index = big_alloc(size * sizeof(uint32_t));
-	if (!rows || !index) {
-		free(rows);
-		free(index);
-		PyErr_NoMemory();
-		return -1;
-	}
-	if (t->n)
-		memcpy(rows, t->rows, t->n * sizeof(rec_t));
-	memset(index, 0, size * sizeof(uint32_t));
-	size_t mask = size - 1;
-	for (size_t r = 0; r < t->n; r++) {
+	memset(index, 0, (mask + 1) * sizeof(uint32_t));
+	for (size_t r = 0; r < n; r++) {
 		size_t i = key_hash(rows[r].key) & mask;
 		while (index[i])
 			i = (i + 1) & mask;
 		index[i] = (uint32_t)(r + 1);
 	}
-	free(t->rows);
-	free(t->index);
-	t->rows = rows;
+}
+
+/* Room for `need` rows. Rows: the reserved capacity, grown by half again when a table without one
+ * outgrows it (the rows move once then). Index: a power of 2 at least twice the rows held, so its
+ * resident size follows the flows, not the capacity. -1 on allocation failure, with no Python
+ * error set (callers may hold no GIL). */
+static int table_grow(Table *t, size_t need)
+{
+	if (need <= t->cap && t->index && 2 * need <= t->mask + 1)
+		return 0;   /* the common case, first */
+	if (need > t->cap) {
+		size_t cap = t->cap ? t->cap : 1024;
+		while (cap < need)
+			cap += cap / 2;
+		if (cap > 0xFFFFFFFEu)
+			return -1;
+		row_t *rows = big_alloc(cap * sizeof(row_t));
+		if (!rows)
+			return -1;
+		if (t->n)
+			memcpy(rows, t->rows, t->n * sizeof(row_t));
+		big_free(t->rows, t->cap * sizeof(row_t));
+		t->rows = rows;
+		t->cap = cap;
+	}
+	size_t size = t->index ? t->mask + 1 : 0;
+	if (2 * need <= size)
+		return 0;
+	if (!size)
+		size = 2048;
+	while (size < 2 * need)
+		size *= 2;
+	uint32_t *index = big_alloc(size * sizeof(uint32_t));
+	if (!index)
+		return -1;
+	index_fill(index, size - 1, t->rows, t->n);
+	big_free(t->index, t->index ? (t->mask + 1) * sizeof(uint32_t) : 0);
 	t->index = index;
-	t->cap = cap;
-	t->mask = mask;
+	t->mask = size - 1;
+	return 0;
+}
+
+static int table_reserve(Table *t, size_t need)
+{
+	if (table_grow(t, need) < 0) {
+		PyErr_NoMemory();
+		return -1;
+	}
 	return 0;
 }
 
 /* The row holding `key`, or NULL; *pos: its index position, else where it would go. */
-static inline rec_t *table_find(const Table *t, const uint8_t *key, uint64_t h, size_t *pos)
+static inline row_t *table_find(const Table *t, const uint8_t *key, uint64_t h, size_t *pos)
 {
 	size_t i = h & t->mask;
 	for (;;) {
@@ -225,7 +290,7 @@ static inline rec_t *table_find(const Table *t, const uint8_t *key, uint64_t h, 
 			*pos = i;
 			return NULL;
 		}
-		rec_t *r = &t->rows[e - 1];
+		row_t *r = &t->rows[e - 1];
 		if (memcmp(r->key, key, KEY_SIZE) == 0) {
 			*pos = i;
 			return r;
@@ -234,25 +299,57 @@ static inline rec_t *table_find(const Table *t, const uint8_t *key, uint64_t h, 
 	}
 }
 
-/* Fold one record (times in ms) in, or append it; the caller reserved room (no GIL needed here). */
-static inline void table_add_hashed(Table *t, const rec_t *add, uint64_t h)
+/* Move the epoch for a time `ms` too far from it: to the middle of the span the rows and `ms` cover,
+ * every row's times shifted with it. Rows live at most an active timeout (flowActiveTimeout is 16
+ * bits: 18 h), so the span is far below the 24 days 32 bits hold; a row that would still not fit (a
+ * clock stepped by weeks) is pinned to the nearest representable time. */
+static void table_rebase(Table *t, long long ms)
+{
+	long long lo = ms, hi = ms;
+	for (size_t r = 0; r < t->n; r++) {
+		long long f = t->epoch + t->rows[r].first, l = t->epoch + t->rows[r].last;
+		lo = f < lo ? f : lo;
+		hi = l > hi ? l : hi;
+	}
+	long long epoch = lo + (hi - lo) / 2;
+	long long shift = t->epoch - epoch;
+	for (size_t r = 0; r < t->n; r++) {
+		long long f = (long long)t->rows[r].first + shift, l = (long long)t->rows[r].last + shift;
+		t->rows[r].first = (int32_t)(f < INT32_MIN ? INT32_MIN : f > INT32_MAX ? INT32_MAX : f);
+		t->rows[r].last = (int32_t)(l < INT32_MIN ? INT32_MIN : l > INT32_MAX ? INT32_MAX : l);
+	}
+	t->epoch = epoch;
+}
+
+/* `first_ms`/`last_ms` relative to the epoch (set, or moved, as needed). */
+static inline void table_times(Table *t, int64_t first_ms, int64_t last_ms, int32_t *first, int32_t *last)
+{
+	if (!t->has_epoch) {
+		t->epoch = first_ms;
+		t->has_epoch = 1;
+	}
+	if (first_ms - t->epoch > EPOCH_SPAN || first_ms - t->epoch < -EPOCH_SPAN ||
+	    last_ms - t->epoch > EPOCH_SPAN || last_ms - t->epoch < -EPOCH_SPAN) {
+		table_rebase(t, first_ms);
+		if (last_ms - t->epoch > EPOCH_SPAN)
+			table_rebase(t, last_ms);
+	}
+	*first = (int32_t)(first_ms - t->epoch);
+	*last = (int32_t)(last_ms - t->epoch);
+}
+
+/* Fold one row in, or append it; the caller reserved room (no GIL needed here). */
+static inline void table_add_hashed(Table *t, const row_t *add, uint64_t h)
 {
 	size_t pos;
-	rec_t *cur = table_find(t, add->key, h, &pos);
+	row_t *cur = table_find(t, add->key, h, &pos);
 	if (cur) {
 		fold(cur, add);
 		return;
 	}
-	rec_t *row = &t->rows[t->n];
-	*row = *add;
-	row->end_reason = 0;
+	t->rows[t->n] = *add;
 	t->index[pos] = (uint32_t)(t->n + 1);
 	t->n++;
-}
-
-static inline void table_add(Table *t, const rec_t *add)
-{
-	table_add_hashed(t, add, key_hash(add->key));
 }
 
 /* Remove index entry at `pos` (linear probing: shift back the entries that probed past it). */
@@ -310,13 +407,27 @@ static int table_init(Table *self, PyObject *args, PyObject *kwds)
 	self->active_ms = active;
 	self->idle_ms = idle;
 	self->capacity = capacity;
-	return table_reserve(self, 1024);
+	/* Rows for the capacity and a scan of new flows beyond it, reserved once (touched as used). */
+	if (table_reserve(self, 1024) < 0)
+		return -1;
+	if (capacity && capacity < 0x7FFFFFFFLL) {
+		row_t *rows = big_alloc((size_t)(capacity + capacity / 2 + 1024) * sizeof(row_t));
+		if (!rows) {
+			PyErr_NoMemory();
+			return -1;
+		}
+		big_free(self->rows, self->cap * sizeof(row_t));
+		self->rows = rows;
+		self->cap = (size_t)(capacity + capacity / 2 + 1024);
+	}
+	return 0;
 }
 
 static void table_dealloc(Table *self)
 {
-	free(self->rows);
-	free(self->index);
+	big_free(self->rows, self->cap * sizeof(row_t));
+	big_free(self->index, self->index ? (self->mask + 1) * sizeof(uint32_t) : 0);
+	free(self->reason);
 	Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -347,17 +458,19 @@ static PyObject *table_fold_slots(Table *self, PyObject *args)
 	const slot_t *s = view.buf;
 	size_t folded = 0;
 	unsigned long long packets = 0, octets = 0;
-	if (table_reserve(self, self->n + n) < 0) {
-		PyBuffer_Release(&view);
-		return NULL;
-	}
+	int failed = 0;
 	Py_BEGIN_ALLOW_THREADS
 	/* Slots come in arrival order, rows in insertion order: each lookup is two cache misses (an
-	 * index entry, then a row). Hash a batch ahead and prefetch both, so the misses overlap. */
+	 * index entry, then a row). Hash a batch ahead and prefetch both, so the misses overlap. Room
+	 * is made a batch at a time: only new flows need rows. */
 	enum { AHEAD = 16 };
 	uint64_t h[AHEAD];
-	for (size_t base = 0; base < n; base += AHEAD) {
+	for (size_t base = 0; base < n && !failed; base += AHEAD) {
 		size_t m = n - base < AHEAD ? n - base : AHEAD;
+		if (table_grow(self, self->n + m) < 0) {
+			failed = 1;
+			break;
+		}
 		for (size_t i = 0; i < m; i++) {
 			h[i] = key_hash(s[base + i].key);
 			__builtin_prefetch(&self->index[h[i] & self->mask]);
@@ -371,17 +484,19 @@ static PyObject *table_fold_slots(Table *self, PyObject *args)
 			const slot_t *x = &s[base + i];
 			if (!x->packets)
 				continue;  /* never written by a program: carries nothing */
-			rec_t r;
+			row_t r;
 			memcpy(r.key, x->key, KEY_SIZE);
 			r.packets = x->packets;
 			r.octets = x->octets;
-			r.first_ms = jiffies_to_ms(x->first_seen, start_j, start_ns, slope, offset_ns);
-			r.last_ms = jiffies_to_ms(x->last_seen, start_j, start_ns, slope, offset_ns);
+			int32_t first, last;
+			table_times(self, jiffies_to_ms(x->first_seen, start_j, start_ns, slope, offset_ns),
+				    jiffies_to_ms(x->last_seen, start_j, start_ns, slope, offset_ns), &first, &last);
+			r.first = first;
+			r.last = last;
 			r.tcp_flags = x->tcp_flags;
 			r.tos = x->tos;
 			r.min_ttl = x->min_ttl;
 			r.max_ttl = x->max_ttl;
-			r.end_reason = 0;
 			r.first_flags = x->first_flags;
 			table_add_hashed(self, &r, h[i]);
 			folded++;
@@ -391,6 +506,8 @@ static PyObject *table_fold_slots(Table *self, PyObject *args)
 	}
 	Py_END_ALLOW_THREADS
 	PyBuffer_Release(&view);
+	if (failed)
+		return PyErr_NoMemory();
 	return Py_BuildValue("nKK", (Py_ssize_t)folded, packets, octets);
 }
 
@@ -406,15 +523,29 @@ static PyObject *table_fold_records(Table *self, PyObject *obj)
 		return NULL;
 	}
 	Py_BEGIN_ALLOW_THREADS
-	for (size_t i = 0; i < n; i++)
-		table_add(self, &in[i]);
+	for (size_t i = 0; i < n; i++) {
+		row_t r;
+		memcpy(r.key, in[i].key, KEY_SIZE);
+		r.packets = in[i].packets;
+		r.octets = in[i].octets;
+		int32_t first, last;
+		table_times(self, (int64_t)in[i].first_ms, (int64_t)in[i].last_ms, &first, &last);
+		r.first = first;
+		r.last = last;
+		r.tcp_flags = in[i].tcp_flags;
+		r.tos = in[i].tos;
+		r.min_ttl = in[i].min_ttl;
+		r.max_ttl = in[i].max_ttl;
+		r.first_flags = in[i].first_flags;
+		table_add_hashed(self, &r, key_hash(r.key));
+	}
 	Py_END_ALLOW_THREADS
 	PyBuffer_Release(&view);
 	return PyLong_FromSize_t(n);
 }
 
 typedef struct {
-	uint64_t last_ms;
+	long long last;
 	const uint8_t *key;
 	size_t row;
 } victim_t;
@@ -422,8 +553,8 @@ typedef struct {
 static int victim_cmp(const void *a, const void *b)
 {
 	const victim_t *x = a, *y = b;
-	if (x->last_ms != y->last_ms)
-		return x->last_ms < y->last_ms ? -1 : 1;
+	if (x->last != y->last)
+		return x->last < y->last ? -1 : 1;
 	return memcmp(x->key, y->key, KEY_SIZE);
 }
 
@@ -431,13 +562,14 @@ static int victim_cmp(const void *a, const void *b)
 static long long table_mark(Table *t, long long now_ms, uint8_t *reason)
 {
 	long long ended = 0;
+	long long now = now_ms - t->epoch;  /* relative, as the rows */
 	for (size_t r = 0; r < t->n; r++) {
-		const rec_t *x = &t->rows[r];
+		const row_t *x = &t->rows[r];
 		uint8_t why = 0;
 		/* Signed: a record stamped after now (clock step) is simply not due. */
-		if (now_ms - (long long)x->first_ms >= t->active_ms)
+		if (now - x->first >= t->active_ms)
 			why = END_ACTIVE;
-		if (now_ms - (long long)x->last_ms >= t->idle_ms)
+		if (now - x->last >= t->idle_ms)
 			why = END_IDLE;
 		if (x->tcp_flags & (TCP_FIN | TCP_RST))
 			why = END_OF_FLOW;
@@ -453,7 +585,7 @@ static long long table_mark(Table *t, long long now_ms, uint8_t *reason)
 		size_t k = 0;
 		for (size_t r = 0; r < t->n; r++)
 			if (!reason[r])
-				v[k++] = (victim_t){t->rows[r].last_ms, t->rows[r].key, r};
+				v[k++] = (victim_t){t->rows[r].last, t->rows[r].key, r};
 		qsort(v, k, sizeof(victim_t), victim_cmp);
 		for (long long i = 0; i < excess; i++)
 			reason[v[i].row] = END_LACK_OF_RESOURCES;
@@ -463,58 +595,116 @@ static long long table_mark(Table *t, long long now_ms, uint8_t *reason)
 	return ended;
 }
 
-/* Move rows marked in `reason` (or every row, when reason is NULL: with `all_reason`) into a new
- * bytearray of FLOW_RECORD, in row order, and remove them. */
-static PyObject *table_take(Table *t, const uint8_t *reason, long long count, uint8_t all_reason)
+/* A buffer of FLOW_RECORDs for Python: big ones on huge pages (a scan's expired flows are tens of
+ * MB: 4 KiB pages would be thousands of page faults each scan), exported through the buffer
+ * protocol so numpy reads it in place. */
+typedef struct {
+	PyObject_HEAD
+	void *data;
+	Py_ssize_t len;
+	Py_ssize_t exports;
+} Block;
+
+static int block_getbuffer(Block *self, Py_buffer *view, int flags)
 {
-	PyObject *out = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)((size_t)count * sizeof(rec_t)));
-	if (!out)
-		return NULL;
-	rec_t *o = (rec_t *)PyByteArray_AS_STRING(out);
-	if (!reason) {
-		for (size_t r = 0; r < t->n; r++) {
-			o[r] = t->rows[r];
-			o[r].end_reason = all_reason;
-		}
-		t->n = 0;
-		memset(t->index, 0, (t->mask + 1) * sizeof(uint32_t));
-		return out;
-	}
-	size_t k = 0;
-	for (size_t r = 0; r < t->n; r++)
-		if (reason[r]) {
-			o[k] = t->rows[r];
-			o[k].end_reason = reason[r];
-			k++;
-		}
-	if ((size_t)count * 4 >= t->n) {
-		/* Many go: keep the survivors in order and build the index again (O(rows), no probing
-		 * per removal). */
-		size_t kept = 0;
-		for (size_t r = 0; r < t->n; r++)
-			if (!reason[r])
-				t->rows[kept++] = t->rows[r];
-		t->n = kept;
-		memset(t->index, 0, (t->mask + 1) * sizeof(uint32_t));
-		for (size_t r = 0; r < kept; r++) {
-			size_t i = key_hash(t->rows[r].key) & t->mask;
-			while (t->index[i])
-				i = (i + 1) & t->mask;
-			t->index[i] = (uint32_t)(r + 1);
-		}
-		return out;
-	}
-	/* A few go: remove from the end backwards (swap-remove only moves rows already decided). */
-	for (size_t r = t->n; r-- > 0;)
-		if (reason[r])
-			table_remove(t, r);
-	return out;
+	if (PyBuffer_FillInfo(view, (PyObject *)self, self->data, self->len, 0, flags) < 0)
+		return -1;
+	self->exports++;
+	return 0;
 }
 
-static PyObject *table_expire(Table *self, PyObject *arg)
+static void block_releasebuffer(Block *self, Py_buffer *Py_UNUSED(view))
+{
+	self->exports--;
+}
+
+static void block_dealloc(Block *self)
+{
+	big_free(self->data, (size_t)self->len);
+	Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static Py_ssize_t block_len(Block *self)
+{
+	return self->len;
+}
+
+static PyBufferProcs block_as_buffer = {
+	.bf_getbuffer = (getbufferproc)block_getbuffer,
+	.bf_releasebuffer = (releasebufferproc)block_releasebuffer,
+};
+
+static PySequenceMethods block_as_sequence = {
+	.sq_length = (lenfunc)block_len,
+};
+
+static PyTypeObject BlockType = {
+	PyVarObject_HEAD_INIT(NULL, 0)
+	.tp_name = "exporter._core.Block",
+	.tp_doc = "FLOW_RECORDs the table handed out (a writable buffer)",
+	.tp_basicsize = sizeof(Block),
+	.tp_flags = Py_TPFLAGS_DEFAULT,
+	.tp_dealloc = (destructor)block_dealloc,
+	.tp_as_buffer = &block_as_buffer,
+	.tp_as_sequence = &block_as_sequence,
+};
+
+static Block *block_new(size_t len)
+{
+	Block *b = PyObject_New(Block, &BlockType);
+	if (!b)
+		return NULL;
+	b->data = big_alloc(len);
+	b->len = (Py_ssize_t)len;
+	b->exports = 0;
+	if (!b->data) {
+		Py_DECREF(b);
+		PyErr_NoMemory();
+		return NULL;
+	}
+	return b;
+}
+
+static inline void row_to_record(const Table *t, const row_t *x, rec_t *o, uint8_t reason)
+{
+	memcpy(o->key, x->key, KEY_SIZE);
+	o->packets = x->packets;
+	o->octets = x->octets;
+	o->first_ms = (uint64_t)(t->epoch + x->first);
+	o->last_ms = (uint64_t)(t->epoch + x->last);
+	o->tcp_flags = x->tcp_flags;
+	o->tos = x->tos;
+	o->min_ttl = x->min_ttl;
+	o->max_ttl = x->max_ttl;
+	o->end_reason = reason;
+	o->first_flags = x->first_flags;
+}
+
+/* Rebuild the index from the rows (after many removals: cheaper than removing entries one by one). */
+static void table_reindex(Table *t)
+{
+	index_fill(t->index, t->mask, t->rows, t->n);
+}
+
+/* Expiry, streamed: expire_start() marks the rows that end, take() hands their FLOW_RECORDs out a
+ * block at a time (so the records of a scan never need to be in memory all at once, and one
+ * buffer serves every block), expire_finish() removes the rows handed out. Rows marked but not
+ * handed out (the consumer stopped early) stay in the table, unmarked: they end again next time,
+ * nothing is lost. */
+
+static int expiry_idle(Table *t)
+{
+	if (t->reason) {
+		PyErr_SetString(PyExc_RuntimeError, "an expiry is in progress: finish it first");
+		return 0;
+	}
+	return 1;
+}
+
+static PyObject *table_expire_start(Table *self, PyObject *arg)
 {
 	long long now_ms = PyLong_AsLongLong(arg);
-	if (now_ms == -1 && PyErr_Occurred())
+	if ((now_ms == -1 && PyErr_Occurred()) || !expiry_idle(self))
 		return NULL;
 	uint8_t *reason = malloc(self->n ? self->n : 1);
 	if (!reason)
@@ -527,26 +717,125 @@ static PyObject *table_expire(Table *self, PyObject *arg)
 		free(reason);
 		return PyErr_NoMemory();
 	}
-	PyObject *out = table_take(self, reason, ended, 0);
+	self->reason = reason;
+	self->cursor = 0;
+	return PyLong_FromLongLong(ended);
+}
+
+static PyObject *table_expire_all_start(Table *self, PyObject *arg)
+{
+	long why = PyLong_AsLong(arg);
+	if ((why == -1 && PyErr_Occurred()) || !expiry_idle(self))
+		return NULL;
+	if (why < 1 || why > 5) {
+		PyErr_SetString(PyExc_ValueError, "reason must be a flowEndReason 1..5");
+		return NULL;
+	}
+	uint8_t *reason = malloc(self->n ? self->n : 1);
+	if (!reason)
+		return PyErr_NoMemory();
+	memset(reason, (int)why, self->n);
+	self->reason = reason;
+	self->cursor = 0;
+	return PyLong_FromSize_t(self->n);
+}
+
+/* take(block) -> records written into the block (0: none left). */
+static PyObject *table_take(Table *self, PyObject *arg)
+{
+	if (!self->reason) {
+		PyErr_SetString(PyExc_RuntimeError, "no expiry in progress: expire_start() first");
+		return NULL;
+	}
+	Py_buffer view;
+	if (PyObject_GetBuffer(arg, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+		return NULL;
+	size_t room = (size_t)view.len / sizeof(rec_t);
+	rec_t *o = view.buf;
+	size_t k = 0, r = self->cursor;
+	for (; r < self->n && k < room; r++)
+		if (self->reason[r])
+			row_to_record(self, &self->rows[r], &o[k++], self->reason[r]);
+	self->cursor = r;
+	PyBuffer_Release(&view);
+	return PyLong_FromSize_t(k);
+}
+
+/* Remove the marked rows before the cursor (those handed out); end the expiry. */
+static PyObject *table_expire_finish(Table *self, PyObject *Py_UNUSED(ignored))
+{
+	uint8_t *reason = self->reason;
+	if (!reason)
+		Py_RETURN_NONE;
+	size_t upto = self->cursor, gone = 0;
+	for (size_t r = 0; r < upto; r++)
+		gone += reason[r] != 0;
+	Py_BEGIN_ALLOW_THREADS
+	if (gone == self->n) {
+		self->n = 0;
+		memset(self->index, 0, (self->mask + 1) * sizeof(uint32_t));
+	} else if (gone * 4 >= self->n) {
+		/* Many go: keep the survivors in order and build the index again. */
+		size_t kept = 0;
+		for (size_t r = 0; r < self->n; r++)
+			if (r >= upto || !reason[r])
+				self->rows[kept++] = self->rows[r];
+		self->n = kept;
+		table_reindex(self);
+	} else {
+		/* A few go: remove from the end backwards (swap-remove only moves rows already decided). */
+		for (size_t r = upto; r-- > 0;)
+			if (reason[r])
+				table_remove(self, r);
+	}
+	Py_END_ALLOW_THREADS
 	free(reason);
-	return out;
+	self->reason = NULL;
+	self->cursor = 0;
+	Py_RETURN_NONE;
+}
+
+/* All of an expiry at once, into one Block (tests, and FlowTable's interface). */
+static PyObject *table_take_all(Table *self, PyObject *count)
+{
+	if (!count)
+		return NULL;
+	Block *out = block_new(PyLong_AsSize_t(count) * sizeof(rec_t));
+	Py_DECREF(count);
+	if (!out) {
+		PyObject *r = table_expire_finish(self, NULL);
+		Py_XDECREF(r);
+		return NULL;
+	}
+	PyObject *k = table_take(self, (PyObject *)out);
+	Py_XDECREF(k);
+	PyObject *r = table_expire_finish(self, NULL);
+	Py_XDECREF(r);
+	if (!k || !r) {
+		Py_DECREF(out);
+		return NULL;
+	}
+	return (PyObject *)out;
+}
+
+static PyObject *table_expire(Table *self, PyObject *arg)
+{
+	return table_take_all(self, table_expire_start(self, arg));
 }
 
 static PyObject *table_expire_all(Table *self, PyObject *arg)
 {
-	long reason = PyLong_AsLong(arg);
-	if (reason == -1 && PyErr_Occurred())
-		return NULL;
-	if (reason < 1 || reason > 5) {
-		PyErr_SetString(PyExc_ValueError, "reason must be a flowEndReason 1..5");
-		return NULL;
-	}
-	return table_take(self, NULL, (long long)self->n, (uint8_t)reason);
+	return table_take_all(self, table_expire_all_start(self, arg));
 }
 
 static PyObject *table_flows(Table *self, PyObject *Py_UNUSED(ignored))
 {
-	return PyByteArray_FromStringAndSize((const char *)self->rows, (Py_ssize_t)(self->n * sizeof(rec_t)));
+	Block *out = block_new(self->n * sizeof(rec_t));
+	if (!out)
+		return NULL;
+	for (size_t r = 0; r < self->n; r++)
+		row_to_record(self, &self->rows[r], &((rec_t *)out->data)[r], 0);
+	return (PyObject *)out;
 }
 
 static PyObject *table_totals(Table *self, PyObject *Py_UNUSED(ignored))
@@ -592,10 +881,18 @@ static PyMethodDef table_methods[] = {
 	{"fold_records", (PyCFunction)table_fold_records, METH_O,
 	 "fold_records(records) -> count\n\nFold a buffer of FLOW_RECORD (times in epoch ms) in."},
 	{"expire", (PyCFunction)table_expire, METH_O,
-	 "expire(now_ms) -> bytearray of the FLOW_RECORDs that end, removed from the table"},
+	 "expire(now_ms) -> Block of the FLOW_RECORDs that end, removed from the table"},
+	{"expire_start", (PyCFunction)table_expire_start, METH_O,
+	 "expire_start(now_ms) -> flows that end; hand them out with take(), then expire_finish()"},
+	{"expire_all_start", (PyCFunction)table_expire_all_start, METH_O,
+	 "expire_all_start(reason) -> flows held; every one ends with `reason` (take(), expire_finish())"},
+	{"take", (PyCFunction)table_take, METH_O,
+	 "take(block) -> FLOW_RECORDs of the expiry in progress written into the writable buffer (0: done)"},
+	{"expire_finish", (PyCFunction)table_expire_finish, METH_NOARGS,
+	 "expire_finish(): remove the flows handed out; those not taken stay"},
 	{"expire_all", (PyCFunction)table_expire_all, METH_O,
-	 "expire_all(reason) -> bytearray of every FLOW_RECORD, ended with `reason`; the table is empty"},
-	{"flows", (PyCFunction)table_flows, METH_NOARGS, "flows() -> bytearray: a copy of the live FLOW_RECORDs"},
+	 "expire_all(reason) -> Block of every FLOW_RECORD, ended with `reason`; the table is empty"},
+	{"flows", (PyCFunction)table_flows, METH_NOARGS, "flows() -> Block: a copy of the live FLOW_RECORDs"},
 	{"totals", (PyCFunction)table_totals, METH_NOARGS, "totals() -> (packets, octets) held"},
 	{NULL, NULL, 0, NULL},
 };
@@ -1094,7 +1391,19 @@ static PyObject *core_send(PyObject *Py_UNUSED(mod), PyObject *args)
 
 /* -- module ------------------------------------------------------------------------------------ */
 
+static PyObject *core_block(PyObject *Py_UNUSED(mod), PyObject *arg)
+{
+	Py_ssize_t n = PyLong_AsSsize_t(arg);
+	if (n < 0) {
+		if (!PyErr_Occurred())
+			PyErr_SetString(PyExc_ValueError, "a block has >= 0 bytes");
+		return NULL;
+	}
+	return (PyObject *)block_new((size_t)n);
+}
+
 static PyMethodDef core_methods[] = {
+	{"block", core_block, METH_O, "block(nbytes) -> a writable buffer on huge pages where big"},
 	{"encode", core_encode, METH_VARARGS,
 	 "encode(records, program, record_size, version_offset, version) -> (payload, count)\n\n"
 	 "Data records of every record whose ip_version is `version`, back to back."},
@@ -1132,7 +1441,7 @@ static int add_layout(PyObject *m, const char *name, const size_t *offsets, cons
 
 PyMODINIT_FUNC PyInit__core(void)
 {
-	if (PyType_Ready(&TableType) < 0)
+	if (PyType_Ready(&TableType) < 0 || PyType_Ready(&BlockType) < 0)
 		return NULL;
 	PyObject *m = PyModule_Create(&core_module);
 	if (!m)

@@ -313,7 +313,7 @@ def check_memory(cfg: Config) -> Result:
     from xdp.loader import human_bytes, map_memory_bytes, possible_cpus
 
     need = map_memory_bytes(cfg.max_entries)
-    what = (f"{human_bytes(need)} for max_entries {cfg.max_entries} ({possible_cpus()} CPUs x 2 pages), "
+    what = (f"{human_bytes(need)} for max_entries {cfg.max_entries} ({possible_cpus()} CPUs), "
             f"budget max_kernel_memory {human_bytes(cfg.max_kernel_memory)}")
     if need > cfg.max_kernel_memory:
         fit = cfg.max_kernel_memory // map_memory_bytes(1)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+
+# numpy's OpenBLAS would start a thread per CPU that spins after each use; nothing here needs BLAS.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from exporter import logs
 

@@ -463,7 +463,7 @@ def memory_problem(max_entries: int, budget: int) -> str | None:
     if need <= budget:
         return None
     fit = budget // map_memory_bytes(1)
-    return (f"the flow maps would need {human_bytes(need)} of kernel memory ({possible_cpus()} CPUs x 2 pages), "
+    return (f"the flow maps would need {human_bytes(need)} of kernel memory ({possible_cpus()} CPUs), "
             f"above max_kernel_memory = {human_bytes(budget)}; allowed: at most {fit} entries, "
             f"or raise max_kernel_memory")
 

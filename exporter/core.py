@@ -11,13 +11,16 @@ it was not, the service falls back to the numpy path and says so.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from exporter.drain import Drained
 from exporter.flowtable import timeout_ms
 from exporter.records import END_FORCED, FLOW_RECORD, Records
+
+if TYPE_CHECKING:
+    from exporter.drain import Drained
 
 _core: Any
 try:
@@ -39,7 +42,11 @@ def module() -> Any:
     return _core
 
 
-def _records(buf: bytearray) -> Records:
+CHUNK = 65_536   # flows handed out at a time by the streamed expiry (5.4 MiB of FLOW_RECORDs)
+
+
+def _records(buf: Any) -> Records:
+    """FLOW_RECORDs in a Block the table handed out, read in place (writable, like any array)."""
     return np.frombuffer(buf, dtype=FLOW_RECORD)
 
 
@@ -98,6 +105,26 @@ class CoreTable:
 
     def expire(self, now_ms: int) -> Records:
         return _records(self._t.expire(int(now_ms)))
+
+    def expire_chunks(self, now_ms: int, chunk: int = CHUNK) -> Iterator[Records]:
+        """The flows that end at `now_ms`, `chunk` at a time, all in one buffer: use each array before
+        asking for the next (it is overwritten). Flows leave the table once handed out; if the
+        iteration stops early, those not handed out stay (and end next time)."""
+        self._t.expire_start(int(now_ms))
+        return self._handed_out(chunk)
+
+    def expire_all_chunks(self, reason: int = END_FORCED, chunk: int = CHUNK) -> Iterator[Records]:
+        """Every flow, ended with `reason`, `chunk` at a time (see expire_chunks)."""
+        self._t.expire_all_start(reason)
+        return self._handed_out(chunk)
+
+    def _handed_out(self, chunk: int) -> Iterator[Records]:
+        try:
+            buf = module().block(chunk * FLOW_RECORD.itemsize)
+            while k := self._t.take(buf):
+                yield np.frombuffer(buf, dtype=FLOW_RECORD, count=k)
+        finally:
+            self._t.expire_finish()
 
     def update(self, records: Records, now_ms: int) -> Records:
         """FlowTable.update: fold one scan's records in, then return the flows that end at `now_ms`."""

@@ -68,30 +68,8 @@ def not_wired(cfg: Config) -> dict[str, object]:
             if k not in wired and k not in HANDLED_HERE and getattr(cfg, k) != configmod.FIELDS[k].default}
 
 
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def release_large_arrays_to_the_os(threshold: int = 1 << 20) -> bool:
-    """Keep glibc from holding on to a scan's freed arrays.
-
-    glibc serves blocks above a threshold with mmap and returns them on free, but raises that
-    threshold (up to 32 MB) each time such a block is freed; after one scan every later array of
-    a few MB comes from the heap, whose top stays mapped, so the process keeps the peak of its
-    largest scan. A fixed threshold turns the adjustment off. False where this is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
-
-
 def run(args: argparse.Namespace) -> int:
-    from exporter import check, logs, service
+    from exporter import check, heap, logs, service
     from exporter.transport import EndpointError
 
     try:
@@ -119,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         logs.configure(new.log_level, new.log_format)
         return to_run_config(new)
 
-    release_large_arrays_to_the_os()
+    heap.release_large_arrays_to_the_os()
     try:
         return service.run(to_run_config(cfg), reload=reload if loaded.path else None)
     except EndpointError as e:

@@ -14,14 +14,14 @@ import asyncio
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import structlog
 
-from exporter import core
+from exporter import core, heap
 from exporter.biflow import BiflowTable
 from exporter.core import CoreTable
 from exporter.drain import Drained, Pages
@@ -95,14 +95,15 @@ class Export:
 class ScanResult:
     entries: int
     flows: int
-    expired: Records
     flip_seconds: float
     seconds: float
+    exported: int = 0           # flow records ended and handed to the encoders this scan
     observed_packets: int = 0   # the kernel's count for the drained pages' interval
     observed_octets: int = 0
     drained_packets: int = 0    # what the drained entries held
     drained_octets: int = 0
     flows_created: int = 0      # slots the drained pages' interval needed (taken + denied)
+    ended: list[Records] = field(default_factory=list)   # the numpy tables: what their update ended
 
     @property
     def ignored_packets(self) -> int:
@@ -241,9 +242,7 @@ class Exporter:
         assert table is not None
         now_ms = int(now * 1000)
         offset = clock_offset_ns()
-        expired: list[Records] = []
-        res = ScanResult(0, 0, np.zeros(0, dtype=table.kind.dtype if isinstance(table, FlowTable) else FLOW_RECORD),
-                         0.0, 0.0)
+        res = ScanResult(0, 0, 0.0, 0.0)
         for d in drains:
             try:
                 if isinstance(table, CoreTable):
@@ -253,7 +252,7 @@ class Exporter:
                     records = merge(d.records(offset))
                     folded, packets, octets = len(records), int(records["packets"].sum()), \
                         int(records["octets"].sum())
-                    expired.append(table.update(records, now_ms))
+                    res.ended.append(table.update(records, now_ms))
             finally:
                 d.release()
             res.entries += d.slots
@@ -264,14 +263,26 @@ class Exporter:
             res.drained_packets += packets
             res.drained_octets += octets
             res.flows_created += d.stats["flows_created"] + d.stats["flows_denied"]
-        if isinstance(table, CoreTable):
-            expired.append(table.expire(now_ms))
-        if shutdown:
-            expired.append(table.expire_all(END_FORCED))
-        if expired:
-            res.expired = np.concatenate(expired)
+        if shutdown and not isinstance(table, CoreTable):
+            res.ended.append(table.expire_all(END_FORCED))
         res.seconds = time.perf_counter() - t0
         return res
+
+    @property
+    def _no_records(self) -> Records:
+        t = self.table
+        return np.zeros(0, dtype=t.kind.dtype if isinstance(t, FlowTable) else FLOW_RECORD)
+
+    def _ended(self, res: ScanResult, now_ms: int, shutdown: bool) -> Iterator[Records]:
+        """The flows that end this scan, a chunk at a time (the compiled table streams them from one
+        buffer, so a scan's records and messages are never all in memory at once)."""
+        table = self.table
+        if isinstance(table, CoreTable):
+            yield from table.expire_chunks(now_ms)
+            if shutdown:
+                yield from table.expire_all_chunks(END_FORCED)
+            return
+        yield from (r for r in res.ended if len(r))
 
     def _drain(self, shutdown: bool) -> list[Drained]:
         assert self.pages is not None and self.datapath is not None
@@ -291,13 +302,26 @@ class Exporter:
         self.ignored_packets += res.ignored_packets
         self.ignored_octets += res.ignored_octets
         sent = 0
-        for ex in self.exports:
-            # Options records ride with every scan, so collectors see the loss accounting move with the data.
-            datagrams = ex.encoder.encode(res.expired, now, options=self._state(ex))
-            ex.sender.send(datagrams, ex.encoder.last_flow_counts)
-            sent += len(datagrams)
+        datagrams: list[bytes] = []
+        # Options records ride with every scan (in its first messages), so collectors see the loss
+        # accounting move with the data.
+        states = [self._state(ex) for ex in self.exports]
+        chunks = self._ended(res, int(now * 1000), shutdown)
+        chunk = next(chunks, None)
+        first = True
+        while chunk is not None or first:
+            records = chunk if chunk is not None else self._no_records
+            for ex, state in zip(self.exports, states, strict=True):
+                datagrams = ex.encoder.encode(records, now, options=state if first else None)
+                ex.sender.send(datagrams, ex.encoder.last_flow_counts)
+                sent += len(datagrams)
+            res.exported += len(records)
+            first = False
+            chunk = next(chunks, None)
+        del chunks   # (the expiry's buffer and the last chunk's messages go now)
         self.scans += 1
-        self.records_exported += len(res.expired)
+        self.records_exported += res.exported
+        await asyncio.to_thread(heap.trim)   # the scan's messages are freed: hand their pages back
         assert self.datapath is not None
         stats = self.datapath.read_stats()
         delta = _delta(stats, self._last_stats)
@@ -309,7 +333,7 @@ class Exporter:
         if self.metrics is not None:
             m = self.metrics
             m.scan_seconds.observe(time.perf_counter() - t0)
-            m.records_exported.inc(len(res.expired))
+            m.records_exported.inc(res.exported)
             m.ignored_packets.inc(max(0, res.ignored_packets))
             m.active_flows.set(len(self.table) if self.table is not None else 0)
             if isinstance(self.table, BiflowTable):
@@ -320,7 +344,7 @@ class Exporter:
                 st = ex.sender.stats
                 m.sender_totals(str(ex.sender.endpoint), st.messages, st.octets, st.send_errors,
                                 ex.sender.queue_depth)
-        log.debug("scan", entries=res.entries, flows=res.flows, exported=len(res.expired),
+        log.debug("scan", entries=res.entries, flows=res.flows, exported=res.exported,
                   active=len(self.table) if self.table is not None else 0, datagrams=sent,
                   observed_packets=res.observed_packets, observed_octets=res.observed_octets,
                   ignored_packets=res.ignored_packets, ignored_octets=res.ignored_octets,
@@ -539,7 +563,7 @@ class Exporter:
             log.info("stopped", scans=self.scans, records_exported=self.records_exported,
                      filtered_packets=kernel.get("filtered", 0), sampled_out_packets=kernel.get("sampled_out", 0),
                      rules=[[c.action, c.rule, c.packets] for c in self.datapath.rule_counters()],
-                     final_records=len(res.expired), observed_packets=self.observed_packets,
+                     final_records=res.exported, observed_packets=self.observed_packets,
                      observed_octets=self.observed_octets, ignored_packets=self.ignored_packets,
                      ignored_octets=self.ignored_octets,
                      sent={str(e.sender.endpoint): {**vars(e.sender.stats), "not_sent_flows": e.not_sent.flows,

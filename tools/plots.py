@@ -98,7 +98,7 @@ def write_plots(out_dir: Path, sweep_rows: Sequence[dict[str, Any]],
                 ax.plot(xs, ys, label=f"{probe} peak RSS", **STYLE[probe])
         xs, ys = _series(flow_lines, "flows", "xdpflow_kernel_map_mb")
         if xs:
-            ax.plot(xs, ys, label="xdpflow kernel maps (2 pages)", color="tab:blue", ls="--")
+            ax.plot(xs, ys, label="xdpflow kernel maps", color="tab:blue", ls="--")
         ax.axhline(150, color="grey", ls=":", label="target: 150 MB at 1M flows")
         ax.set_ylabel("MB")
         ax.set_title("Memory vs concurrent flows")

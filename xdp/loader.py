@@ -243,8 +243,8 @@ class Datapath:
         need = self.memory_bytes
         if need > self.memory_budget:
             raise LoaderError(
-                f"flow maps need {human_bytes(need)} of kernel memory ({self.max_entries} entries x "
-                f"{self.cpus} CPUs x 2 pages), above the budget of {human_bytes(self.memory_budget)}: "
+                f"flow maps need {human_bytes(need)} of kernel memory ({self.max_entries} entries, "
+                f"{self.cpus} CPUs), above the budget of {human_bytes(self.memory_budget)}: "
                 f"lower --max-entries or raise --max-kernel-memory")
         if self._owned:
             raise LoaderError("this datapath is already loaded: close() it first")

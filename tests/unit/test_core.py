@@ -32,6 +32,7 @@ from exporter.merge import TimeBase, merge, to_records
 from exporter.records import BIFLOW_RECORD, FLOW_RECORD, KEY_SIZE
 from exporter.transport import send_datagrams
 from tests.unit.tables import Scenario, canonical, from_array, scenarios, to_array
+from tools.bench import synthetic_slots
 
 
 def test_the_core_is_built() -> None:
@@ -99,6 +100,41 @@ def test_many_flows_grow_the_table_and_survive_partial_expiry() -> None:
     assert sorted(x.tobytes() for x in ref.flows()) == sorted(x.tobytes() for x in got.flows())
     a, b = ref.update(late[:10].copy(), 1_050_000), got.update(late[:10].copy(), 1_050_000)
     assert sorted(x.tobytes() for x in a) == sorted(x.tobytes() for x in b)
+
+
+def test_a_table_with_reserved_rows_grows_its_index() -> None:
+    """With a capacity the rows are reserved once; the index must still grow with the flows held."""
+    slots = synthetic_slots(50_000, 1, 1_000_000)
+    got = CoreTable(60, 15, capacity=200_000)
+    got._t.fold_slots(slots, 1_000_000, 10**12, 4e6, 0)
+    recs = random_records(30_000, seed=9)
+    recs["end_reason"] = 0
+    recs["tcp_flags"] &= np.uint16(0x1FA)   # no FIN/RST: the reference's update would end them
+    recs["first_ms"] = 990_000 + np.arange(len(recs))   # the slots' time (rows hold 32-bit ms from an epoch)
+    recs["last_ms"] = recs["first_ms"] + 7
+    got.fold(recs)
+    ref = FlowTable(60, 15)
+    ref.update(merge(to_records(slots, TimeBase(1_000_000, 10**12, 1_000_001, 10**12 + 4 * 10**6), 0)), 0)
+    ref.update(recs, 0)
+    assert len(got) == len(ref) == 80_000
+    assert sorted(x.tobytes() for x in got.flows()) == sorted(x.tobytes() for x in ref.flows())
+
+
+def test_times_weeks_apart_move_the_epoch_and_stay_exact() -> None:
+    """Rows keep times as 32-bit ms from an epoch: a record weeks from it moves the epoch, and every
+    time comes out as it went in (also across a wall clock stepped back by days)."""
+    day = 86_400_000
+    ref, got = FlowTable(10**6, 10**6), CoreTable(10**6, 10**6)
+    base = 1_700_000_000_000
+    for i, t in enumerate((base, base + 13 * day, base + 20 * day, base + 2 * day, base + 16 * day)):
+        recs = random_records(50, seed=i)
+        recs["tcp_flags"] &= np.uint16(0x1FA)
+        recs["end_reason"] = 0
+        recs["first_ms"] = t + np.arange(50)
+        recs["last_ms"] = recs["first_ms"] + 1000
+        for table in (ref, got):
+            table.update(recs.copy(), 0)
+        assert sorted(x.tobytes() for x in got.flows()) == sorted(x.tobytes() for x in ref.flows())
 
 
 @st.composite
