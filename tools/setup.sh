@@ -35,7 +35,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.xdpflow-deps
 # The compiled core (exporter/_core.c) is built by the same install: again when its source changes.
-core_built=$(ls exporter/_core*.so 2>/dev/null | head -n 1)
+# No glob match on a clean clone: `ls` exits 2, which pipefail would turn into a failed setup.
+core_built=$(compgen -G 'exporter/_core*.so' | head -n 1 || true)
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
    || [ -z "$core_built" ] || [ exporter/_core.c -nt "$core_built" ]; then
   echo "setup: installing xdpflow, its compiled core and its Python packages into .venv (pip; a minute or two the first time)"
