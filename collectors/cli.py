@@ -23,7 +23,15 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from collectors.server import DEFAULT_PORT, LOG_FORMATS, LOG_LEVELS, Collector, parse_listen, stderr_logger
+from collectors.server import (
+    DEFAULT_PORT,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    UDP_TEMPLATE_LIFETIME,
+    Collector,
+    parse_listen,
+    stderr_logger,
+)
 
 PROG = "xdpflow collect"
 
@@ -47,6 +55,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action=argparse.BooleanOptionalAction,
         default=True,
         help="count options data records in sequence numbers, as RFC 7011 says (nfcapd does not)",
+    )
+    p.add_argument(
+        "--template-lifetime",
+        type=float,
+        default=UDP_TEMPLATE_LIFETIME,
+        metavar="SECONDS",
+        help="forget templates not refreshed for this long, 0 never; RFC 7011 suggests 3x the exporter's "
+        "template refresh (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-template-bytes",
+        type=int,
+        default=16 << 20,
+        metavar="N",
+        help="memory budget for templates, all exporters together; more are refused (default: %(default)s)",
     )
     p.add_argument("--exit-after-seconds", type=float, metavar="N", help="stop after N seconds")
     p.add_argument("--exit-after-records", type=int, metavar="N", help="stop after N data records")
@@ -91,6 +114,10 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"--exit-after-seconds must be a finite number >= 0, got {seconds}")
     if args.exit_after_records is not None and args.exit_after_records < 1:
         return _error(f"--exit-after-records must be >= 1, got {args.exit_after_records}")
+    if not (math.isfinite(args.template_lifetime) and args.template_lifetime >= 0):
+        return _error(f"--template-lifetime must be a finite number >= 0, got {args.template_lifetime}")
+    if args.max_template_bytes < 1:
+        return _error(f"--max-template-bytes must be >= 1, got {args.max_template_bytes}")
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             return runner.run(_collect(args, listen))
@@ -119,6 +146,8 @@ async def _collect(args: argparse.Namespace, listen: tuple[str, int]) -> int:
         keep=0,
         stop_after_records=args.exit_after_records,
         log=stderr_logger(args.log_format, args.log_level),
+        max_template_bytes=args.max_template_bytes,
+        template_lifetime=args.template_lifetime or None,
     )
     try:
         await collector.start()

@@ -16,11 +16,14 @@ reason, and never raised.
 
 Templates (set 2) and options templates (set 3) are installed on arrival, replaced by a later
 definition with the same id, withdrawn by a record with field count 0 (template id 2 or 3 withdraws
-all of that kind). Each template field is resolved once, at definition time, against an element
-registry (IANA and RFC 5103 from the ``ipfix`` package, plus caller extras): the element's name
-and abstract type choose a converter. A template without variable-length fields compiles to one
-``struct`` format (natural-size integers and floats unpack directly, anything else as octets plus
-its converter), so a data set is decoded by ``iter_unpack``; otherwise fields are walked one by one.
+all of that kind). RFC 7011 section 8 says Template Withdrawals MUST NOT be sent over UDP (there
+templates expire instead), so a UDP collector passes ``withdrawals=False``: a withdrawal is then
+ignored and counted (``withdrawals_ignored``), as a forged one should be. Each template field is
+resolved once, at definition time, against an element registry (IANA and RFC 5103 from the
+``ipfix`` package, plus caller extras): the element's name and abstract type choose a converter.
+A template without variable-length fields compiles to one ``struct`` format (natural-size integers
+and floats unpack directly, anything else as octets plus its converter), so a data set is decoded
+by ``iter_unpack``; otherwise fields are walked one by one.
 
 Values: unsigned/signed integers of any reduced size become ``int``; addresses strings (RFC 5952,
 IPv4-mapped as ``::ffff:a.b.c.d``); MACs ``aa:bb:..``; dateTimeSeconds/Milliseconds stay the raw
@@ -29,6 +32,41 @@ float32/64 ``float``; boolean ``True`` for 1 and ``False`` for 2 (other octets s
 strings are UTF-8 with replacement; octet arrays and anything unknown (including RFC 6313 lists)
 are lowercase hex. Unknown elements are named ``_ipfix_<pen>_<id>``, the ``ipfix`` package's own
 convention; a repeated element in one template gets keys ``name``, ``name#2``, ...
+
+Bounded state. Parsing is linear in the input, but templates are kept, and a template field held
+costs ~300 octets of Python objects for the 4 (or 8) it took on the wire: unbounded, 20 datagrams
+of 64 KB made the decoder hold ~95 MB. So what is kept is bounded, each bound a constructor
+parameter, and whatever a bound refuses or drops is counted in :class:`DecoderStats` and reported
+as a :class:`LimitHit` in the :class:`FeedResult` (its ``limit`` is the parameter's name):
+
+- ``max_sessions`` (4096): a new session beyond it evicts the least recently used one, templates
+  and all (``sessions_evicted``).
+- ``max_templates_per_session`` (4096): a new template id beyond it is refused, a redefinition of
+  an id held is not (``templates_refused_session``). Ids run 256..65535; real exporters use a few.
+- ``max_template_fields`` (512): a template with more fields is refused and the set goes on with
+  its next record (``templates_refused_fields``); a 64 KB set could carry ~16,000.
+- ``max_template_bytes`` (16 MiB), the bound on memory: every template held is charged
+  :func:`template_cost`, an estimate from its field count alone, so it is known from the record
+  header before anything is built (a refused template costs no allocation); one that would take
+  the decoder-wide total past the budget is refused (``templates_refused_budget``). Withdrawal,
+  replacement, expiry and eviction give the charge back. ``TEMPLATE_COST`` plus ``FIELD_COST``
+  per field (1024 + 384 octets) are upper bounds of what CPython 3.11 holds, measured with
+  tracemalloc: ~330 octets per field at worst (unknown elements, each with its own name string, in
+  octet fields, each with a converter entry) and ~600 per template, bookkeeping included; the
+  flood test in the unit tests keeps them honest. The budget is shared, so a flood can starve
+  newcomers, but it cannot evict what others hold, and over UDP what it holds expires.
+- ``template_lifetime`` (None, never: right for streams and tests): over UDP, RFC 7011 section 8
+  has the exporter re-send templates periodically and the collector expire those not refreshed,
+  with a lifetime of some multiple (3 is usual) of the exporter's refresh interval. The decoder
+  has no clock: ``feed(..., now=...)`` takes the caller's (monotonic seconds; a step back counts
+  as standing still, a call without ``now`` as no time passing), and at the start of each feed
+  templates not refreshed for longer than the lifetime are dropped, in any session
+  (``templates_expired``); their data sets then count as unknown-template sets.
+
+A refused redefinition removes the earlier definition too: the exporter's data now follows a layout
+the decoder does not hold, and decoding it with the stale one would produce wrong records. What the
+decoder holds is thus bounded by the budget plus ``max_sessions`` small session objects, whatever
+it is sent; a :class:`FeedResult` belongs to the caller and is as big as the records it carries.
 
 Sequence numbers (RFC 7011 3.1): the header carries the number of data records sent in the
 session before this message, mod 2^32. The session expects ``previous + records in previous``;
@@ -45,7 +83,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -64,6 +102,8 @@ MIN_DATA_SET_ID = 256
 VARLEN = 0xFFFF
 SEQ_MOD = 1 << 32
 _NTP_UNIX_OFFSET = 2_208_988_800
+TEMPLATE_COST = 1024
+FIELD_COST = 384
 
 _HEADER = struct.Struct("!HHIII")
 _U16X2 = struct.Struct("!HH")
@@ -183,6 +223,11 @@ def _struct_code(type_name: str, length: int) -> str | None:
     if type_name in ("float32", "float64"):
         return {4: "f", 8: "d"}.get(length)
     return None
+
+
+def template_cost(field_count: int) -> int:
+    """Octets a template of ``field_count`` fields is charged against ``max_template_bytes``."""
+    return TEMPLATE_COST + FIELD_COST * field_count
 
 
 def converter_for(type_name: str) -> Converter:
@@ -333,6 +378,21 @@ class UnknownTemplateSet:
     length: int
 
 
+@dataclass(frozen=True, slots=True)
+class LimitHit:
+    """State refused or dropped to stay within a bound.
+
+    ``limit`` names the :class:`Decoder` parameter, ``counter`` the :class:`DecoderStats` field that
+    counts it, ``dropped`` says what went, for people.
+    """
+
+    exporter: str
+    odid: int
+    limit: str
+    counter: str
+    dropped: str
+
+
 @dataclass(slots=True)
 class FeedResult:
     """Everything one :meth:`Decoder.feed` call produced, in input order per kind."""
@@ -341,6 +401,7 @@ class FeedResult:
     gaps: list[SequenceGap] = field(default_factory=list)
     malformed: list[Malformed] = field(default_factory=list)
     unknown_sets: list[UnknownTemplateSet] = field(default_factory=list)
+    limits: list[LimitHit] = field(default_factory=list)
     messages: int = 0
 
 
@@ -349,7 +410,8 @@ class DecoderStats:
     """Running totals over the decoder's lifetime.
 
     ``records`` counts all data records, ``options_records`` the options ones among them;
-    ``templates`` / ``options_templates`` count template records received (refreshes included).
+    ``templates`` / ``options_templates`` count template records accepted (refreshes included);
+    ``templates_refused`` is the sum of the three ``templates_refused_*`` reasons.
     """
 
     messages: int = 0
@@ -366,6 +428,12 @@ class DecoderStats:
     templates_withdrawn: int = 0
     nonzero_padding: int = 0
     sessions_evicted: int = 0
+    templates_refused: int = 0
+    templates_refused_session: int = 0
+    templates_refused_fields: int = 0
+    templates_refused_budget: int = 0
+    templates_expired: int = 0
+    withdrawals_ignored: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "malformed_reasons"}
@@ -377,12 +445,28 @@ class _Session:
     expected: int | None = None
 
 
+def _skip_specs(buf: bytes, pos: int, end: int, count: int) -> int | None:
+    """Where ``count`` field specifiers from ``pos`` end (8 octets with an enterprise number, else 4).
+
+    None when they overrun ``end``. Reads one octet per field: refusing a template stays cheap.
+    """
+    for _ in range(count):
+        if end - pos < 4:
+            return None
+        pos += 8 if buf[pos] & 0x80 else 4
+    return pos if pos <= end else None
+
+
 class _Abandon(Exception):
     """Internal: stop parsing the current set or message (already counted)."""
 
 
 class Decoder:
-    """Stateful RFC 7011 decoder; feed it messages, read records, gaps and counters."""
+    """Stateful RFC 7011 decoder; feed it messages, read records, gaps and counters.
+
+    The ``max_*`` limits and ``template_lifetime`` bound what it keeps (see the module docstring);
+    ``withdrawals=False`` ignores template withdrawals, as a UDP collector should.
+    """
 
     def __init__(
         self,
@@ -390,14 +474,36 @@ class Decoder:
         count_options: bool = True,
         extra_elements: Mapping[tuple[int, int], ElementInfo] | None = None,
         max_sessions: int = 4096,
+        max_templates_per_session: int = 4096,
+        max_template_fields: int = 512,
+        max_template_bytes: int = 16 << 20,
+        template_lifetime: float | None = None,
+        withdrawals: bool = True,
     ) -> None:
+        if min(max_sessions, max_templates_per_session, max_template_fields, max_template_bytes) < 1:
+            raise ValueError("decoder limits must be at least 1")
+        if template_lifetime is not None and not 0 < template_lifetime < float("inf"):
+            raise ValueError(f"template_lifetime must be a positive number of seconds or None, not {template_lifetime}")
         self.count_options = count_options
         self.max_sessions = max_sessions
+        self.max_templates_per_session = max_templates_per_session
+        self.max_template_fields = max_template_fields
+        self.max_template_bytes = max_template_bytes
+        self.template_lifetime = template_lifetime
+        self.withdrawals = withdrawals
         self.stats = DecoderStats()
         self._registry: Mapping[tuple[int, int], ElementInfo] = (
             {**default_registry(), **extra_elements} if extra_elements else default_registry()
         )
         self._sessions: dict[tuple[str, int], _Session] = {}
+        self._template_bytes = 0
+        self._now = 0.0
+        self._refreshed: OrderedDict[tuple[str, int, int], float] = OrderedDict()  # oldest refresh first
+
+    @property
+    def template_bytes(self) -> int:
+        """What the templates held are charged, all sessions together (at most ``max_template_bytes``)."""
+        return self._template_bytes
 
     def element(self, enterprise: int, element_id: int) -> ElementInfo:
         """Registry entry for an element, or the ``_ipfix_<pen>_<id>`` octetArray stand-in."""
@@ -412,10 +518,17 @@ class Decoder:
     def sessions(self) -> list[tuple[str, int]]:
         return list(self._sessions)
 
-    def feed(self, data: bytes | bytearray | memoryview, exporter: str = "-") -> FeedResult:
-        """Decode every message in ``data`` (one datagram, or back-to-back messages)."""
+    def feed(self, data: bytes | bytearray | memoryview, exporter: str = "-", now: float | None = None) -> FeedResult:
+        """Decode every message in ``data`` (one datagram, or back-to-back messages).
+
+        ``now`` (seconds on the caller's monotonic clock) matters only with a ``template_lifetime``.
+        """
         buf = bytes(data)
         res = FeedResult()
+        if now is not None and now > self._now:
+            self._now = now
+        if self.template_lifetime is not None:
+            self._expire(res)
         off = 0
         if not buf:
             self._malformed(res, exporter, None, "truncated header", "empty datagram")
@@ -431,15 +544,52 @@ class Decoder:
         self.stats.malformed_reasons[reason] += 1
         res.malformed.append(Malformed(exporter, odid, reason, detail))
 
-    def _session(self, key: tuple[str, int]) -> _Session:
+    def _session(self, key: tuple[str, int], res: FeedResult) -> _Session:
         sess = self._sessions.pop(key, None)
         if sess is None:
             sess = _Session()
             while len(self._sessions) >= self.max_sessions:
-                del self._sessions[next(iter(self._sessions))]
+                old_key = next(iter(self._sessions))
+                old = self._sessions.pop(old_key)
+                held = len(old.templates)
+                freed = self._drop_all(old_key, old)
                 self.stats.sessions_evicted += 1
+                res.limits.append(
+                    LimitHit(
+                        *old_key, "max_sessions", "sessions_evicted", f"session with {held} templates ({freed} octets)"
+                    )
+                )
         self._sessions[key] = sess
         return sess
+
+    def _drop(self, key: tuple[str, int], sess: _Session, tid: int) -> int:
+        """Forget one template, giving its charge back; returns the charge."""
+        cost = template_cost(len(sess.templates.pop(tid).fields))
+        del self._refreshed[(*key, tid)]
+        self._template_bytes -= cost
+        return cost
+
+    def _drop_all(self, key: tuple[str, int], sess: _Session) -> int:
+        return sum(self._drop(key, sess, tid) for tid in list(sess.templates))
+
+    def _expire(self, res: FeedResult) -> None:
+        assert self.template_lifetime is not None
+        horizon = self._now - self.template_lifetime
+        while self._refreshed:
+            (exporter, odid, tid), stamp = next(iter(self._refreshed.items()))
+            if stamp >= horizon:
+                return
+            self._drop((exporter, odid), self._sessions[(exporter, odid)], tid)
+            self.stats.templates_expired += 1
+            res.limits.append(
+                LimitHit(
+                    exporter,
+                    odid,
+                    "template_lifetime",
+                    "templates_expired",
+                    f"template {tid}, not refreshed for {self._now - stamp:.0f} s",
+                )
+            )
 
     def _message(self, buf: bytes, off: int, exporter: str, res: FeedResult) -> int | None:
         avail = len(buf) - off
@@ -456,7 +606,7 @@ class Decoder:
 
         self.stats.messages += 1
         res.messages += 1
-        sess = self._session((exporter, odid))
+        sess = self._session((exporter, odid), res)
         if sess.expected is not None and seq != sess.expected:
             delta = (seq - sess.expected) % SEQ_MOD
             if delta >= SEQ_MOD // 2:
@@ -527,7 +677,16 @@ class Decoder:
                     res, exporter, odid, "template overruns set", f"template {tid}: {count} fields, {end - pos} octets"
                 )
                 return
-            fields: list[TemplateField] = []
+            refused = self._refusal(sess, tid, count)
+            if refused is not None:
+                after = _skip_specs(buf, pos, end, count)
+                if after is None:
+                    self._malformed(res, exporter, odid, "template overruns set", f"template {tid} field list")
+                    return
+                pos = after
+                self._refuse(sess, exporter, odid, tid, res, *refused, count)
+                continue
+            specs: list[tuple[int, int, int]] = []
             for _ in range(count):
                 if end - pos < 4:
                     self._malformed(res, exporter, odid, "template overruns set", f"template {tid} field list")
@@ -542,20 +701,14 @@ class Decoder:
                     pen = _U32.unpack_from(buf, pos)[0]
                     pos += 4
                     eid &= 0x7FFF
-                info = self.element(pen, eid)
-                fields.append(TemplateField(eid, flen, pen, info.name, info.type_name))
+                specs.append((eid, flen, pen))
             if options and not 1 <= scope <= count:
                 self._malformed(res, exporter, odid, "bad scope count", f"template {tid}: scope {scope} of {count}")
                 continue
-            if any(f.length == 0 for f in fields):
+            if any(flen == 0 for _, flen, _ in specs):
                 self._malformed(res, exporter, odid, "zero field length", f"template {tid}")
                 continue
-            tmpl = Template.build(tid, tuple(fields), scope)
-            old = sess.templates.get(tid)
-            if old is not None and not old.same_as(tmpl):
-                self.stats.templates_redefined += 1
-            if old is None or not old.same_as(tmpl):
-                sess.templates[tid] = tmpl
+            self._define(sess, exporter, odid, tid, scope, specs)
             if options:
                 self.stats.options_templates += 1
             else:
@@ -563,16 +716,69 @@ class Decoder:
         if pos < end and any(buf[pos:end]):
             self.stats.nonzero_padding += 1
 
+    def _refusal(self, sess: _Session, tid: int, count: int) -> tuple[str, str] | None:
+        """The limit a template of ``count`` fields would break and its counter, or None.
+
+        Decided from the record header, so a refused template costs no allocation.
+        """
+        if count > self.max_template_fields:
+            return "max_template_fields", "templates_refused_fields"
+        old = sess.templates.get(tid)
+        if old is None and len(sess.templates) >= self.max_templates_per_session:
+            return "max_templates_per_session", "templates_refused_session"
+        held = template_cost(len(old.fields)) if old is not None else 0
+        if self._template_bytes - held + template_cost(count) > self.max_template_bytes:
+            return "max_template_bytes", "templates_refused_budget"
+        return None
+
+    def _define(
+        self, sess: _Session, exporter: str, odid: int, tid: int, scope: int, specs: list[tuple[int, int, int]]
+    ) -> None:
+        """Install or refresh a template the limits allow."""
+        fields = []
+        for eid, flen, pen in specs:
+            info = self.element(pen, eid)
+            fields.append(TemplateField(eid, flen, pen, info.name, info.type_name))
+        key = (exporter, odid, tid)
+        old = sess.templates.get(tid)
+        if old is not None and old.fields == tuple(fields) and old.scope_count == scope:
+            self._refreshed[key] = self._now
+            self._refreshed.move_to_end(key)
+            return
+        if old is not None:
+            self._drop((exporter, odid), sess, tid)
+            self.stats.templates_redefined += 1
+        sess.templates[tid] = Template.build(tid, tuple(fields), scope)
+        self._refreshed[key] = self._now
+        self._template_bytes += template_cost(len(fields))
+
+    def _refuse(
+        self, sess: _Session, exporter: str, odid: int, tid: int, res: FeedResult, limit: str, counter: str, count: int
+    ) -> None:
+        what = f"template {tid} ({count} fields)"
+        if tid in sess.templates:
+            self._drop((exporter, odid), sess, tid)
+            what += ", and its earlier definition"
+        self.stats.templates_refused += 1
+        setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+        res.limits.append(LimitHit(exporter, odid, limit, counter, what))
+
     def _withdraw(self, sess: _Session, exporter: str, odid: int, set_id: int, tid: int, res: FeedResult) -> bool:
+        options = set_id == OPTIONS_TEMPLATE_SET_ID
         if tid == set_id:
-            doomed = [t for t, tm in sess.templates.items() if tm.is_options == (set_id == OPTIONS_TEMPLATE_SET_ID)]
+            doomed = [t for t, tm in sess.templates.items() if tm.is_options == options]
         elif tid >= MIN_DATA_SET_ID:
             doomed = [tid] if tid in sess.templates else []
         else:
             self._malformed(res, exporter, odid, "bad template id", f"withdrawal of template id {tid}")
             return False
+        if not self.withdrawals:
+            self.stats.withdrawals_ignored += 1
+            what = f"template {tid}" if tid != set_id else "all options templates" if options else "all templates"
+            res.limits.append(LimitHit(exporter, odid, "withdrawals", "withdrawals_ignored", f"{what} not withdrawn"))
+            return True
         for t in doomed:
-            del sess.templates[t]
+            self._drop((exporter, odid), sess, t)
         self.stats.templates_withdrawn += len(doomed)
         return True
 

@@ -14,6 +14,14 @@ rate-limited per kind so a hostile sender cannot flood the log; the counters in
 same object in-process: ``async with Collector(("127.0.0.1", 0)) as c`` exposes the bound
 :attr:`port`, bounded deques of recent records, gaps and malformed events, and
 :meth:`wait_for_records`.
+
+What the decoder keeps is bounded (see :mod:`collectors.decoder`): sessions, templates per session,
+fields per template and a memory budget for templates, the decoder's defaults unless given. As a
+UDP collector it also expires templates not refreshed for ``template_lifetime`` (1800 s: three
+times a 600 s refresh, a common exporter setting; xdpflow's own is 60 s), on a monotonic clock,
+and ignores template withdrawals, which RFC 7011 says MUST NOT be sent over UDP. The first time a
+limit is hit it gets one ``decoder limit hit`` line naming the limit, its setting, the exporter and
+what was dropped; after that hits are counted, and only every 1000th is logged again.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import math
 import os
 import socket
 import sys
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
@@ -43,6 +52,7 @@ from collectors.decoder import (
 )
 
 DEFAULT_PORT = 4739
+UDP_TEMPLATE_LIFETIME = 1800.0
 _SO_RCVBUFFORCE = 33  # Linux; needs CAP_NET_ADMIN, not exported by the socket module
 _META = ("_exporter", "_odid", "_template_id", "_options", "_export_time", "_sequence")
 
@@ -171,11 +181,27 @@ class Collector:
         rcvbuf: int = 8 << 20,
         extra_elements: Mapping[tuple[int, int], ElementInfo] | None = None,
         log_limit: int = 20,
+        max_sessions: int = 4096,
+        max_templates_per_session: int = 4096,
+        max_template_fields: int = 512,
+        max_template_bytes: int = 16 << 20,
+        template_lifetime: float | None = UDP_TEMPLATE_LIFETIME,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.listen = listen
         self.json_lines = json_lines
         self.output = output
-        self.decoder = Decoder(count_options=count_options, extra_elements=extra_elements)
+        self.decoder = Decoder(
+            count_options=count_options,
+            extra_elements=extra_elements,
+            max_sessions=max_sessions,
+            max_templates_per_session=max_templates_per_session,
+            max_template_fields=max_template_fields,
+            max_template_bytes=max_template_bytes,
+            template_lifetime=template_lifetime,
+            withdrawals=False,
+        )
+        self.clock = clock
         self.records: deque[DataRecord] = deque(maxlen=keep)
         self.gaps: deque[SequenceGap] = deque(maxlen=keep)
         self.malformed: deque[Malformed] = deque(maxlen=keep)
@@ -215,6 +241,7 @@ class Collector:
     def counters(self) -> dict[str, int]:
         """Flat totals: decoder counters plus datagrams, octets, socket and internal errors.
 
+        ``template_bytes`` is a gauge, what the templates held are charged against the budget.
         ``socket_drops`` (datagrams the kernel dropped on this socket, Linux only) is present
         while the socket is open.
         """
@@ -222,6 +249,7 @@ class Collector:
             "datagrams": self.datagrams,
             "octets": self.octets,
             **self.decoder.stats.as_dict(),
+            "template_bytes": self.decoder.template_bytes,
             "socket_errors": self.socket_errors,
             "internal_errors": self.internal_errors,
         }
@@ -321,7 +349,7 @@ class Collector:
         self.datagrams += 1
         self.octets += len(data)
         try:
-            res = self.decoder.feed(data, format_exporter(addr))
+            res = self.decoder.feed(data, format_exporter(addr), now=self.clock())
             self._emit(res)
         except Exception as exc:
             self.internal_errors += 1
@@ -365,6 +393,18 @@ class Collector:
                     reason=bad.reason,
                     detail=bad.detail,
                     total_malformed=self.stats.malformed,
+                )
+        for hit in res.limits:
+            if self._should_log("limit:" + hit.limit, 1):
+                self.log.warning(
+                    "decoder limit hit",
+                    limit=hit.limit,
+                    setting=getattr(self.decoder, hit.limit),
+                    exporter=hit.exporter,
+                    odid=hit.odid,
+                    dropped=hit.dropped,
+                    counter=hit.counter,
+                    total=getattr(self.stats, hit.counter),
                 )
         for unk in res.unknown_sets:
             if self._should_log("unknown", self.log_limit):

@@ -9,9 +9,11 @@ NTP timestamps, sequence wrap), and hypothesis-generated garbage or mutations of
 
 from __future__ import annotations
 
+import gc
 import math
 import struct
 import time
+import tracemalloc
 from datetime import datetime, timedelta
 from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
@@ -563,7 +565,7 @@ def test_malformed_input_is_counted_with_a_reason_and_decoding_continues(case: s
 def test_absurd_templates_cost_time_linear_in_input() -> None:
     # 16,000 one-octet fields in one template, then a message of three 16,000-octet records
     t = struct.pack("!HH", 256, 16000) + fs(4, 1) * 16000
-    dec = Decoder()
+    dec = Decoder(max_template_fields=16000)
     start = time.perf_counter()
     dec.feed(msg(iset(2, t)), "e")
     res = dec.feed(msg(iset(256, b"\1" * 48000)), "e")
@@ -701,3 +703,187 @@ def test_sessions_are_bounded() -> None:
     for odid in (1, 2, 1, 3):
         dec.feed(msg(iset(2, trec(256, fs(8, 4))), odid=odid), "e")
     assert dec.sessions() == [("e", 1), ("e", 3)] and dec.stats.sessions_evicted == 1
+
+
+# --- bounded template state --------------------------------------------------------------------
+
+SRC = IPv4Address("1.1.1.1").packed
+
+
+def wide(tid: int, n: int) -> bytes:
+    """A template of ``n`` one-octet elements the registry does not know: the costliest kind to hold."""
+    return trec(tid, *(fs(1000 + i, 1) for i in range(n)))
+
+
+def one_template_cost(nfields: int = 1) -> int:
+    probe = Decoder()
+    probe.feed(msg(iset(2, wide(256, nfields))), "probe")
+    cost: int = probe.template_bytes
+    assert cost > 0
+    return cost
+
+
+def test_templates_per_session_are_bounded_and_redefinitions_still_accepted() -> None:
+    dec = Decoder()
+    res = dec.feed(msg(iset(2, *(trec(tid, fs(8, 4)) for tid in range(256, 256 + 4100)))), "e")
+    assert len(dec.templates("e", 1)) == 4096
+    assert dec.stats.templates_refused == dec.stats.templates_refused_session == 4
+    assert [(h.limit, h.counter) for h in res.limits] == [
+        ("max_templates_per_session", "templates_refused_session")
+    ] * 4
+    assert "4352" in res.limits[0].dropped and not res.malformed
+    assert dec.feed(msg(iset(2, trec(256, fs(8, 4))), odid=2), "e").limits == []  # another session, its own allowance
+
+    small = Decoder(max_templates_per_session=2)
+    small.feed(msg(iset(2, trec(256, fs(8, 4)), trec(257, fs(8, 4)), trec(258, fs(8, 4)))), "e")
+    assert set(small.templates("e", 1)) == {256, 257}
+    res = small.feed(msg(iset(2, trec(257, fs(7, 2)), trec(258, fs(8, 4))), iset(257, u(80, 2)), iset(258, SRC)), "e")
+    assert [r.fields for r in res.records] == [{"sourceTransportPort": 80}]  # the redefinition was accepted
+    assert len(res.unknown_sets) == 1 and small.stats.templates_refused_session == 2
+    small.feed(msg(iset(2, trec(256), trec(258, fs(8, 4)))), "e")  # a withdrawal makes room
+    assert set(small.templates("e", 1)) == {257, 258}
+
+
+def test_fields_per_template_are_bounded_and_the_set_continues() -> None:
+    dec = Decoder()
+    res = dec.feed(msg(iset(2, wide(256, 513), wide(257, 512), trec(258, fs(8, 4))), iset(258, SRC)), "e")
+    assert set(dec.templates("e", 1)) == {257, 258}
+    assert [r.fields for r in res.records] == [{"sourceIPv4Address": "1.1.1.1"}]
+    assert dec.stats.templates_refused_fields == dec.stats.templates_refused == 1 and not res.malformed
+    ((hit),) = res.limits
+    assert (hit.exporter, hit.odid, hit.limit) == ("e", 1, "max_template_fields") and "513" in hit.dropped
+    # a redefinition over the limit also removes the earlier definition: no data decoded with a stale layout
+    res = dec.feed(msg(iset(2, trec(258, *[fs(8, 4)] * 513)), iset(258, SRC), seq=1), "e")
+    assert not res.records and len(res.unknown_sets) == 1 and 258 not in dec.templates("e", 1)
+    assert dec.template_bytes == one_template_cost(512)
+    # a refused template's field list is still checked against its set
+    res = Decoder(max_template_fields=1).feed(msg(iset(2, struct.pack("!HH", 256, 2) + fs(1, 8, 29305))), "e")
+    assert [m.reason for m in res.malformed] == ["template overruns set"] and not res.limits
+
+
+def test_template_memory_budget_is_decoder_wide_and_given_back() -> None:
+    unit = one_template_cost(10)
+    dec = Decoder(max_template_bytes=3 * unit)
+    dec.feed(msg(iset(2, wide(256, 10), wide(257, 10))), "a")
+    res = dec.feed(msg(iset(2, wide(256, 10), wide(257, 10))), "b")  # the budget spans sessions
+    assert set(dec.templates("b", 1)) == {256}
+    assert dec.template_bytes == 3 * unit and dec.stats.templates_refused_budget == dec.stats.templates_refused == 1
+    assert [(h.exporter, h.limit, h.counter) for h in res.limits] == [
+        ("b", "max_template_bytes", "templates_refused_budget")
+    ]
+    dec.feed(msg(iset(2, wide(256, 10))), "a")  # a refresh costs nothing
+    assert dec.template_bytes == 3 * unit and dec.stats.templates_refused == 1
+    dec.feed(msg(iset(2, trec(256))), "a")  # a withdrawal gives its share back
+    assert dec.template_bytes == 2 * unit
+    dec.feed(msg(iset(2, wide(257, 10))), "b")
+    assert set(dec.templates("b", 1)) == {256, 257} and dec.template_bytes == 3 * unit
+    # a redefinition pays only the difference; one that does not fit drops the old definition too
+    dec.feed(msg(iset(2, wide(257, 5))), "b")
+    assert dec.template_bytes < 3 * unit and len(dec.templates("b", 1)[257].fields) == 5
+    dec.feed(msg(iset(2, wide(257, 400))), "b")
+    assert 257 not in dec.templates("b", 1) and dec.template_bytes == 2 * unit
+    assert dec.stats.templates_refused_budget == 2
+
+
+def test_session_eviction_gives_back_template_memory_and_is_reported() -> None:
+    dec = Decoder(max_sessions=2)
+    t = iset(2, trec(256, fs(8, 4)), trec(257, fs(8, 4)))
+    dec.feed(msg(t, odid=1), "a")
+    dec.feed(msg(t, odid=2), "a")
+    held = dec.template_bytes
+    res = dec.feed(msg(t, odid=3), "b")
+    assert dec.template_bytes == held and dec.sessions() == [("a", 2), ("b", 3)]
+    ((hit),) = res.limits
+    assert (hit.exporter, hit.odid, hit.limit, hit.counter) == ("a", 1, "max_sessions", "sessions_evicted")
+    assert "2 templates" in hit.dropped
+    dec.feed(msg(iset(256, SRC), odid=4), "c")  # a session with no templates pushes one out too
+    assert dec.template_bytes == held // 2 and dec.stats.sessions_evicted == 2
+
+
+def test_templates_expire_when_not_refreshed_within_the_lifetime() -> None:
+    dec = Decoder(template_lifetime=100)
+    tmpl = iset(2, trec(256, fs(8, 4)))
+    data = iset(256, SRC)
+    dec.feed(msg(tmpl, data), "e", now=1000)
+    assert dec.feed(msg(data, seq=1), "e", now=1090).records
+    dec.feed(msg(tmpl, seq=2), "e", now=1090)  # refreshed
+    assert dec.feed(msg(data, seq=2), "e", now=1180).records
+    assert dec.feed(msg(data, seq=3), "e").records  # no clock: time stands still
+    res = dec.feed(msg(data, seq=4), "e", now=1191)
+    assert not res.records and len(res.unknown_sets) == 1 and dec.stats.unknown_template_sets == 1
+    assert dec.templates("e", 1) == {} and dec.template_bytes == 0 and dec.stats.templates_expired == 1
+    assert [(h.exporter, h.limit, h.counter) for h in res.limits] == [("e", "template_lifetime", "templates_expired")]
+    # expiry is decoder-wide: a silent exporter's templates go while another one is fed
+    dec.feed(msg(tmpl), "quiet", now=2000)
+    dec.feed(msg(tmpl), "busy", now=1500)  # a clock going back is taken as standing still
+    dec.feed(msg(data), "busy", now=2101)
+    assert dec.templates("quiet", 1) == {} and dec.templates("busy", 1) == {} and dec.stats.templates_expired == 3
+    # without a lifetime (the default, right for streams) nothing expires whatever the clock says
+    forever = Decoder()
+    forever.feed(msg(tmpl), "e", now=0)
+    assert forever.feed(msg(data), "e", now=1e9).records and forever.stats.templates_expired == 0
+
+
+def test_withdrawals_can_be_ignored_as_udp_requires() -> None:
+    dec = Decoder(withdrawals=False)
+    dec.feed(msg(iset(2, FLOW_T), iset(3, otrec(300, 1, fs(149, 4), fs(41, 8)))), "e")
+    res = dec.feed(
+        msg(
+            iset(2, trec(256), trec(2)),
+            iset(3, struct.pack("!HHH", 300, 0, 0)),
+            iset(256, flow_rec("1.1.1.1", "2.2.2.2", 1, 1, 1)),
+        ),
+        "e",
+    )
+    assert set(dec.templates("e", 1)) == {256, 300} and len(res.records) == 1
+    assert dec.stats.withdrawals_ignored == 3 and dec.stats.templates_withdrawn == 0 and not res.malformed
+    assert {(h.limit, h.counter) for h in res.limits} == {("withdrawals", "withdrawals_ignored")}
+    assert [m.reason for m in dec.feed(msg(iset(2, trec(17))), "e").malformed] == ["bad template id"]
+
+
+@FUZZ
+@given(st.lists(st.tuples(mutated(), st.integers(0, 3), st.floats(0, 8)), min_size=1, max_size=5), st.booleans())
+def test_tight_limits_hold_and_the_accounting_stays_exact(feeds: list[tuple[bytes, int, float]], udp: bool) -> None:
+    from collectors.decoder import template_cost  # here, so the other tests run (and fail) on a decoder without it
+
+    dec = Decoder(
+        max_sessions=2,
+        max_templates_per_session=2,
+        max_template_fields=3,
+        max_template_bytes=2 * template_cost(3),
+        template_lifetime=10 if udp else None,
+        withdrawals=not udp,
+    )
+    now = 0.0
+    for data, exporter, step in feeds:
+        now += step
+        dec.feed(VALID, f"e{exporter}", now=now)
+        dec.feed(data, f"e{exporter}", now=now)
+        held = [t for key in dec.sessions() for t in dec.templates(*key).values()]
+        assert dec.template_bytes == sum(template_cost(len(t.fields)) for t in held) <= dec.max_template_bytes
+        assert all(len(t.fields) <= 3 for t in held) and len(dec.sessions()) <= 2
+        assert all(len(dec.templates(*key)) <= 2 for key in dec.sessions())
+    s = dec.stats
+    assert s.templates_refused == s.templates_refused_session + s.templates_refused_fields + s.templates_refused_budget
+
+
+def test_template_flood_memory_stays_within_the_budget() -> None:
+    """20 datagrams of 62 KB, each 31 templates of 512 unknown one-octet elements (~95 MB without limits)."""
+    grams = [msg(iset(2, *(wide(256 + 31 * g + i, 512) for i in range(31)))) for g in range(20)]
+    assert all(63_000 < len(g) <= 65_507 for g in grams)  # fits a UDP datagram
+    dec = Decoder()
+    dec.feed(GOOD, "warm-up")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for g in grams:
+            dec.feed(g, "attacker")
+        gc.collect()
+        growth = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert growth < 20_000_000, f"{growth / 1e6:.1f} MB"
+    assert dec.template_bytes <= dec.max_template_bytes == 16 << 20
+    assert growth <= dec.template_bytes  # the accounting is an upper bound of what the templates hold
+    assert dec.stats.templates_refused_budget > 0

@@ -309,6 +309,74 @@ def test_helpers() -> None:
     assert record_text(rec) == "e odid=1 tid=300 sourceIPv4Address=1.2.3.4"
 
 
+def one_field(tid: int, n: int = 1) -> bytes:
+    return struct.pack("!HH", tid, n) + struct.pack("!HH", 8, 4) * n
+
+
+def test_each_decoder_limit_is_counted_and_logged_once() -> None:
+    log = ListLog()
+    now = [0.0]
+    probe = Collector(log=ListLog())
+    probe.decoder.feed(hand_message(0, hand_set(2, one_field(300))), "probe")
+    unit = probe.decoder.template_bytes
+
+    async def scenario() -> tuple[Collector, str]:
+        async with Collector(
+            ("127.0.0.1", 0),
+            log=log,
+            max_sessions=2,
+            max_templates_per_session=2,
+            max_template_fields=3,
+            max_template_bytes=3 * unit,
+            template_lifetime=10,
+            clock=lambda: now[0],
+        ) as c:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                steps = [
+                    (0, hand_message(0, hand_set(2, b"".join(one_field(t) for t in (300, 301, 302, 303))))),
+                    (0, hand_message(0, hand_set(2, one_field(310, 4) + one_field(311, 4)))),
+                    (0, hand_message(0, hand_set(2, struct.pack("!HHHH", 300, 0, 301, 0)))),  # UDP: not withdrawn
+                    (0, hand_message(0, hand_set(2, b"".join(one_field(t) for t in (300, 301, 302))), odid=2)),
+                    (0, hand_message(0, hand_set(2, one_field(300)), odid=3)),  # pushes session 1 out
+                    (100, hand_message(0, odid=3)),  # sessions 2 and 3 see their templates expire
+                    (100, hand_message(0, odid=4)),  # pushes session 2 out
+                ]
+                for n, (t, d) in enumerate(steps, 1):
+                    now[0] = t
+                    s.sendto(d, ("127.0.0.1", c.port))
+                    assert await c.wait_until(lambda c, n=n: c.datagrams == n, timeout=5)
+                return c, f"127.0.0.1:{s.getsockname()[1]}"
+
+    c, exporter = arun(scenario())
+    want = {
+        "templates_refused_session": 2,
+        "templates_refused_fields": 2,
+        "withdrawals_ignored": 2,
+        "templates_refused_budget": 2,
+        "sessions_evicted": 2,
+        "templates_expired": 2,
+        "templates_refused": 6,
+        "template_bytes": 0,
+    }
+    summary = c.summary()
+    assert {k: summary[k] for k in want} == want and summary["malformed"] == 0
+    hits = log.events("decoder limit hit")
+    assert sorted(h["limit"] for h in hits) == [
+        "max_sessions",
+        "max_template_bytes",
+        "max_template_fields",
+        "max_templates_per_session",
+        "template_lifetime",
+        "withdrawals",
+    ]
+    assert all(h["exporter"] == exporter and h["dropped"] for h in hits)
+    by_limit = {h["limit"]: h for h in hits}
+    assert by_limit["max_templates_per_session"]["setting"] == 2 and by_limit["max_template_fields"]["odid"] == 1
+    assert "302" in by_limit["max_templates_per_session"]["dropped"] and by_limit["template_lifetime"]["odid"] == 2
+    assert by_limit["max_sessions"]["odid"] == 1
+    assert by_limit["max_template_bytes"]["counter"] == "templates_refused_budget"
+
+
 # --- CLI ---------------------------------------------------------------------------------------
 
 BAD_LISTEN = ["nonsense", "127.0.0.1", "127.0.0.1:http", "127.0.0.1:70000", "::1:4739", "[::1"]
@@ -321,6 +389,15 @@ def test_cli_bad_listen_is_one_line_and_exit_2(value: str, capsys: pytest.Captur
     assert out == ""
     assert err.count("\n") == 1 and err.startswith("xdpflow collect: error: ") and value in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("--template-lifetime", "-1"), ("--template-lifetime", "inf"), ("--max-template-bytes", "0")]
+)
+def test_cli_bad_limits_are_one_line_and_exit_2(option: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["collect", "--listen", "127.0.0.1:0", option, value, "--exit-after-seconds", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"xdpflow collect: error: {option} ")
 
 
 def test_cli_port_in_use_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
