@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import os
 import random
@@ -139,6 +140,7 @@ class SenderStats:
     connect_failures: int = 0  # resolve or connect attempts that failed, handshakes included
     handshake_failures: int = 0  # TLS only
     template_messages: int = 0  # on_connect messages written
+    refusals: int = 0  # UDP: ICMP refusals seen (ECONNREFUSED); each belongs to an earlier datagram
 
     @property
     def records_not_sent(self) -> int:
@@ -161,6 +163,17 @@ class Sender(Protocol):
 
     @property
     def connected(self) -> bool: ...
+
+    @property
+    def local_address(self) -> str | None:
+        """The source address of the session (exporterIPv4/IPv6Address), None while not connected."""
+        ...
+
+
+def _sockname_address(name: object) -> str | None:
+    if isinstance(name, tuple) and name and isinstance(name[0], str):
+        return name[0].partition("%")[0]  # an IPv6 link-local address names its scope
+    return None
 
 
 def _record_counts(messages: Sequence[bytes], records: Sequence[int] | None) -> Sequence[int]:
@@ -218,8 +231,13 @@ class _DatagramProtocol(asyncio.DatagramProtocol):
         self.sender.note_error(exc)
 
 
-def send_datagrams(sock: socket.socket, datagrams: Sequence[bytes], segment: bool = True) -> list[tuple[int, OSError]]:
+def send_datagrams(sock: socket.socket, datagrams: Sequence[bytes], segment: bool = True,
+                   refused: list[int] | None = None) -> list[tuple[int, OSError]]:
     """Send each datagram on a connected, non-blocking socket; (index, error) of each that failed.
+
+    ECONNREFUSED on a connected UDP socket is the ICMP answer to an earlier datagram, reported on
+    the next send, which the kernel then refuses whole: that datagram is sent again, once, and
+    fails only if the retry does; `refused` collects the index of each such refusal.
 
     With the compiled core built and `segment`, runs of equal-length datagrams go as one UDP GSO
     send each (the kernel cuts them into the same datagrams); a refusal is reported for the
@@ -236,13 +254,27 @@ def send_datagrams(sock: socket.socket, datagrams: Sequence[bytes], segment: boo
             nxt, err = core.module().send(sock.fileno(), batch, start, segment)
             if nxt >= len(batch):
                 break
+            segment = False   # refused once: the rest one a send, so each refusal is seen
+            if err == errno.ECONNREFUSED:
+                if refused is not None:
+                    refused.append(nxt)
+                again, err = core.module().send(sock.fileno(), batch[nxt:nxt + 1], 0, False)
+                if again:
+                    start = nxt + 1
+                    continue
             failures.append((nxt, OSError(err, os.strerror(err))))
             start = nxt + 1
-            segment = False   # refused once: the rest one a send, so each refusal is seen
         return failures
     for i, d in enumerate(datagrams):
         try:
             sock.send(d)
+        except ConnectionRefusedError as e:
+            if refused is not None:
+                refused.append(i)
+            try:
+                sock.send(d)
+            except OSError:
+                failures.append((i, e))
         except OSError as e:
             failures.append((i, e))
     return failures
@@ -323,11 +355,25 @@ class UdpSender:
         old, self._addr = self._addr, same_family[0]
         log.info("collector address changed", collector=str(self.endpoint), old=str(old[0]),
                  new=str(self._addr[0]))
+        if self.on_connect is not None:
+            # Another collector (or another instance of it): it has never seen our templates.
+            self.send([self.on_connect()], [0])
+            self.stats.template_messages += 1
 
     @property
     def local_port(self) -> int:
         assert self._transport is not None
         return int(self._transport.get_extra_info("sockname")[1])
+
+    @property
+    def local_address(self) -> str | None:
+        # Read from the socket every time: a new route or collector address may change it.
+        if self._sock is None:
+            return None
+        try:
+            return _sockname_address(self._sock.getsockname())
+        except OSError:
+            return None
 
     @property
     def queue_depth(self) -> int:
@@ -366,7 +412,11 @@ class UdpSender:
         # the kernel refuses the next send (ECONNREFUSED) and transmits nothing; the
         # transport would report that through a callback and the message would count as sent.
         # Segmented sends only while the collector answers: once it refuses, one send a datagram.
-        failures = send_datagrams(self._sock, messages, segment=not self._failing)
+        refused: list[int] = []
+        failures = send_datagrams(self._sock, messages, segment=not self._failing, refused=refused)
+        for _ in refused:
+            self.stats.refusals += 1
+            self.note_error(ConnectionRefusedError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED)))
         failed: list[bytes] = []
         for i, e in failures:
             self.note_error(e)
@@ -638,6 +688,13 @@ class TcpSender:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def local_address(self) -> str | None:
+        link = self._link
+        if link is None or link.transport is None:
+            return None
+        return _sockname_address(link.transport.get_extra_info("sockname"))
 
     @property
     def queue_bytes(self) -> int:

@@ -31,6 +31,16 @@ def _quiet_logs() -> Iterator[None]:
         yield
 
 
+def drain(sock: socket.socket, quiet: float) -> list[bytes]:
+    """Every datagram until none came for `quiet` seconds."""
+    sock.settimeout(quiet)
+    got = []
+    with contextlib.suppress(TimeoutError):
+        while True:
+            got.append(sock.recv(100))
+    return got
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("127.0.0.1:4739", Endpoint("udp", "127.0.0.1", 4739)),
     ("collector.example", Endpoint("udp", "collector.example", 4739)),
@@ -203,6 +213,54 @@ def test_udp_sender_follows_a_collector_name_that_moves() -> None:
     assert events == ["collector address changed", "collector name no longer resolves, sending to its last address",
                       "collector name resolves again"]
     assert errors == 0
+
+
+def test_a_collector_name_that_moves_gets_the_templates_first() -> None:
+    """The new address may be another collector: it knows none of our templates."""
+    async def go() -> list[bytes]:
+        one = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        one.bind(("127.0.0.1", 0))
+        port = one.getsockname()[1]
+        two = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        two.bind(("127.0.0.2", port))
+        sender = _Moving(Endpoint("udp", "collector.test", port), resolve_every=3600, on_connect=lambda: b"T")
+        sender.answers = ["127.0.0.1"]
+        await sender.open()
+        sender.send([b"a"])
+        sender.answers = ["127.0.0.2"]
+        await sender.resolve_again()
+        sender.send([b"b"])
+        await sender.close()
+        got = drain(two, 0.3)
+        one.close()
+        two.close()
+        return got
+
+    assert asyncio.run(go()) == [b"T", b"b"]
+
+
+def test_a_refusal_of_an_earlier_datagram_does_not_fail_the_current_one() -> None:
+    """ECONNREFUSED on a connected UDP socket answers an earlier datagram: the one being sent is sent
+    again, and reaches a collector that has come up meanwhile."""
+    async def go() -> tuple[list[bytes], int, int, int]:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        lost: list[bytes] = []
+        sender = await UdpSender(parse_endpoint(f"127.0.0.1:{port}"), on_not_sent=lost.extend).open()
+        sender.send([b"into the void"], [1])      # nobody listens: ICMP port unreachable comes back
+        rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        rx.bind(("127.0.0.1", port))               # the collector comes up before the next send
+        sender.send([b"delivered"], [2])           # the kernel reports the old refusal here
+        got = drain(rx, 0.5)
+        rx.close()
+        await sender.close()
+        return got, sender.stats.refusals, sender.stats.records_failed, len(lost)
+
+    got, refusals, failed, lost = asyncio.run(go())
+    assert got == [b"delivered"]
+    assert refusals == 1 and failed == 0 and lost == 0
 
 
 def test_udp_sender_does_not_follow_an_address() -> None:
