@@ -255,3 +255,33 @@ def finish(records: Records) -> Records:
         records[p + "first_ms"][empty] = 0
         records[p + "min_ttl"][empty] = 0
     return records
+
+
+def split_one_sided(records: Records) -> tuple[Records, Records]:
+    """Exported biflows as (those with both sides, the others as uniflow FLOW_RECORDs).
+
+    A biflow whose reverse (or forward) side saw no packet is a uniflow: sent under the
+    uniflow templates it carries no reverse fields at all, rather than zeros that a collector
+    reads as a reverse flow at 1970-01-01.
+    """
+    fwd_only = records["r_packets"] == 0
+    rev_only = (records["packets"] == 0) & ~fwd_only
+    if not (fwd_only.any() or rev_only.any()):
+        return records, np.zeros(0, dtype=FLOW_RECORD)
+    both = records[~(fwd_only | rev_only)]
+    fwd, rev = records[fwd_only], records[rev_only]
+    uni = np.zeros(len(fwd) + len(rev), dtype=FLOW_RECORD)
+    head, tail = uni[:len(fwd)], uni[len(fwd):]
+    for part, src, prefix in ((head, fwd, ""), (tail, rev, "r_")):
+        for name in FLOW_KEY.names or ():
+            part[name] = src[name]
+        for name in DIRECTION_FIELDS:
+            part[name] = src[prefix + name]
+        part["end_reason"] = src["end_reason"]
+    head["ifindex"], head["direction"] = fwd["fwd_ifindex"], fwd["fwd_direction"]
+    tail["ifindex"], tail["direction"] = rev["rev_ifindex"], rev["rev_direction"]
+    # The reverse side's own key: the biflow key reversed as pairing_keys() reverses a uniflow's.
+    _, reversed_keys = pairing_keys(tail, per_interface=True)
+    for name in ("src_addr", "dst_addr", "src_port", "dst_port"):
+        tail[name] = reversed_keys[name]
+    return both, uni

@@ -312,7 +312,9 @@ class Config:
                                        "--collector", "-c", "URL")
     observation_domain: int = _key(0, _int_range(0, 0xFFFFFFFF), "IPFIX observation domain id", EXPORT,
                                    metavar="N")
-    mtu: int = _key(1400, _int_range(512, 65535), "largest IPFIX message in bytes", EXPORT, metavar="N")
+    mtu: int = _key(1400, _int_range(512, 65535),
+                    "largest IPFIX message in bytes: at least the templates and a record need (534, biflow "
+                    "908), at most one UDP datagram's payload (65507 IPv4, 65527 IPv6)", EXPORT, metavar="N")
     template_refresh: float = _key(60.0, _seconds, "re-send templates at least this often (seconds)", EXPORT,
                                    metavar="S")
     template_refresh_messages: int = _key(100, _int_range(1, None), "... or every N messages", EXPORT, metavar="N")
@@ -527,6 +529,8 @@ def resolve(flags: Mapping[str, object] | None = None, *, config_path: str | Non
     if good("scan_interval", "idle_timeout") and values["scan_interval"] > values["idle_timeout"]:
         errors.append(cross("scan_interval", "idle_timeout", "longer than",
                             "scan_interval must be <= idle_timeout, or idle flows end late"))
+    if good("mtu", "biflow", "collectors"):
+        errors += _mtu_problems(values, sources)
     if good("tls_cert", "tls_key") and (values["tls_cert"] is None) != (values["tls_key"] is None):
         given, missing = ("tls_cert", "tls_key") if values["tls_cert"] else ("tls_key", "tls_cert")
         errors.append(_line(given, values[given], sources[given], f"needs {missing} as well"))
@@ -538,6 +542,28 @@ def resolve(flags: Mapping[str, object] | None = None, *, config_path: str | Non
     if errors:
         raise ConfigError(errors)
     return Loaded(Config(**values), path, sources)
+
+
+def _mtu_problems(values: dict[str, Any], sources: dict[str, str]) -> list[str]:
+    """The MTU against what the messages must hold (every template and a record) and what UDP carries."""
+    from exporter.ipfix.encoder import encoder_minimum_mtu, max_mtu
+
+    mtu = values["mtu"]
+    least = encoder_minimum_mtu(values["biflow"])
+    if mtu < least:
+        kind = "biflow templates" if values["biflow"] else "templates"
+        return [_line("mtu", mtu, sources["mtu"], f"at least {least}: a message must hold the header, every one "
+                      f"of the {kind} and one record")]
+    for url in values["collectors"]:
+        ep = parse_endpoint(url)
+        if ep.scheme != "udp":
+            continue
+        # A name may resolve to IPv4: only a literal IPv6 address is allowed IPv6's larger payload.
+        family = 6 if ":" in ep.host else 4
+        if mtu > (most := max_mtu(family)):
+            return [_line("mtu", mtu, sources["mtu"],
+                          f"at most {most} for {url}: the largest UDP payload over IPv{family}")]
+    return []
 
 
 def _system_problems(values: dict[str, Any], sources: dict[str, str], good: Callable[..., bool]) -> list[str]:

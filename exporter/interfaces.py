@@ -31,6 +31,16 @@ def present() -> dict[str, int]:
     return {name: idx for idx, name in socket.if_nameindex()}
 
 
+def alias(ifname: str) -> str:
+    """The link's alias (`ip link set IF alias TEXT`, SNMP ifAlias), "" when it has none or it can't be read."""
+    try:
+        with open(f"/sys/class/net/{ifname}/ifalias", "rb") as f:
+            raw = f.read().strip()[:256]  # IFALIASZ: the kernel holds no more
+    except OSError:
+        return ""
+    return raw.decode("utf-8", "ignore")
+
+
 def matching(patterns: Iterable[str], links: dict[str, int]) -> dict[str, int]:
     pats = list(patterns)
     return {name: idx for name, idx in links.items()

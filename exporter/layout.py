@@ -85,6 +85,7 @@ FLOW_STATS = np.dtype([
     ("sampled_out", "<u8"),
     ("sampled_out_octets", "<u8"),
     ("flows_denied", "<u8"),
+    ("parse_failure_octets", "<u8"),
 ])
 
 CONTROL = np.dtype([

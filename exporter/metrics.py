@@ -27,6 +27,7 @@ KERNEL_COUNTERS = {
     "octets": "IP octets metered (observed)",
     "flows_created": "Flow entries created in the kernel",
     "parse_failures": "Malformed or truncated frames passed without metering",
+    "parse_failure_octets": "Octets of the malformed frames, from the network header on",
     "non_ip": "Frames that are not IPv4/IPv6",
     "insert_failures": "Metered packets no flow page could hold",
     "insert_failure_octets": "Octets of metered packets no flow page could hold",

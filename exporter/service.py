@@ -11,6 +11,7 @@ expired with flowEndReason 4 (forced end), exported, and the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 import time
@@ -26,9 +27,10 @@ from exporter.biflow import BiflowTable
 from exporter.core import CoreTable
 from exporter.drain import Drained, Pages
 from exporter.flowtable import FlowTable, retime
-from exporter.interfaces import LinkWatcher, is_glob, matching, present
+from exporter.interfaces import LinkWatcher, alias, is_glob, matching, present
 from exporter.ipfix import Encoder, ExporterState
 from exporter.ipfix.encoder import FlowTotals
+from exporter.ipfix.options import Interface
 from exporter.kstats import DropWarning, KernelStats
 from exporter.merge import clock_offset_ns, merge
 from exporter.metrics import Metrics, parse_listen
@@ -85,10 +87,26 @@ class Export:
     encoder: Encoder
     sender: Sender
     not_sent: FlowTotals = field(default_factory=FlowTotals)
+    not_sent_first_ms: int = 0   # when the first and the latest flow record were lost (0: none yet)
+    not_sent_last_ms: int = 0
 
     def lost(self, messages: Sequence[bytes]) -> None:
+        before = self.not_sent.flows
         for m in messages:
             self.not_sent += self.encoder.flow_totals(m)
+        if self.not_sent.flows > before:
+            self.not_sent_last_ms = time.time_ns() // 1_000_000
+            self.not_sent_first_ms = self.not_sent_first_ms or self.not_sent_last_ms
+
+    def follow_source_address(self) -> None:
+        """exporterIPv4/IPv6Address: the session's source address, as the socket has it now."""
+        address = self.sender.local_address
+        if address is not None:
+            self.encoder.set_exporter_address(address)
+
+
+# The kernel's per-page counters (struct flow_stats) the options records total up.
+SELECTION_COUNTERS = ("frames", "non_ip", "filtered", "sampled_out", "parse_failures", "parse_failure_octets")
 
 
 @dataclass
@@ -104,15 +122,21 @@ class ScanResult:
     drained_octets: int = 0
     flows_created: int = 0      # slots the drained pages' interval needed (taken + denied)
     ended: list[Records] = field(default_factory=list)   # the numpy tables: what their update ended
+    kernel: dict[str, int] = field(default_factory=dict)  # SELECTION_COUNTERS for the same interval
 
     @property
-    def ignored_packets(self) -> int:
+    def lost_packets(self) -> int:
         """Metered but in no slot: the page ran out of slots (exact: same interval)."""
         return self.observed_packets - self.drained_packets
 
     @property
+    def ignored_packets(self) -> int:
+        """Selected but in no record (ignoredPacketTotalCount): no slot, or a malformed IP header."""
+        return self.lost_packets + self.kernel.get("parse_failures", 0)
+
+    @property
     def ignored_octets(self) -> int:
-        return self.observed_octets - self.drained_octets
+        return self.observed_octets - self.drained_octets + self.kernel.get("parse_failure_octets", 0)
 
 
 @dataclass
@@ -129,7 +153,13 @@ class Exporter:
     observed_octets: int = 0
     ignored_packets: int = 0
     ignored_octets: int = 0
+    ignored_first_ms: int = 0   # the scan intervals the first and the latest ignored packet fell in
+    ignored_last_ms: int = 0
+    selection: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SELECTION_COUNTERS, 0))
+    interfaces: tuple[Interface, ...] = ()   # what template 264 names: the metered ifindexes
     started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+    _interval_start_ms: int = 0
+    _sessions: int = 0
     _last_capacity_warning: float = float("-inf")
     _lost_since_warning: int = 0
     _peak_created: int = 0
@@ -208,6 +238,8 @@ class Exporter:
             if self.cfg.egress:
                 self._attach_egress(dp, links)
             self.kstats.sync({a.ifname: a.ifindex for a in dp.attachments})
+            self.interfaces = tuple(Interface(a.ifindex, a.ifname, alias(a.ifname))
+                                    for a in sorted(dp.attachments, key=lambda a: a.ifindex))
             self._refresh_iface_rules(links)
 
     def _attach_egress(self, dp: Datapath, links: dict[str, int]) -> None:
@@ -263,6 +295,8 @@ class Exporter:
             res.drained_packets += packets
             res.drained_octets += octets
             res.flows_created += d.stats["flows_created"] + d.stats["flows_denied"]
+            for name in SELECTION_COUNTERS:
+                res.kernel[name] = res.kernel.get(name, 0) + d.stats[name]
         if shutdown and not isinstance(table, CoreTable):
             res.ended.append(table.expire_all(END_FORCED))
         res.seconds = time.perf_counter() - t0
@@ -297,14 +331,13 @@ class Exporter:
         drains = await asyncio.to_thread(self._drain, shutdown)
         now = time.time()
         res = await asyncio.to_thread(self._scan, drains, now, shutdown)
-        self.observed_packets += res.observed_packets
-        self.observed_octets += res.observed_octets
-        self.ignored_packets += res.ignored_packets
-        self.ignored_octets += res.ignored_octets
+        self._total_up(res, int(now * 1000))
         sent = 0
         datagrams: list[bytes] = []
         # Options records ride with every scan (in its first messages), so collectors see the loss
         # accounting move with the data.
+        for ex in self.exports:
+            ex.follow_source_address()
         states = [self._state(ex) for ex in self.exports]
         chunks = self._ended(res, int(now * 1000), shutdown)
         chunk = next(chunks, None)
@@ -334,7 +367,7 @@ class Exporter:
             m = self.metrics
             m.scan_seconds.observe(time.perf_counter() - t0)
             m.records_exported.inc(res.exported)
-            m.ignored_packets.inc(max(0, res.ignored_packets))
+            m.ignored_packets.inc(max(0, res.lost_packets))
             m.active_flows.set(len(self.table) if self.table is not None else 0)
             if isinstance(self.table, BiflowTable):
                 m.biflow_reverse.inc(self.table.paired - self._paired_reported)
@@ -431,11 +464,26 @@ class Exporter:
                  collectors=[str(e.sender.endpoint) for e in self.exports], interfaces=list(new.interfaces),
                  changed=sorted(k for k in vars(new) if getattr(new, k) != getattr(old, k)))
 
+    def _total_up(self, res: ScanResult, now_ms: int) -> None:
+        """Add a scan's counters to the totals the options records carry; `now_ms`: the flip's time."""
+        self.observed_packets += res.observed_packets
+        self.observed_octets += res.observed_octets
+        self.ignored_packets += res.ignored_packets
+        self.ignored_octets += res.ignored_octets
+        for name, n in res.kernel.items():
+            self.selection[name] += n
+        start = self._interval_start_ms or self.started_ms
+        if res.ignored_packets > 0:
+            # The counters are per page: an ignored packet is known to lie in the page's interval only.
+            self.ignored_first_ms = self.ignored_first_ms or start
+            self.ignored_last_ms = now_ms
+        self._interval_start_ms = now_ms
+
     def _check_capacity(self, res: ScanResult) -> None:
         """Say, at most once a minute, that the kernel table is too small and what would fit."""
-        if res.ignored_packets <= 0:
+        if res.lost_packets <= 0:
             return
-        self._lost_since_warning += res.ignored_packets
+        self._lost_since_warning += res.lost_packets
         self._peak_created = max(self._peak_created, res.flows_created)
         now = time.monotonic()
         if now - self._last_capacity_warning < CAPACITY_WARNING_INTERVAL:
@@ -450,20 +498,37 @@ class Exporter:
         self._lost_since_warning = 0
         self._peak_created = 0
 
+    def selected(self) -> tuple[int, int, int]:
+        """selectorIdTotalPktsSelected after each selector: IP frames, the filter rules, the sampler."""
+        k = self.selection
+        ip = k["frames"] - k["non_ip"]
+        return ip, ip - k["filtered"], ip - k["filtered"] - k["sampled_out"]
+
     def _state(self, ex: Export) -> ExporterState:
         st = ex.sender.stats
+        dp = self.datapath
         return ExporterState(
             not_sent_flows=ex.not_sent.flows, not_sent_packets=ex.not_sent.packets,
-            not_sent_octets=ex.not_sent.octets, exported_messages=st.messages, exported_flows=st.records,
+            not_sent_octets=ex.not_sent.octets, not_sent_first_ms=ex.not_sent_first_ms,
+            not_sent_last_ms=ex.not_sent_last_ms, exported_messages=st.messages, exported_flows=st.records,
             exported_octets=st.octets, observed_packets=self.observed_packets, observed_octets=self.observed_octets,
             ignored_packets=max(0, self.ignored_packets), ignored_octets=max(0, self.ignored_octets),
+            ignored_first_ms=self.ignored_first_ms, ignored_last_ms=self.ignored_last_ms,
+            frames=self.selection["frames"], selected=self.selected(),
             active_timeout_s=self.cfg.active_timeout, idle_timeout_s=self.cfg.idle_timeout,
-            system_init_ms=self.started_ms, sampling_interval=self.cfg.sampling)
+            system_init_ms=self.started_ms, sampling_interval=self.cfg.sampling,
+            sampling_probability=dp.sampling_probability if dp is not None else 1.0,
+            interfaces=self.interfaces)
 
     def _encoder(self, cfg: RunConfig) -> Encoder:
+        # Each collector session is an Exporting Process of its own (RFC 7011 10): the pid tells this
+        # process's sessions from a restarted one's, the low byte numbers them.
+        self._sessions += 1
+        epid = ((os.getpid() << 8) | (self._sessions & 0xFF)) & 0xFFFFFFFF
         return Encoder(odid=cfg.observation_domain, mtu=cfg.mtu, template_refresh_s=cfg.template_refresh,
                        template_refresh_messages=cfg.template_refresh_messages,
-                       sequence_mode=cfg.sequence_mode, biflow=cfg.biflow)  # type: ignore[arg-type]
+                       sequence_mode=cfg.sequence_mode, biflow=cfg.biflow,  # type: ignore[arg-type]
+                       per_interface=cfg.egress, exporting_process_id=epid)
 
     @staticmethod
     def _flow_table(cfg: RunConfig) -> FlowTable | CoreTable:
@@ -480,8 +545,14 @@ class Exporter:
     async def _open_export(self, cfg: RunConfig, ep: Endpoint) -> Export:
         enc = self._encoder(cfg)
         holder: list[Export] = []
+
+        def on_connect() -> bytes:
+            if holder:  # a stream's new connection may come from another source address
+                holder[0].follow_source_address()
+            return enc.templates_message(time.time())
+
         sender = make_sender(
-            ep, on_connect=lambda: enc.templates_message(time.time()),
+            ep, on_connect=on_connect,
             on_not_sent=lambda msgs: holder[0].lost(msgs) if holder else None,
             options=StreamOptions(queue_messages=cfg.tcp_queue_size),
             tls=TlsOptions(cafile=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key,
@@ -489,6 +560,7 @@ class Exporter:
         export = Export(enc, sender)
         holder.append(export)
         await sender.open()
+        export.follow_source_address()
         if ep.scheme == "udp":  # streams send templates on each connection (on_connect) instead
             sender.send([enc.templates_message(time.time())], [0])
         return export

@@ -518,6 +518,11 @@ def sample_threshold(n: int) -> int:
     return min((1 << 32) - 1, round((1 << 32) / n))
 
 
+def sampling_probability(n: int) -> float:
+    """The probability the kernel meters a packet with under 1-in-`n` sampling (samplingProbability)."""
+    return 1.0 if n == 1 else sample_threshold(n) / (1 << 32)
+
+
 # -- reference semantics (tests hold the compiled tables and the kernel to these) --------------------
 
 @dataclass(frozen=True)

@@ -322,6 +322,7 @@ static __always_inline int parse(const void *data, const void *data_end, __u32 f
 	}
 	/* cur <= data_end <= data + frame_len: no underflow. */
 	__u32 room = frame_len - (__u32)(cur - (const __u8 *)data);
+	out->octets = room;  /* what a parse failure ignores; an IP header read replaces it */
 	if (proto == ETH_P_IP_)
 		return parse_ipv4(key, out, cur, data_end, room);
 	if (proto == ETH_P_IPV6_)
@@ -470,12 +471,14 @@ static __always_inline int begin(struct run *r)
 }
 
 /* Count a frame the parse did not meter (rc FAIL or NOT_IP); segs: the frames on the wire it stands for. */
-static __always_inline void not_metered(struct flow_stats *st, int rc, __u32 segs)
+static __always_inline void not_metered(struct flow_stats *st, int rc, __u32 segs, const struct parsed *p)
 {
-	if (rc == FAIL)
+	if (rc == FAIL) {
 		st->parse_failures += segs;
-	else
+		st->parse_failure_octets += p->octets;
+	} else {
 		st->non_ip += segs;
+	}
 }
 
 /* The cache line a key maps to: a multiplicative hash over its 12 words. */
@@ -650,7 +653,7 @@ int xdpflow(struct xdp_md *ctx)
 	struct parsed p = {};
 	int rc = parse(data, data_end, (__u32)(data_end - data), &key, &p);
 	if (rc != OK) {
-		not_metered(r.st, rc, 1);
+		not_metered(r.st, rc, 1, &p);
 		return XDP_PASS;
 	}
 	meter(&r, &key, &p, ctx->ingress_ifindex, XDPFLOW_INGRESS, 1);
@@ -686,7 +689,7 @@ int xdpflow_egress(struct __sk_buff *skb)
 		}
 	}
 	if (rc != OK) {
-		not_metered(r.st, rc, segs);
+		not_metered(r.st, rc, segs, &p);
 		return TC_ACT_UNSPEC_;
 	}
 	if (skb->vlan_present)

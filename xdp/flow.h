@@ -145,7 +145,9 @@ struct flow_stats {
 	__u64 sampled_out_octets;   /* their octets */
 	__u64 flows_denied;         /* flows (per CPU) that found no free slot: flows_created + this
 	                             * is how many slots the interval needed */
-};                                  /* 104 bytes */
+	__u64 parse_failure_octets; /* octets of the parse failures from the network header on (the IP
+	                             * total length once it was read): ignoredOctetTotalCount, IE 165 */
+};                                  /* 112 bytes */
 
 /* Run-time configuration: slot 0 of the array `control`, read once per run. gen counts the
  * flips; the active page is gen & 1 (gen starts at 1, so a zeroed ref or cache entry is never

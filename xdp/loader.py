@@ -237,6 +237,11 @@ class Datapath:
     def sampling(self) -> int:
         return self.active_set.sampling
 
+    @property
+    def sampling_probability(self) -> float:
+        """The chance a packet is metered (1.0 without sampling): what the sampler really does."""
+        return filters.sampling_probability(self.sampling)
+
     def load(self) -> Datapath:
         if self.max_entries < 1:
             raise LoaderError(f"max_entries must be at least 1, got {self.max_entries}")

@@ -7,17 +7,28 @@ dtype, filled column by column with whole-array assignments and viewed as
 one flat byte buffer. The records of a family are then contiguous slices
 of that buffer, so cutting messages is only slicing and joining.
 
-Options (RFC 7011 section 4, see options.py): `encode(records, now,
-options=state)` or `encode_options(state, now)` adds one run of options
-records (templates 258-261) ahead of the data records.
+Options (RFC 7011 section 4, RFC 5476, see options.py): `encode(records,
+now, options=state)` or `encode_options(state, now)` adds one run of options
+records ahead of the data records; the interface-name records (264) join it
+when templates are due by time (or forced) and when the state's interfaces
+differ from those last sent.
+
+Biflows (RFC 5103): a biflow encoder also has the uniflow templates, and a
+biflow with one side only goes out under them (a forward-only conversation
+is a uniflow; zeros in the reverse fields would read as a reverse flow at
+1970-01-01).
+
+MTU: at most 65,535 (the message length field) and, over UDP, the largest
+payload of one datagram (65,507 over IPv4, 65,527 over IPv6; `max_mtu()`);
+at least `minimum_mtu()`: the header, every template set and one record.
 
 Messages are filled greedily up to the MTU: options records first, then IPv4
 records, then IPv6, each in input order; when one run ends mid-message the
 next starts a new set in the same message. Records are never padded (no
 padding is needed: sets are not aligned).
 
-Templates: one template set (256, 257) and one options template set (258-261)
-go at the head of a message (before any data set) when templates are due: on
+Templates: one template set (the data templates) and one options template
+set per options template go at the head of a message (before any data set) when templates are due: on
 the first message, after `reset_templates()`, when `template_refresh_s` have
 passed since they were last sent (by the caller's `now`; also when `now` went
 backwards), and on every `template_refresh_messages`-th message. Sending all
@@ -56,15 +67,15 @@ from typing import Any, Literal, get_args
 import numpy as np
 import numpy.typing as npt
 
-from exporter.ipfix.options import ExporterState, OptionsEncoder, RecordGroup
-from exporter.ipfix.templates import BIFLOW_V4, BIFLOW_V6, FLOW_V4, FLOW_V6, Template, template_sets
+from exporter.ipfix.options import ExporterState, Interface, OptionsEncoder, RecordGroup, fixed_group
+from exporter.ipfix.templates import FLOW_V4, FLOW_V6, Template, biflow_templates, template_sets
 from exporter.records import BIFLOW_RECORD, EGRESS, FLOW_RECORD, INGRESS, Records
 
 IPFIX_VERSION = 10
 MESSAGE_HEADER = struct.Struct("!HHIII")
 SET_HEADER = struct.Struct("!HH")
-MIN_MTU = 512
-MAX_MTU = 65535
+MAX_MTU = 65535          # the message header's length field
+UDP_MAX_PAYLOAD = {4: 65507, 6: 65527}  # 65535 minus the IPv4 (20) or IPv6 (0: payload length) and UDP headers
 SEQUENCE_MODULUS = 1 << 32
 
 SequenceMode = Literal["rfc", "nfdump"]
@@ -154,17 +165,21 @@ BIFLOW_SOURCES: dict[str, Source] = {
 def encode_records(template: Template, records: Records, sources: dict[str, Source] = FLOW_SOURCES) -> memoryview:
     """The data records of `records` under `template`, back to back, without a set header (numpy)."""
     out = np.empty(len(records), dtype=template.wire_dtype)
-    for name in template.names:
-        out[name] = sources[name].column(records)
+    for key, name in zip(template.keys, template.names, strict=True):
+        out[key] = sources[name].column(records)
     # A flat byte view of the packed array: messages are joined from slices of it, with no copy of the whole.
     return out.view(np.uint8).data
 
 
 def field_program(template: Template, dtype: np.dtype[np.void], sources: dict[str, Source]) -> bytes:
     """`template`'s data record as exporter/_core.c's field program over records of `dtype`."""
-    lengths = dict(zip(template.names, (template.wire_dtype.fields[n][0].itemsize  # type: ignore[index]
-                                        for n in template.names), strict=True))
-    return b"".join(sources[name].op(dtype, lengths[name]) for name in template.names)
+    lengths = [template.wire_dtype.fields[k][0].itemsize for k in template.keys]  # type: ignore[index]
+    return b"".join(sources[name].op(dtype, n) for name, n in zip(template.names, lengths, strict=True))
+
+
+def max_mtu(family: int | None) -> int:
+    """The largest message one UDP datagram carries to a collector of IP `family` (None: a stream)."""
+    return MAX_MTU if family is None else UDP_MAX_PAYLOAD[family]
 
 
 @dataclass(frozen=True)
@@ -193,8 +208,10 @@ class Encoder:
     """IPFIX message builder for one observation domain of one collector session.
 
     `exporting_process_id` and `exporter_address` go into the exporting-process
-    reliability options record; the address (when given) fixes that template's
-    shape for the life of the encoder.
+    reliability options record; `set_exporter_address()` follows the session's
+    source address (a change of family re-sends the templates). `biflow`
+    encodes BIFLOW_RECORDs; `per_interface` says the biflows pair per
+    interface (egress metering), which makes the interfaces flow keys.
     """
 
     def __init__(
@@ -209,10 +226,9 @@ class Encoder:
         exporting_process_id: int = 0,
         exporter_address: str | IPv4Address | IPv6Address | None = None,
         biflow: bool = False,
+        per_interface: bool = False,
         compiled: bool | None = None,
     ) -> None:
-        if not MIN_MTU <= mtu <= MAX_MTU:
-            raise ValueError(f"mtu {mtu} outside {MIN_MTU}..{MAX_MTU}")
         if not 0 <= odid < SEQUENCE_MODULUS:
             raise ValueError(f"observation domain id {odid} is not an unsigned 32-bit value")
         if not 0 <= sequence < SEQUENCE_MODULUS:
@@ -231,8 +247,9 @@ class Encoder:
         self.biflow = biflow
         self.record_dtype = BIFLOW_RECORD if biflow else FLOW_RECORD
         self._sources = BIFLOW_SOURCES if biflow else FLOW_SOURCES
+        self._uniflow_templates: tuple[tuple[int, Template], ...] = ((4, FLOW_V4), (6, FLOW_V6))
         self._data_templates: tuple[tuple[int, Template], ...] = (
-            ((4, BIFLOW_V4), (6, BIFLOW_V6)) if biflow else ((4, FLOW_V4), (6, FLOW_V6)))
+            tuple(zip((4, 6), biflow_templates(per_interface), strict=True)) if biflow else self._uniflow_templates)
         # The compiled core (exporter/_core.c) encodes and frames when it is built; the numpy and
         # Python code below is the reference it is tested against (compiled=False forces it).
         from exporter import core
@@ -241,19 +258,26 @@ class Encoder:
             core.module()  # raises, saying why
         self._core = core.module() if (compiled is None and core.available()) or compiled else None
         self._programs = {v: field_program(t, self.record_dtype, self._sources) for v, t in self._data_templates}
-        self._options = OptionsEncoder(tuple(t for _, t in self._data_templates), odid,
-                                       exporting_process_id, exporter_address)
-        self._template_sets = template_sets(self.templates)
-        largest = max(t.record_length for t in self.templates)
-        if MESSAGE_HEADER.size + len(self._template_sets) + SET_HEADER.size + largest > mtu:
-            raise ValueError(f"mtu {mtu} cannot hold the templates and one record")
-        self._by_id = {t.template_id: t for t in self.templates}
+        self._uniflow_programs = {v: field_program(t, FLOW_RECORD, FLOW_SOURCES) for v, t in self._uniflow_templates}
+        self._options = OptionsEncoder(self.data_templates, odid, exporting_process_id, exporter_address)
+        self._template_sets = b""
+        self._by_id: dict[int, Template] = {}
+        self._announce()
+        least = minimum_mtu(self.templates)
+        if not least <= mtu <= MAX_MTU:
+            raise ValueError(f"mtu {mtu} outside {least}..{MAX_MTU}: the smallest holds the header, "
+                             f"every template and one record")
         self._sequence = sequence
         self._templates_forced = True
         self._templates_sent_at = 0.0
         self._messages_since_templates = 0
+        self._interfaces_sent: tuple[Interface, ...] | None = None
         self._totals = EncodedTotals()
         self.last_flow_counts: list[int] = []  # flow records in each message of the last encode()
+
+    def _announce(self) -> None:
+        self._template_sets = template_sets(self.templates)
+        self._by_id = {t.template_id: t for t in self.templates}
 
     @property
     def sequence(self) -> int:
@@ -263,15 +287,29 @@ class Encoder:
     @property
     def templates(self) -> tuple[Template, ...]:
         """Data templates, then options templates, in the order they are announced."""
-        return tuple(t for _, t in self._data_templates) + self._options.templates
+        return self.data_templates + self._options.templates
 
     @property
     def data_templates(self) -> tuple[Template, ...]:
-        return tuple(t for _, t in self._data_templates)
+        """The flow templates: a biflow encoder has the uniflow ones too, for one-sided biflows."""
+        own = tuple(t for _, t in self._data_templates)
+        return own + tuple(t for _, t in self._uniflow_templates) if self.biflow else own
 
     @property
     def options_templates(self) -> tuple[Template, ...]:
         return self._options.templates
+
+    @property
+    def exporter_address(self) -> IPv4Address | IPv6Address | None:
+        return self._options.exporter_address
+
+    def set_exporter_address(self, address: str | IPv4Address | IPv6Address | None) -> None:
+        """The session's source address for template 261; a new shape there is announced at once."""
+        if self._options.set_exporter_address(address):
+            self._announce()
+            if MESSAGE_HEADER.size + len(self._template_sets) + SET_HEADER.size + self._largest_record() > self.mtu:
+                raise ValueError(f"mtu {self.mtu} cannot hold the templates and one record")
+            self._templates_forced = True
 
     @property
     def totals(self) -> EncodedTotals:
@@ -280,12 +318,14 @@ class Encoder:
     def reset_templates(self) -> None:
         """Put the templates in the next message (a new session must learn them again)."""
         self._templates_forced = True
+        self._interfaces_sent = None
 
     def templates_message(self, now: float) -> bytes:
         """A message holding only the (options) template sets; does not advance the sequence number."""
         export_time = self._export_time(now)
         self._mark_templates_sent(now)
         self._messages_since_templates = 1
+        self._interfaces_sent = None  # the next options run names the interfaces
         length = MESSAGE_HEADER.size + len(self._template_sets)
         self._count_output(1, length, 0, 0)
         return MESSAGE_HEADER.pack(IPFIX_VERSION, length, export_time, self._sequence, self.odid) + self._template_sets
@@ -303,35 +343,47 @@ class Encoder:
             raise TypeError(f"expected a {kind} array, got dtype {records.dtype}")
         groups: list[RecordGroup] = []
         if options is not None:
-            groups.extend(self._options.groups(options))
+            names = options.interfaces != self._interfaces_sent or self._due_by_time(now)
+            groups.extend(self._options.groups(options, interfaces=names))
+            if names:
+                self._interfaces_sent = options.interfaces
+        uniflows = np.zeros(0, dtype=FLOW_RECORD)
+        if self.biflow and len(records):
+            from exporter.biflow import split_one_sided
+
+            records, uniflows = split_one_sided(records)
         if self._core is not None:
-            return self._encode_core(groups, records, now, export_time)
+            return self._encode_core(groups, records, uniflows, now, export_time)
         if len(records):
-            groups.extend(self._encode_groups(records))
+            groups.extend(self._encode_groups(records, self._data_templates, self._sources))
+        if len(uniflows):
+            groups.extend(self._encode_groups(uniflows, self._uniflow_templates, FLOW_SOURCES))
         if not groups:
             return []
-        return self._build_py([g for g in groups if g[2] > 0], now, export_time)
+        return self._build_py([g for g in groups if g.records > 0], now, export_time)
 
-    def _encode_core(self, groups: list[RecordGroup], records: Records, now: float, export_time: int) -> list[bytes]:
+    def _encode_core(self, groups: list[RecordGroup], records: Records, uniflows: Records, now: float,
+                     export_time: int) -> list[bytes]:
         """encode() in the compiled core: data records encoded straight into the messages."""
         assert self._core is not None
         count_options = self.sequence_mode == "rfc"
-        frames: list[tuple[Any, ...]] = [(t.template_id, t.record_length, payload, count, count_options, False)
-                                         for t, payload, count in groups if count > 0]
+        frames: list[tuple[Any, ...]] = [(g.template.template_id, g.record_length, g.payload, g.records, count_options,
+                                          False) for g in groups if g.records > 0]
         options = len(frames)
-        if len(records):
-            flat = np.ascontiguousarray(records)
-            version_at = self.record_dtype.fields["ip_version"][1]  # type: ignore[index]
-            frames += [(t.template_id, t.record_length, flat, self._programs[v], self.record_dtype.itemsize,
-                        version_at, v, True, True) for v, t in self._data_templates]
+        for recs, templates, programs in ((records, self._data_templates, self._programs),
+                                          (uniflows, self._uniflow_templates, self._uniflow_programs)):
+            if len(recs):
+                flat = np.ascontiguousarray(recs)
+                version_at = recs.dtype.fields["ip_version"][1]  # type: ignore[index]
+                frames += [(t.template_id, t.record_length, flat, programs[v], recs.dtype.itemsize,
+                            version_at, v, True, True) for v, t in templates]
         if not frames:
             return []
-        elapsed = now - self._templates_sent_at
-        due_by_time = self._templates_forced or elapsed >= self.template_refresh_s or elapsed < 0
+        due_by_time = self._due_by_time(now)
         messages, flows, sequence, sent, since, counts = self._core.frame(
             frames, self._template_sets, self.mtu, self.odid, export_time, self._sequence, due_by_time,
             self._messages_since_templates, self.template_refresh_messages)
-        if sum(counts[options:]) != len(records):
+        if sum(counts[options:]) != len(records) + len(uniflows):
             raise ValueError("records with an ip_version other than 4 or 6")
         if not messages:
             return []
@@ -341,7 +393,8 @@ class Encoder:
         self._messages_since_templates = since
         self._sequence = sequence
         self.last_flow_counts = flows
-        self._count_output(len(messages), sum(len(m) for m in messages), len(records), sum(counts[:options]))
+        self._count_output(len(messages), sum(len(m) for m in messages), len(records) + len(uniflows),
+                           sum(counts[:options]))
         return list(messages)
 
     def flow_totals(self, message: bytes | bytearray | memoryview) -> FlowTotals:
@@ -366,7 +419,7 @@ class Encoder:
                 recs = np.frombuffer(raw[pos + SET_HEADER.size:pos + set_len], dtype=template.wire_dtype)
                 total += FlowTotals(len(recs), sum(recs["packetDeltaCount"].tolist()),
                                     sum(recs["octetDeltaCount"].tolist()))
-                if self.biflow:
+                if "reversePacketDeltaCount" in template.keys:
                     total += FlowTotals(0, sum(recs["reversePacketDeltaCount"].tolist()),
                                         sum(recs["reverseOctetDeltaCount"].tolist()))
             pos += set_len
@@ -387,9 +440,8 @@ class Encoder:
         flows_in_message = 0
         per_message: list[int] = []
         # Each set takes as many records as fit, so a group continues only in a new message.
-        for template, payload, count in groups:
+        for template, payload, count, reclen in groups:
             tid = template.template_id
-            reclen = template.record_length
             counted = count_options or template.scope_count == 0
             if template.scope_count:
                 options_records += count
@@ -435,29 +487,34 @@ class Encoder:
         self._totals = EncodedTotals(t.messages + messages, t.octets + octets, t.flow_records + flow_records,
                                      t.options_records + options_records)
 
-    def _encode_groups(self, records: Records) -> list[RecordGroup]:
+    def _largest_record(self) -> int:
+        return max(t.record_length for t in self.templates if not t.variable)
+
+    @staticmethod
+    def _encode_groups(records: Records, templates: tuple[tuple[int, Template], ...],
+                       sources: dict[str, Source]) -> list[RecordGroup]:
         versions = records["ip_version"]
         groups: list[RecordGroup] = []
         selected = 0
-        for version, template in self._data_templates:
+        for version, template in templates:
             mask = versions == version
             count = int(np.count_nonzero(mask))
             selected += count
             if count == 0:
                 continue
             subset = records if count == len(records) else records[mask]
-            groups.append((template, encode_records(template, subset, self._sources), count))
+            groups.append(fixed_group(template, encode_records(template, subset, sources), count))
         if selected != len(records):
             raise ValueError("records with an ip_version other than 4 or 6")
         return groups
 
-    def _templates_due(self, now: float) -> bool:
+    def _due_by_time(self, now: float) -> bool:
         elapsed = now - self._templates_sent_at
         # A clock stepped backwards would otherwise postpone the time-based refresh until it caught up.
-        return (self._templates_forced
-                or self._messages_since_templates >= self.template_refresh_messages
-                or elapsed >= self.template_refresh_s
-                or elapsed < 0)
+        return self._templates_forced or elapsed >= self.template_refresh_s or elapsed < 0
+
+    def _templates_due(self, now: float) -> bool:
+        return self._due_by_time(now) or self._messages_since_templates >= self.template_refresh_messages
 
     def _mark_templates_sent(self, now: float) -> None:
         self._templates_forced = False
@@ -470,6 +527,17 @@ class Encoder:
         if not 0 <= export_time < SEQUENCE_MODULUS:
             raise ValueError(f"export time {now} does not fit the 32-bit header field")
         return export_time
+
+
+def minimum_mtu(templates: tuple[Template, ...]) -> int:
+    """The smallest MTU for `templates`: a message header, all their template sets and one record of any."""
+    largest = max(t.record_length for t in templates if not t.variable)
+    return MESSAGE_HEADER.size + len(template_sets(templates)) + SET_HEADER.size + largest
+
+
+def encoder_minimum_mtu(biflow: bool = False) -> int:
+    """minimum_mtu() of a session's encoder, once it knows its source address (template 261 names it)."""
+    return minimum_mtu(Encoder(biflow=biflow, exporter_address="::1", mtu=MAX_MTU, compiled=False).templates)
 
 
 def random_records(n: int, seed: int = 0, ipv6_share: float = 0.2) -> Records:

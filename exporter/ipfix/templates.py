@@ -6,6 +6,16 @@ encode its own template record (RFC 7011 3.4.1, or 3.4.2 with a scope count
 for options templates), the packed big-endian numpy dtype whose itemsize
 and byte layout are exactly one data record on the wire, and which of its
 fields are flow keys (the flowKeyIndicator bitmap of RFC 7011 4.4).
+
+An element may appear more than once in a template (RFC 7011 4.2 and 4.3 put
+a time window in two observationTime* fields; RFC 5476 lists a sequence's
+selectors as repeated selectorId fields). Numpy field names must be unique,
+so the wire dtype names the n-th occurrence `name#n` (n >= 2), as the built-in
+collector's decoder names its keys: `keys` lists them.
+
+Variable-length fields (RFC 7011 7: interface names and descriptions) are
+allowed in options templates whose records are built by hand; such a
+template has no wire dtype and no fixed record length.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ _NUMERIC_KIND = {
     "dateTimeMicroseconds": "u", "dateTimeNanoseconds": "u",
 }
 _REDUCIBLE = {name for name in _NUMERIC_KIND if name.startswith(("unsigned", "signed"))}
+_VARIABLE_TYPES = {"string", "octetArray"}
 
 _SET_HEADER = struct.Struct("!HH")
 _TEMPLATE_HEADER = struct.Struct("!HH")
@@ -97,18 +108,22 @@ class Template:
             raise ValueError("a template needs at least one field")
         if not 0 <= self.scope_count <= len(self.fields):
             raise ValueError("scope count must be within the field count")
-        names = [f.name for f in self.fields]
-        if len(set(names)) != len(names):
-            raise ValueError("an information element may appear only once in a template")
         for f in self.fields:
-            if not 0 < f.length < VARLEN:
-                raise ValueError(f"{f.name}: variable-length fields are not supported")
+            if not 0 < f.length <= VARLEN:
+                raise ValueError(f"{f.name}: length {f.length} outside 1..65535")
+            if f.length == VARLEN and f.element.type.name not in _VARIABLE_TYPES:
+                raise ValueError(f"{f.name}: {f.element.type.name} cannot be variable-length here")
         keys = [i for i, f in enumerate(self.fields) if f.key]
         if keys and self.scope_count:
             raise ValueError("flow keys belong to data templates, not options templates")
         if keys and keys[-1] >= FLOW_KEY_BITS:
             raise ValueError(f"flow keys must be among the first {FLOW_KEY_BITS} fields")
-        dtype = np.dtype([(f.name, f.numpy_format()) for f in self.fields])
+        if keys and any(f.length == VARLEN for f in self.fields):
+            raise ValueError("data templates here have fixed-length fields only")
+        if any(f.length == VARLEN for f in self.fields):
+            dtype = np.dtype([])
+        else:
+            dtype = np.dtype([(k, f.numpy_format()) for k, f in zip(self.keys, self.fields, strict=True)])
         object.__setattr__(self, "wire_dtype", dtype)
 
     @classmethod
@@ -119,6 +134,8 @@ class Template:
         key_set = set(keys)
         if not key_set <= set(names):
             raise ValueError(f"flow keys {sorted(key_set - set(names))} are not fields of the template")
+        if len(key_set) != len([n for n in names if n in key_set]):
+            raise ValueError("a flow key may appear only once in a template")
         fields = []
         for name in names:
             element = ie(name)
@@ -130,12 +147,30 @@ class Template:
         return OPTIONS_TEMPLATE_SET_ID if self.scope_count else TEMPLATE_SET_ID
 
     @property
+    def variable(self) -> bool:
+        """Has variable-length fields: records differ in length and are built by hand."""
+        return any(f.length == VARLEN for f in self.fields)
+
+    @property
     def record_length(self) -> int:
+        if self.variable:
+            raise ValueError(f"template {self.template_id} has variable-length records")
         return int(self.wire_dtype.itemsize)
 
     @property
     def names(self) -> tuple[str, ...]:
+        """Element names in field order (repeated elements repeat)."""
         return tuple(f.name for f in self.fields)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Unique field names, in order: an element's n-th occurrence (n >= 2) is `name#n`."""
+        seen: dict[str, int] = {}
+        out = []
+        for f in self.fields:
+            seen[f.name] = seen.get(f.name, 0) + 1
+            out.append(f.name if seen[f.name] == 1 else f"{f.name}#{seen[f.name]}")
+        return tuple(out)
 
     @property
     def flow_key_indicator(self) -> int:
@@ -183,13 +218,18 @@ REVERSE_FIELDS = ("reverseIngressInterface", "reverseEgressInterface", "reverseP
                   "reverseIpClassOfService", "reverseMinimumTTL", "reverseMaximumTTL", "biflowDirection")
 
 
-def _flow_template(template_id: int, family: str, biflow: bool = False) -> Template:
+def _flow_template(template_id: int, family: str, biflow: bool = False, per_interface: bool = False) -> Template:
     # The flow key of exporter/layout.py (ip_version picks the template); ICMP type/code lives in the key's dst_port.
     # flowDirection says which hook metered the flow: 0 XDP ingress (ingressInterface), 1 TC egress
     # (egressInterface); the other interface field is 0.
     keys = [f"source{family}Address", f"destination{family}Address", "sourceTransportPort",
-            "destinationTransportPort", "protocolIdentifier", "ingressInterface", "egressInterface", "vlanId",
-            f"icmpTypeCode{family}", "flowDirection"]
+            "destinationTransportPort", "protocolIdentifier", "vlanId", f"icmpTypeCode{family}"]
+    if not biflow:
+        keys += ["ingressInterface", "egressInterface", "flowDirection"]
+    elif per_interface:
+        # Biflows pair as exporter/biflow.py's pairing_keys(): the interface is part of the key with
+        # egress metering (either interface field carries it), never the hook; without, neither is.
+        keys += ["ingressInterface", "egressInterface"]
     return Template.from_names(template_id, [
         f"source{family}Address",
         f"destination{family}Address",
@@ -218,3 +258,10 @@ FLOW_V4 = _flow_template(256, "IPv4")
 FLOW_V6 = _flow_template(257, "IPv6")
 BIFLOW_V4 = _flow_template(262, "IPv4", biflow=True)
 BIFLOW_V6 = _flow_template(263, "IPv6", biflow=True)
+_BIFLOW_PER_INTERFACE = (_flow_template(262, "IPv4", biflow=True, per_interface=True),
+                         _flow_template(263, "IPv6", biflow=True, per_interface=True))
+
+
+def biflow_templates(per_interface: bool) -> tuple[Template, Template]:
+    """The (IPv4, IPv6) biflow templates; with `per_interface` the interfaces are flow keys."""
+    return _BIFLOW_PER_INTERFACE if per_interface else (BIFLOW_V4, BIFLOW_V6)

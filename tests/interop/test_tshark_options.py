@@ -30,6 +30,7 @@ from exporter.ipfix import (
     SequenceMode,
 )
 from exporter.ipfix.encoder import random_records
+from exporter.ipfix.options import Interface
 
 pytestmark = [
     pytest.mark.interop,
@@ -78,6 +79,22 @@ def tshark(pcap: Path, *args: str) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60).stdout
 
 
+def keep_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose repeated keys (tshark's repeated elements) become lists of their values."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            out[k] = [*out[k], v] if isinstance(out[k], list) and k.startswith("cflow.") else [out[k], v]
+        else:
+            out[k] = v
+    return out
+
+
+def shown_time(ms: int) -> str:
+    """tshark's rendering of an absolute time in milliseconds."""
+    return f"{datetime.fromtimestamp(ms / 1000, UTC):%b %d, %Y %H:%M:%S}.{ms % 1000:03d}000000 UTC"
+
+
 def flow_sets(layer: Any) -> Iterator[tuple[int, dict[str, Any]]]:
     """(set id, fields) of every decoded record, found by tshark's "Set n [id=X]" / "Flow n" tree labels."""
     if isinstance(layer, dict):
@@ -99,7 +116,11 @@ def state(**overrides: Any) -> ExporterState:
         "not_sent_flows": 11, "not_sent_packets": 12, "not_sent_octets": 13, "exported_messages": 14,
         "exported_flows": 15, "exported_octets": 16, "observed_packets": 1_000_017, "observed_octets": 9_000_000_018,
         "ignored_packets": 19, "ignored_octets": 20, "active_timeout_s": 60.0, "idle_timeout_s": 15.0,
-        "system_init_ms": 1_699_999_000_123, "sampling_interval": 1,
+        "system_init_ms": 1_699_999_000_123, "sampling_interval": 1, "sampling_probability": 1.0,
+        "ignored_first_ms": 1_699_999_100_001, "ignored_last_ms": 1_699_999_200_002,
+        "not_sent_first_ms": 1_699_999_300_003, "not_sent_last_ms": 1_699_999_400_004,
+        "frames": 1_000_100, "selected": (1_000_036, 1_000_036, 1_000_036),
+        "interfaces": (Interface(2, "eth0", "uplink to the core"), Interface(41, "veth-obs")),
     }
     values.update(overrides)
     return ExporterState(**values)
@@ -145,7 +166,7 @@ def test_tshark_decodes_options_and_flows(tmp_path: Path, mode: SequenceMode, ad
     assert other == [], expert
     assert sum(map(int, sequence_warnings)) == (0 if mode == "rfc" else options_then_more(msgs)), expert
 
-    packets = json.loads(tshark(pcap, "-T", "json"))
+    packets = json.loads(tshark(pcap, "-T", "json"), object_pairs_hook=keep_repeats)
     assert len(packets) == len(msgs)
     records: list[tuple[int, dict[str, Any]]] = []
     for pkt in packets:
@@ -161,8 +182,12 @@ def test_tshark_decodes_options_and_flows(tmp_path: Path, mode: SequenceMode, ad
         if sid not in (256, 257):
             options.setdefault(sid, []).append(rec)
     assert sorted(options) == [CONFIG_TEMPLATE_ID, FLOW_KEYS_TEMPLATE_ID, METERING_TEMPLATE_ID,
-                               RELIABILITY_TEMPLATE_ID]
-    assert all(len(v) == (4 if sid == FLOW_KEYS_TEMPLATE_ID else 2) for sid, v in options.items())
+                               RELIABILITY_TEMPLATE_ID, 264, 265, 266, 267, 268]
+    # Two options runs; two flow-key and two property-selector records a run; the interface
+    # names once (with the templates), one record per interface.
+    assert {sid: len(v) for sid, v in options.items()} == {
+        CONFIG_TEMPLATE_ID: 2, FLOW_KEYS_TEMPLATE_ID: 4, METERING_TEMPLATE_ID: 2, RELIABILITY_TEMPLATE_ID: 2,
+        264: 2, 265: 2, 266: 4, 267: 2, 268: 2}
 
     config = options[CONFIG_TEMPLATE_ID][0]
     assert int(config["cflow.od_id"]) == enc.odid
@@ -185,6 +210,9 @@ def test_tshark_decodes_options_and_flows(tmp_path: Path, mode: SequenceMode, ad
              "cflow.permanent_octets": st.observed_octets, "cflow.ignore_packets": st.ignored_packets,
              "cflow.ignore_octets": st.ignored_octets}
     assert {k: int(metering[k]) for k in names} == names
+    # RFC 7011 4.2: the window of the ignored packets, two observationTimeMilliseconds (IE 323).
+    assert metering["cflow.observation_time_milliseconds"] == [shown_time(st.ignored_first_ms),
+                                                              shown_time(st.ignored_last_ms)]
 
     reliability = options[RELIABILITY_TEMPLATE_ID][0]
     assert int(reliability["cflow.flow_exporter"]) == 70
@@ -192,6 +220,20 @@ def test_tshark_decodes_options_and_flows(tmp_path: Path, mode: SequenceMode, ad
         st.not_sent_flows, st.not_sent_packets, st.not_sent_octets]
     shown = {k: v for k, v in reliability.items() if k.startswith("cflow.exporter_addr")}
     assert list(shown.values()) == [address], reliability
+    assert reliability["cflow.observation_time_milliseconds"] == [shown_time(st.not_sent_first_ms),
+                                                                 shown_time(st.not_sent_last_ms)]
+
+    # RFC 5476: IEs 318/319 in the selection sequence statistics, the selectors in their reports.
+    stats = options[268][0]
+    assert int(stats["cflow.selection_sequence_id"]) == 1
+    assert int(stats["cflow.selector_id_total_pkts_observed"]) == st.frames
+    assert [int(v) for v in stats["cflow.selector_id_total_pkts_selected"]] == list(st.selected)
+    assert [int(v) for v in options[265][0]["cflow.selector_id"]] == [1, 2, 3]
+    assert {int(r["cflow.selector_id"]): int(r["cflow.selector_algorithm"]) for r in options[266]} == {1: 5, 2: 5}
+    assert float(options[267][0]["cflow.sampling_probability"]) == st.sampling_probability
+
+    names_shown = {int(r["cflow.inputint"]): (r["cflow.if_name"], r.get("cflow.if_descr", "")) for r in options[264]}
+    assert names_shown == {i.ifindex: (i.name, i.description) for i in st.interfaces}
 
 
 def test_expert_check_catches_a_broken_set(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from collectors.decoder import Decoder
 from exporter.biflow import BiflowTable
-from exporter.ipfix import Encoder
+from exporter.ipfix import Encoder, ExporterState
 from exporter.records import (
     BIFLOW_ARBITRARY,
     BIFLOW_INITIATOR,
@@ -221,3 +221,84 @@ def test_biflow_records_through_the_encoder_and_the_builtin_decoder() -> None:
 def test_biflow_encoder_refuses_uniflow_records() -> None:
     with pytest.raises(TypeError, match="BIFLOW_RECORD"):
         Encoder(biflow=True).encode(scan(uni(A, B, 1, 2)), T0 / 1000)
+
+
+def _decoded_flows(recs: Records, **kwargs: bool) -> tuple[Encoder, Decoder, list[dict[str, object]]]:
+    enc = Encoder(biflow=True, **kwargs)
+    dec = Decoder()
+    out = [(r.template_id, r.fields) for m in enc.encode(recs, T0 / 1000) for r in dec.feed(m, "x").records
+           if not r.is_options]
+    return enc, dec, [{"template": tid, **fields} for tid, fields in out]
+
+
+def test_one_sided_biflows_go_out_under_the_uniflow_templates() -> None:
+    """A conversation without an answer is a uniflow: no reverse fields, no 1970 reverse times."""
+    t = BiflowTable(60, 15)
+    t.update(scan(uni(A, B, 40000, 80, packets=3, ifindex=5),
+                  uni(A, C, 5353, 53, proto=17, packets=2, first=T0 + 1),
+                  uni(C, A, 53, 5353, proto=17, packets=1, first=T0 + 2)), T0 + 2)
+    enc, _, got = _decoded_flows(t.expire_all())
+    by_template = Counter(int(str(r["template"])) for r in got)
+    assert by_template == {256: 1, 262: 1}
+    lone = next(r for r in got if r["template"] == 256)
+    assert not any(k.startswith("reverse") for k in lone)
+    assert (lone["sourceIPv4Address"], lone["destinationIPv4Address"], lone["sourceTransportPort"],
+            lone["packetDeltaCount"], lone["ingressInterface"], lone["flowStartMilliseconds"]) == \
+        ("198.18.0.1", "198.18.0.2", 40000, 3, 5, T0)
+    assert {t.template_id for t in enc.data_templates} == {256, 257, 262, 263}
+
+
+def _reverse_only(proto: int, sport: int, dport: int) -> Records:
+    """A biflow whose forward side is empty (the table never makes one: the encoder must cope anyway)."""
+    recs = np.zeros(1, dtype=BIFLOW_RECORD)
+    r = recs[0]
+    for name, a in (("src_addr", A), ("dst_addr", B)):
+        r[name][10:12] = 0xFF
+        r[name][12:] = a
+    r["protocol"], r["ip_version"], r["src_port"], r["dst_port"] = proto, 4, sport, dport
+    r["r_packets"], r["r_octets"], r["r_first_ms"], r["r_last_ms"] = 2, 168, T0, T0 + 5
+    r["rev_ifindex"], r["end_reason"] = 3, END_IDLE
+    return recs
+
+
+def test_a_reverse_only_biflow_is_the_reverse_uniflow() -> None:
+    _, _, got = _decoded_flows(_reverse_only(6, 40000, 80))
+    (r,) = got
+    assert r["template"] == 256
+    assert (r["sourceIPv4Address"], r["destinationIPv4Address"], r["sourceTransportPort"],
+            r["destinationTransportPort"], r["packetDeltaCount"], r["ingressInterface"], r["flowEndMilliseconds"],
+            r["flowEndReason"]) == ("198.18.0.2", "198.18.0.1", 80, 40000, 2, 3, T0 + 5, END_IDLE)
+
+
+def test_icmp_reverse_only_biflow_carries_the_reply_type() -> None:
+    _, _, got = _decoded_flows(_reverse_only(1, 0, 0x0800))  # the forward side's echo request
+    assert got[0]["template"] == 256 and got[0]["icmpTypeCodeIPv4"] == 0x0000  # so the reply's: echo reply
+    assert got[0]["sourceIPv4Address"] == "198.18.0.2"
+
+
+@pytest.mark.parametrize("per_interface", [False, True])
+def test_biflow_flow_keys_are_the_pairing_keys(per_interface: bool) -> None:
+    """flowKeyIndicator of 262/263 names what pairing_keys() compares: never the hook (flowDirection),
+    the interfaces only when biflows pair per interface (egress metering)."""
+    enc = Encoder(biflow=True, per_interface=per_interface)
+    dec = Decoder()
+    records = [r for m in enc.encode_options(_state(), T0 / 1000) for r in dec.feed(m, "x").records]
+    indicators = {r.fields["templateId"]: int(str(r.fields["flowKeyIndicator"])) for r in records
+                  if r.template_id == 259}
+    templates = dec.templates("x", 0)
+    for tid, family in ((262, "IPv4"), (263, "IPv6")):
+        names = [f.name for f in templates[tid].fields]
+        keys = {n for i, n in enumerate(names) if indicators[tid] >> i & 1}
+        want = {f"source{family}Address", f"destination{family}Address", "sourceTransportPort",
+                "destinationTransportPort", "protocolIdentifier", "vlanId", f"icmpTypeCode{family}"}
+        if per_interface:
+            want |= {"ingressInterface", "egressInterface"}
+        assert keys == want
+    assert indicators[256] >> 7 & 1, "uniflow templates keep flowDirection as a key"
+
+
+def _state() -> ExporterState:
+    return ExporterState(not_sent_flows=0, not_sent_packets=0, not_sent_octets=0, exported_messages=0,
+                         exported_flows=0, exported_octets=0, observed_packets=0, observed_octets=0,
+                         ignored_packets=0, ignored_octets=0, active_timeout_s=60, idle_timeout_s=15,
+                         system_init_ms=T0)

@@ -196,6 +196,13 @@ BAD_FILES = {
     "no interface": ("mtu = 1400\n", "interfaces", "at least one interface"),
     "mtu too small": (LO + "mtu = 511\n", "mtu", "512..65535"),
     "mtu too big": (LO + "mtu = 65536\n", "mtu", "512..65535"),
+    "mtu below the templates": (LO + "mtu = 520\n", "mtu", "at least 534: a message must hold the header"),
+    "mtu below the biflow templates": (LO + "mtu = 900\nbiflow = true\n", "mtu", "at least 908"),
+    "mtu over a UDP datagram": (LO + "mtu = 65508\n", "mtu", "at most 65507 for udp://127.0.0.1:4739"),
+    "mtu over a UDP datagram by name": (LO + 'mtu = 65508\ncollectors = ["udp://localhost:4739"]\n', "mtu",
+                                        "largest UDP payload over IPv4"),
+    "mtu over an IPv6 UDP datagram": (LO + 'mtu = 65528\ncollectors = ["udp://[fd00::1]:4739"]\n', "mtu",
+                                      "at most 65527"),
     "observation domain": (LO + "observation_domain = 4294967296\n", "observation_domain", "0..4294967295"),
     "log level": (LO + 'log_level = "verbose"\n', "log_level", "debug, info, warning, error"),
     "log format": (LO + 'log_format = "xml"\n', "log_format", "auto, console, json"),
@@ -209,6 +216,18 @@ BAD_FILES = {
     "malformed toml": (LO + "mtu = = 1400\n", "config", "at line 2, column 7"),
     "unclosed array": ('interfaces = ["lo"\nmtu = 1400\n', "config", "line 2"),
 }
+
+
+@pytest.mark.parametrize(("mtu", "collectors", "biflow"), [
+    (65535, ["tcp://192.0.2.1:4739"], False),       # a stream's message may be as long as its length field
+    (65527, ["udp://[fd00::1]:4739"], False),       # IPv6: no header inside the 65,535 payload length
+    (65507, ["udp://192.0.2.1:4739", "tls://h:4740"], False),
+    (908, ["udp://192.0.2.1:4739"], True),
+    (534, ["udp://192.0.2.1:4739"], False),
+])
+def test_mtu_limits_that_hold(mtu: int, collectors: list[str], biflow: bool) -> None:
+    cfg = load({"mtu": mtu, "collectors": collectors, "biflow": biflow}, need_interfaces=False).config
+    assert cfg.mtu == mtu
 
 
 def run_main(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *argv: str) -> tuple[int, str]:

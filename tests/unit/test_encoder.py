@@ -28,7 +28,8 @@ SETTINGS = settings(deadline=None, max_examples=60, suppress_health_check=[Healt
 U32 = 1 << 32
 NOW = 1_700_000_000.0
 ALL_TEMPLATES = Encoder().templates
-RECLEN = {t.template_id: t.record_length for t in ALL_TEMPLATES}
+RECLEN = {t.template_id: t.record_length for t in ALL_TEMPLATES if not t.variable}
+INTERFACES_ID = 264  # interfaceName/interfaceDescription: variable-length records, counted by walking them
 TEMPLATE_IDS = [t.template_id for t in ALL_TEMPLATES]
 FLOW_IDS = (256, 257)
 # Both template sets (data and options), as every template refresh carries them.
@@ -83,8 +84,8 @@ class Message:
 
     def options_sets(self) -> list[tuple[int, int]]:
         """(template id, record count) of each options data set."""
-        return [(sid, len(body) // self.reclen[sid]) for sid, body in self.sets
-                if sid >= 256 and sid not in FLOW_IDS]
+        return [(sid, interface_records(body) if sid == INTERFACES_ID else len(body) // self.reclen[sid])
+                for sid, body in self.sets if sid >= 256 and sid not in FLOW_IDS]
 
     @property
     def data_records(self) -> int:
@@ -104,7 +105,9 @@ def parse(raw: bytes, reclen: dict[int, int] | None = None) -> Message:
         assert set_len > 4, "empty set"
         assert pos + set_len <= len(raw), "set overruns the message"
         body = raw[pos + 4:pos + set_len]
-        if set_id >= 256:
+        if set_id == INTERFACES_ID:
+            interface_records(body)
+        elif set_id >= 256:
             assert set_id in reclen, f"unexpected set id {set_id}"
             assert len(body) % reclen[set_id] == 0, "padding or a partial record"
         else:
@@ -113,6 +116,23 @@ def parse(raw: bytes, reclen: dict[int, int] | None = None) -> Message:
         pos += set_len
     assert pos == len(raw)
     return Message(length, export_time, sequence, odid, sets, reclen)
+
+
+def interface_records(body: bytes) -> int:
+    """Records in a template-264 set (ifindex, then two RFC 7011 7 variable-length strings); checks they end flush."""
+    pos = n = 0
+    while pos < len(body):
+        pos += 4
+        for _ in range(2):
+            length = body[pos]
+            pos += 1
+            if length == 255:
+                length = struct.unpack_from("!H", body, pos)[0]
+                pos += 2
+            pos += length
+        assert pos <= len(body), "interface record overruns its set"
+        n += 1
+    return n
 
 
 def has_templates(raw: bytes) -> bool:
@@ -211,7 +231,7 @@ class Decoder:
 
 @SETTINGS
 @given(batches=st.lists(flow_records(), min_size=1, max_size=4),
-       mtu=st.sampled_from([512, 600, 1400, 9000]) | st.integers(512, 2000),
+       mtu=st.sampled_from([560, 600, 1400, 9000]) | st.integers(560, 2000),
        odid=st.integers(0, U32 - 1))
 def test_round_trip_through_independent_decoder(batches: list[Records], mtu: int, odid: int) -> None:
     enc = Encoder(odid=odid, mtu=mtu, template_refresh_s=1e9, template_refresh_messages=10**6)
@@ -258,7 +278,7 @@ def test_templates_use_registry_elements_at_native_lengths() -> None:
 
 @SETTINGS
 @given(n=st.integers(1, 3000), seed=st.integers(0, 2**32 - 1), share=st.sampled_from([0.0, 0.3, 1.0]),
-       mtu=st.integers(512, 65535) | st.sampled_from([512, 1400, 1500, 65535]),
+       mtu=st.integers(560, 65535) | st.sampled_from([560, 1400, 1500, 65535]),
        odid=st.integers(0, U32 - 1), now=st.floats(0, U32 - 1, exclude_max=True))
 def test_messages_fit_mtu_and_are_well_formed(n: int, seed: int, share: float, mtu: int, odid: int,
                                               now: float) -> None:
@@ -304,10 +324,10 @@ def test_large_batch_content() -> None:
 def test_message_exactly_at_mtu() -> None:
     # Header 16 + template sets + set header 4 + 10 IPv4 records fills the MTU to the byte.
     mtu = 16 + TEMPLATE_BYTES + 4 + 10 * RECLEN[256]
-    out = Encoder(mtu=mtu).encode(random_records(40, ipv6_share=0.0), NOW)
     per_message = (mtu - 20) // RECLEN[256]
+    out = Encoder(mtu=mtu).encode(random_records(10 + 2 * per_message + 3, ipv6_share=0.0), NOW)
     assert len(out[0]) == mtu
-    assert [parse(m).data_records for m in out] == [10, per_message, per_message, 30 - 2 * per_message]
+    assert [parse(m).data_records for m in out] == [10, per_message, per_message, 3]
     assert [len(m) for m in out[1:]] == [20 + parse(m).data_records * RECLEN[256] for m in out[1:]]
 
 
@@ -333,7 +353,7 @@ def test_family_switch_at_the_edge_of_a_message(left: int) -> None:
 @given(start=st.integers(U32 - 5000, U32 - 1) | st.integers(0, U32 - 1),
        sizes=st.lists(st.integers(0, 1500), min_size=1, max_size=6),
        template_only=st.lists(st.booleans(), min_size=6, max_size=6),
-       mtu=st.sampled_from([512, 1400, 9000, 65535]))
+       mtu=st.sampled_from([560, 1400, 9000, 65535]))
 def test_sequence_numbers_count_data_records_and_wrap(start: int, sizes: list[int], template_only: list[bool],
                                                       mtu: int) -> None:
     enc = Encoder(mtu=mtu, sequence=start)
@@ -355,14 +375,15 @@ def test_sequence_numbers_count_data_records_and_wrap(start: int, sizes: list[in
 
 
 def test_sequence_wraps_inside_one_batch() -> None:
-    enc = Encoder(sequence=U32 - 30)
-    seqs = [parse(raw).sequence for raw in enc.encode(random_records(100, ipv6_share=0.0), NOW)]
-    first = (1400 - 16 - TEMPLATE_BYTES - 4) // RECLEN[256]  # 19: the first message also carries the templates
-    per = (1400 - 20) // RECLEN[256]  # 23
-    starts = [0, first, first + per, first + 2 * per, first + 3 * per]
-    assert seqs == [(U32 - 30 + n) % U32 for n in starts]
-    assert first < 30 < first + per, "the counter wraps between the 2nd and 3rd message"
-    assert enc.sequence == 70
+    first = (1400 - 16 - TEMPLATE_BYTES - 4) // RECLEN[256]  # the first message also carries the templates
+    per = (1400 - 20) // RECLEN[256]
+    back = first + 3  # the counter wraps between the 2nd and 3rd message
+    enc = Encoder(sequence=U32 - back)
+    seqs = [parse(raw).sequence for raw in enc.encode(random_records(first + 3 * per, ipv6_share=0.0), NOW)]
+    starts = [0, first, first + per, first + 2 * per]
+    assert seqs == [(U32 - back + n) % U32 for n in starts]
+    assert first < back < first + per
+    assert enc.sequence == first + 3 * per - back
 
 
 # --- template refresh -------------------------------------------------------------------------
@@ -387,7 +408,7 @@ def test_template_refresh_by_time(refresh: int, t0: int, early: int) -> None:
 @given(every=st.integers(1, 12), sizes=st.lists(st.integers(0, 300), min_size=1, max_size=5),
        reset_at=st.integers(0, 5))
 def test_template_refresh_by_message_count(every: int, sizes: list[int], reset_at: int) -> None:
-    enc = Encoder(mtu=512, template_refresh_s=1e9, template_refresh_messages=every)
+    enc = Encoder(mtu=560, template_refresh_s=1e9, template_refresh_messages=every)
     flags = []
     expected = []
     since = None  # messages since templates were last sent, None when they are due
@@ -405,7 +426,7 @@ def test_template_refresh_by_message_count(every: int, sizes: list[int], reset_a
 
 
 def test_template_refresh_counts_template_only_messages() -> None:
-    enc = Encoder(mtu=512, template_refresh_s=1e9, template_refresh_messages=3)
+    enc = Encoder(mtu=560, template_refresh_s=1e9, template_refresh_messages=3)
     enc.templates_message(NOW)
     out = enc.encode(random_records(60, ipv6_share=0.0), NOW)
     assert len(out) >= 6
@@ -450,7 +471,7 @@ def test_mtu_out_of_range(mtu: int) -> None:
         Encoder(mtu=mtu)
 
 
-@pytest.mark.parametrize("mtu", [512, 65535])
+@pytest.mark.parametrize("mtu", [560, 65535])
 def test_mtu_bounds_accepted(mtu: int) -> None:
     out = Encoder(mtu=mtu).encode(random_records(2000), NOW)
     assert max(len(m) for m in out) <= mtu
@@ -492,13 +513,34 @@ def test_template_validation() -> None:
     with pytest.raises(ValueError):
         Template.from_names(255, ["octetDeltaCount"])
     with pytest.raises(ValueError):
-        Template.from_names(300, ["octetDeltaCount", "octetDeltaCount"])
+        Template.from_names(300, ["octetDeltaCount", "octetDeltaCount"], keys=["octetDeltaCount"])
+    with pytest.raises(ValueError):
+        Template.from_names(300, ["sourceIPv4Address", "interfaceName"], keys=["sourceIPv4Address"])
     with pytest.raises(ValueError):
         Template.from_names(300, ["noSuchElement"])
     with pytest.raises(ValueError):
         Template(300, (Field(ie("sourceIPv4Address"), 2),))
     with pytest.raises(ValueError):
         Template.from_names(300, ["octetDeltaCount"], scope_count=2)
+
+
+def test_a_template_may_repeat_an_element() -> None:
+    """RFC 7011 4.2/4.3 windows and RFC 5476 selector lists repeat elements; numpy names them name#n."""
+    tmpl = Template.from_names(300, ["observationDomainId", "observationTimeMilliseconds",
+                                     "observationTimeMilliseconds", "observationTimeMilliseconds"], scope_count=1)
+    assert tmpl.keys == ("observationDomainId", "observationTimeMilliseconds", "observationTimeMilliseconds#2",
+                         "observationTimeMilliseconds#3")
+    assert tmpl.names.count("observationTimeMilliseconds") == 3
+    assert tmpl.record_length == 4 + 3 * 8
+    assert tmpl.template_record() == struct.pack("!HHH", 300, 4, 1) + struct.pack("!HH", 149, 4) \
+        + struct.pack("!HH", 323, 8) * 3
+
+
+def test_variable_length_fields_in_options_templates() -> None:
+    tmpl = Template.from_names(300, ["ingressInterface", "interfaceName"], scope_count=1)
+    assert tmpl.variable and tmpl.template_record()[-4:] == struct.pack("!HH", 82, 0xFFFF)
+    with pytest.raises(ValueError, match="variable-length"):
+        _ = tmpl.record_length
 
 
 def test_options_template_record_and_reduced_size() -> None:
@@ -510,7 +552,7 @@ def test_options_template_record_and_reduced_size() -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(n=st.integers(1, 3000), mtu=st.integers(512, 9000))
+@given(n=st.integers(1, 3000), mtu=st.integers(560, 9000))
 def test_last_flow_counts_match_each_message(n: int, mtu: int) -> None:
     enc = Encoder(mtu=mtu)
     msgs = enc.encode(random_records(n), NOW)
