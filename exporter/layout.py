@@ -61,8 +61,7 @@ FLOW_CACHE_ENTRY = np.dtype([
 ])
 
 SLOT_ALLOC = np.dtype([
-    ("lock", "<u4"),         # struct bpf_spin_lock (one u32)
-    ("next", "<u4"),
+    ("next", "<u8"),
 ])
 
 CLOCK = np.dtype([

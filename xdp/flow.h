@@ -96,19 +96,13 @@ struct flow_cache_entry {
 #define XDPFLOW_CACHE_BITS 12   /* 4096 entries per CPU (256 KiB) */
 #endif
 
-#ifdef __bpf__
-/* struct bpf_spin_lock: from <uapi/linux/bpf.h>, which flow.c includes first. */
-#else
-#include <linux/bpf.h>
-#endif
-
-/* Slot allocator of one page (array `slot_alloc`, index = page): the next free slot, taken under
- * the lock by whichever CPU meters a flow new to it (once per flow, CPU and scan interval). User
- * space reads `next` once the page is drained and sets it back to 0 before the page is active
- * again; it never exceeds XDPFLOW_MAX_ENTRIES. */
+/* Slot allocator of one page (array `slot_alloc`, index = page): the next free slot, taken with
+ * one atomic fetch-and-add by whichever CPU meters a flow new to it (once per flow, CPU and scan
+ * interval); a value at or past XDPFLOW_MAX_ENTRIES means the page is full (the counter goes on
+ * counting; 64 bits never wrap). User space reads `next` once the page is drained (the slots
+ * taken: min(next, XDPFLOW_MAX_ENTRIES)) and sets it back to 0 before the page is active again. */
 struct slot_alloc {
-	struct bpf_spin_lock lock;
-	__u32 next;
+	__u64 next;
 };                           /* 8 bytes */
 
 /* Two clock readings taken together by the program xdpflow_clock (run by user space through
