@@ -884,7 +884,7 @@ def _sweep_options(args: argparse.Namespace) -> SweepOptions:
     if bad:
         raise SystemExit(f"xdpflow bench: unknown probe(s) {sorted(bad)}; choose from {PROBES}")
     return SweepOptions(
-        flows=tuple(args.flows) if args.flows else base.flows,
+        flows=tuple(args.flows) if args.flows is not None else base.flows,
         pps=args.pps if args.pps is not None else base.pps,
         rates=tuple(args.rates) if args.rates is not None else base.rates,
         rate_flows=args.rate_flows, measure=args.measure or base.measure, repeat=args.repeat,
