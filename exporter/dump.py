@@ -9,9 +9,10 @@ together, so the totals show that flipping loses and duplicates nothing.
 from __future__ import annotations
 
 import json
+import os
+import select
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import TextIO
@@ -31,6 +32,35 @@ log = structlog.get_logger("xdpflow.dump")
 _NEVER = 1e12  # timeouts that never fire: dump accumulates, it does not expire
 
 
+class StopSignal:
+    """Set by SIGINT/SIGTERM; wait() sleeps until the timeout or the signal.
+
+    The handler only sets a flag and writes a byte to a pipe: a handler that takes a lock
+    (threading.Event.set) deadlocks when the signal lands while the main thread holds that same
+    lock inside Event.wait, and dump then never exits."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        self.is_set = False
+
+    def set(self, *_: object) -> None:
+        self.is_set = True
+        try:
+            os.write(self._w, b"\0")
+        except BlockingIOError:   # the pipe is full of earlier signals: one is enough
+            pass
+
+    def wait(self, timeout: float | None) -> bool:
+        if not self.is_set:
+            select.select([self._r], [], [], timeout)
+        return self.is_set
+
+    def close(self) -> None:
+        os.close(self._r)
+        os.close(self._w)
+
+
 @dataclass(frozen=True)
 class DumpOptions:
     interfaces: tuple[str, ...]
@@ -44,8 +74,8 @@ class DumpOptions:
 
 
 def run(opts: DumpOptions, out: TextIO = sys.stdout) -> int:
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = StopSignal()
+    previous = {s: signal.signal(s, stop.set) for s in (signal.SIGINT, signal.SIGTERM)}
     table = FlowTable(active_timeout_s=_NEVER, idle_timeout_s=_NEVER)
     ended: list[Records] = []
     drains = 0
@@ -62,7 +92,7 @@ def run(opts: DumpOptions, out: TextIO = sys.stdout) -> int:
                             {"interfaces": {a.ifname: a.mode for a in dp.attachments},
                              "max_entries": opts.max_entries})
             deadline = None if opts.seconds is None else time.monotonic() + opts.seconds
-            while not stop.is_set():
+            while not stop.is_set:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
@@ -83,6 +113,7 @@ def run(opts: DumpOptions, out: TextIO = sys.stdout) -> int:
         readiness.close()
         for s, h in previous.items():
             signal.signal(s, h)
+        stop.close()
     ended.append(table.expire_all())
     flows = np.concatenate(ended)
     flows["end_reason"] = 0

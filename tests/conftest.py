@@ -117,12 +117,26 @@ class Proc:
     def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> tuple[int, str]:
         """Signal, collect stdout and every remaining log line, return (exit code, stdout)."""
         self.popen.send_signal(sig)
-        assert self.popen.stdout is not None
-        out = self.popen.stdout.read()
-        rc = self.popen.wait(timeout=timeout)
+        stdout = self.popen.stdout
+        assert stdout is not None
+        # Read stdout beside the wait, not before it: a process that does not exit must fail this
+        # test within `timeout`, not hang the suite on a read that never ends.
+        chunks: list[str] = []
+        reader = threading.Thread(target=lambda: chunks.append(stdout.read()), daemon=True)
+        reader.start()
+        try:
+            rc = self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(timeout=10)
+            while self._take(1):
+                pass
+            raise AssertionError(f"xdpflow did not exit within {timeout:g} s of signal {sig}; "
+                                 f"last logs: {self.logs[-5:]}") from None
+        reader.join(timeout=10)
         while self._take(5):
             pass
-        return rc, out
+        return rc, "".join(chunks)
 
     def kill(self) -> None:
         if self.popen.poll() is None:
