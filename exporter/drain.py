@@ -9,7 +9,7 @@ holds exactly. The flip also reads the clock (jiffies and the coarse monotonic c
 which closes the old page's interval and opens the new one's: the page's `TimeBase`.
 
 Reading a page costs no syscall per flow: `Drained.windows()` yields the page's slots as numpy
-views of mappings of the kernel's slot array, a window (64K slots, 5.5 MiB) at a time, so the
+views of mappings of the kernel's slot array, a window (16K slots, 1.4 MiB) at a time, so the
 process never maps more than a window of it; the consumer (the compiled flow table, or
 merge.to_records for the numpy path) reads each before the next. `release()` then frees the
 page's slots for its next turn, before the flip that makes it active again.

@@ -186,7 +186,7 @@ class ClockReading:
     coarse_ns: int
 
 
-SLOT_WINDOW = 65_536                 # slots mapped at a time when a page is read
+SLOT_WINDOW = 16_384                 # slots mapped at a time when a page is read (1.4 MiB)
 
 
 @dataclass
