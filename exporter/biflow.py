@@ -41,7 +41,6 @@ import numpy as np
 import numpy.typing as npt
 
 from exporter.flowtable import U8, FlowTable, RecordKind, fold_direction
-from exporter.layout import FLOW_KEY
 from exporter.records import (
     BIFLOW_ARBITRARY,
     BIFLOW_INITIATOR,
@@ -55,6 +54,7 @@ from exporter.records import (
     less,
     same_keys,
 )
+from xdp.layout import FLOW_KEY
 
 TCP_SYN = 0x02
 TCP_ACK = 0x10

@@ -11,15 +11,12 @@ from collections.abc import Callable, Sequence
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from exporter import logs
+from exporter.errors import CliError
 
 EPILOG_DUMP = """examples:
   xdpflow dump --interface eth0 --seconds 10          readable table, largest flows first
   xdpflow dump --interface eth0 --json > flows.jsonl  one JSON object per flow, then counters
 """
-
-
-class CliError(Exception):
-    """A one-line operator error: printed without a traceback, exit status 2."""
 
 
 def _positive_float(text: str) -> float:
@@ -121,12 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
 Register = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
 
+# Commands that live outside the product (the benchmarks, in tools/) register themselves through
+# this entry point group (pyproject.toml), so the product never imports them by name.
+COMMANDS_GROUP = "xdpflow.commands"
+
+
 def _extra_commands() -> list[Register]:
+    from importlib.metadata import entry_points
+
     from collectors import cli as collect_cli
     from exporter import check, runcli
-    from tools import bench
 
-    return [runcli.add_parser, collect_cli.add_parser, check.add_parser, bench.add_parser]
+    plugins = [ep.load() for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda ep: ep.name)]
+    return [runcli.add_parser, collect_cli.add_parser, check.add_parser, *plugins]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -152,8 +156,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m exporter.cli` runs this file as __main__; runcli raises exporter.cli.CliError, another
-    # class than __main__.CliError. Run the imported module's main so `except CliError` catches it.
-    from exporter.cli import main as _main
-
-    sys.exit(_main())
+    sys.exit(main())

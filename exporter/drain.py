@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from exporter.layout import FLOW_SLOT
 from exporter.merge import TimeBase, merge, to_records
 from exporter.records import FLOW_RECORD, Records
+from xdp.layout import FLOW_SLOT
 from xdp.loader import SLOT_WINDOW, ClockReading, Datapath
 
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from exporter.layout import FLOW_KEY
 from exporter.records import FLOW_RECORD, Records, key_order, key_view
+from xdp.layout import FLOW_KEY
 
 NS_PER_MS = 1_000_000
 

@@ -1,7 +1,7 @@
 """The flow record: what merge produces, the flow table keeps and the encoder sends.
 
 One numpy structured dtype, so every stage works on whole arrays. The first
-48 bytes are exactly a FLOW_KEY (see exporter/layout.py), so `key_view()`
+48 bytes are exactly a FLOW_KEY (see xdp/layout.py), so `key_view()`
 gives a fixed-width byte string per record to sort, search and join on.
 Times are epoch milliseconds (IEs 152/153).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from exporter.layout import FLOW_KEY
+from xdp.layout import FLOW_KEY
 
 # flowDirection (IE 61): the hook that metered a flow (flow.h XDPFLOW_INGRESS / XDPFLOW_EGRESS)
 INGRESS = 0

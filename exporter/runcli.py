@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from exporter import config as configmod
-from exporter.cli import CliError
 from exporter.config import Config, ConfigError
+from exporter.errors import CliError
 
 if TYPE_CHECKING:
     from exporter.service import RunConfig

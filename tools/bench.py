@@ -130,7 +130,7 @@ def synthetic_slots(n: int, cpus: int, now_jiffies: int, seed: int = 1) -> np.nd
     """
     import numpy as np
 
-    from exporter.layout import FLOW_KEY, FLOW_SLOT
+    from xdp.layout import FLOW_KEY, FLOW_SLOT
 
     rng = np.random.default_rng(seed)
     keys = np.zeros(n, dtype=FLOW_KEY)
@@ -168,8 +168,8 @@ def write_page(dp: Any, page: int, slots: np.ndarray) -> None:
 
     import numpy as np
 
-    from exporter.layout import FLOW_SLOT, SLOT_ALLOC
     from xdp import bpfsys
+    from xdp.layout import FLOW_SLOT, SLOT_ALLOC
 
     size = FLOW_SLOT.itemsize
     start = page * dp.max_entries * size

@@ -1,6 +1,6 @@
 /* xdpflow: the one definition of the kernel/user-space layout.
  *
- * Shared by xdp/flow.c (the XDP ingress and TC egress programs) and mirrored in exporter/layout.py
+ * Shared by xdp/flow.c (the XDP ingress and TC egress programs) and mirrored in xdp/layout.py
  * (numpy dtypes); tests/unit/test_layout.py compiles this header and checks
  * that both agree on every size and offset. Every field names the IPFIX
  * information element (IANA id) it feeds.

@@ -54,7 +54,10 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
-from exporter.layout import (
+from xdp import bpfsys, filters
+from xdp import compile as xcompile
+from xdp.compile import CLOCK_PROG, EGRESS_PROG, XDP_PROG
+from xdp.layout import (
     CLOCK,
     CONTROL,
     FLOW_CACHE_ENTRY,
@@ -67,9 +70,6 @@ from exporter.layout import (
     RULE_SET,
     SLOT_ALLOC,
 )
-from xdp import bpfsys, filters
-from xdp import compile as xcompile
-from xdp.compile import CLOCK_PROG, EGRESS_PROG, XDP_PROG
 
 log = structlog.get_logger("xdpflow.loader")
 

@@ -219,7 +219,7 @@ REVERSE_FIELDS = ("reverseIngressInterface", "reverseEgressInterface", "reverseP
 
 
 def _flow_template(template_id: int, family: str, biflow: bool = False, per_interface: bool = False) -> Template:
-    # The flow key of exporter/layout.py (ip_version picks the template); ICMP type/code lives in the key's dst_port.
+    # The flow key of xdp/layout.py (ip_version picks the template); ICMP type/code lives in the key's dst_port.
     # flowDirection says which hook metered the flow: 0 XDP ingress (ingressInterface), 1 TC egress
     # (egressInterface); the other interface field is 0.
     keys = [f"source{family}Address", f"destination{family}Address", "sourceTransportPort",

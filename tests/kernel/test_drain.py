@@ -17,11 +17,11 @@ import pytest
 from exporter.core import CoreTable
 from exporter.drain import Pages
 from exporter.flowtable import FlowTable
-from exporter.layout import FLOW_SLOT
 from exporter.merge import merge, to_records
 from tools.bench import synthetic_slots, write_page
 from tools.packets import TCP, Flow
 from xdp import bpfsys
+from xdp.layout import FLOW_SLOT
 from xdp.loader import Datapath
 
 pytestmark = pytest.mark.kernel

@@ -36,7 +36,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from exporter.drain import Pages
-from exporter.layout import EGRESS, INGRESS
 from tests.conftest import ROOT, xdp_attached
 from tests.kernel import frames as fr
 from tests.kernel import refparser as ref
@@ -54,6 +53,7 @@ from tests.kernel.test_parser import (
 from tools.netns import Router, VethPair, inside, ip
 from tools.netns import ifindex as ns_ifindex
 from xdp import bpfsys
+from xdp.layout import EGRESS, INGRESS
 from xdp.loader import EGRESS_TC_PREF, Datapath, LoaderError
 
 pytestmark = pytest.mark.kernel

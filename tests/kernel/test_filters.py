@@ -37,7 +37,6 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.drain import Pages
-from exporter.layout import CONTROL
 from tests.conftest import ROOT, JsonCollector, Proc, xdp_prog_id, xdpflow_cmd
 from tests.kernel import frames as fr
 from tests.unit.test_filter_rules import rules_st
@@ -45,6 +44,7 @@ from tools import trafgen
 from tools.netns import VethPair, in_netns
 from tools.packets import TCP, UDP, Flow
 from xdp import bpfsys, filters
+from xdp.layout import CONTROL
 from xdp.loader import NO_MATCH, Datapath
 
 pytestmark = pytest.mark.kernel

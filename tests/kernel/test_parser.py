@@ -38,11 +38,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from exporter.drain import Pages
-from exporter.layout import FLOW_KEY
 from tests.kernel import frames as fr
 from tests.kernel import refparser as ref
 from tests.kernel.refparser import FlowKey, Metered, Verdict
 from xdp import bpfsys
+from xdp.layout import FLOW_KEY
 from xdp.loader import Datapath
 
 pytestmark = pytest.mark.kernel

@@ -27,12 +27,12 @@ from exporter.core import CoreTable
 from exporter.flowtable import FlowTable
 from exporter.ipfix.encoder import Encoder, random_records
 from exporter.ipfix.options import ExporterState, Interface
-from exporter.layout import FLOW_SLOT
 from exporter.merge import TimeBase, merge, to_records
 from exporter.records import BIFLOW_RECORD, FLOW_RECORD, KEY_SIZE
 from exporter.transport import send_datagrams
 from tests.unit.tables import Scenario, canonical, from_array, scenarios, to_array
 from tools.bench import synthetic_slots
+from xdp.layout import FLOW_SLOT
 
 
 def test_the_core_is_built() -> None:

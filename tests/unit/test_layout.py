@@ -1,4 +1,4 @@
-"""xdp/flow.h and exporter/layout.py agree on every size and offset.
+"""xdp/flow.h and xdp/layout.py agree on every size and offset.
 
 A tiny C program that includes flow.h is compiled with gcc and prints sizeof,
 alignment and, for every field the numpy dtype names, offsetof and sizeof.
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter.layout import EGRESS, FLOW_VALUE, INGRESS, STRUCTS
+from xdp.layout import EGRESS, FLOW_VALUE, INGRESS, STRUCTS
 
 ROOT = Path(__file__).resolve().parents[2]
 XDP_DIR = ROOT / "xdp"
@@ -151,7 +151,7 @@ def test_dtypes_are_plain_structs() -> None:
 
 def test_slot_is_key_then_value() -> None:
     """The mapped slot array is read as FLOW_SLOT; the C core reads the same bytes by offset."""
-    from exporter.layout import FLOW_KEY, FLOW_SLOT
+    from xdp.layout import FLOW_KEY, FLOW_SLOT
 
     assert FLOW_SLOT.itemsize == FLOW_KEY.itemsize + FLOW_VALUE.itemsize
     assert FLOW_SLOT.itemsize % 8 == 0

@@ -13,9 +13,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter.layout import FLOW_KEY, FLOW_SLOT
 from exporter.merge import TimeBase, merge, ns_to_epoch_ms, to_records
 from exporter.records import FLOW_RECORD, KEY_SIZE
+from xdp.layout import FLOW_KEY, FLOW_SLOT
 
 MS = 1_000_000
 OFFSET_NOW = 1_700_000_000_000_000_000  # a realistic wall-minus-monotonic offset (2023), in ns

@@ -68,7 +68,7 @@ SCOPES = {CONFIG_TEMPLATE_ID: "observationDomainId", FLOW_KEYS_TEMPLATE_ID: "tem
           METERING_TEMPLATE_ID: "observationDomainId", RELIABILITY_TEMPLATE_ID: "exportingProcessId",
           INTERFACES: "ingressInterface", 265: "selectionSequenceId", 266: "selectorId", 267: "selectorId",
           268: "selectionSequenceId"}
-# The flow key of exporter/layout.py as the data templates name it; ICMP type/code is carried in dst_port.
+# The flow key of xdp/layout.py as the data templates name it; ICMP type/code is carried in dst_port.
 FLOW_KEY_FIELDS = {
     family: {f"source{family}Address", f"destination{family}Address", "sourceTransportPort",
              "destinationTransportPort", "protocolIdentifier", "ingressInterface", "egressInterface", "vlanId",
