@@ -246,7 +246,7 @@ def probe_native(ifindex: int) -> bool | None:
 
 
 def check_interface(name: str, mode: str, probe: bool = True) -> Result:
-    from xdp.loader import _attached_mode, _ipr
+    from xdp.loader import attached_mode, netlink
 
     label = f"interface {name}"
     try:
@@ -256,9 +256,9 @@ def check_interface(name: str, mode: str, probe: bool = True) -> Result:
                       "check the name with `ip link`; for an interface in another namespace run xdpflow "
                       "there: ip netns exec NS xdpflow check ...")
     try:
-        with _ipr() as ipr:
+        with netlink() as ipr:
             link = ipr.link("get", index=ifindex)[0]
-            current = _attached_mode(ipr, ifindex)
+            current = attached_mode(ipr, ifindex)
     except Exception as e:  # pyroute2 NetlinkError: no privilege, interface just went
         return Result(FAIL, label, f"cannot inspect it: {e}", CAPS_FIX)
     if current is not None:

@@ -520,8 +520,8 @@ class Datapath:
         if mode not in ("auto", "native", "generic"):
             raise LoaderError(f"unknown XDP mode {mode!r}: use auto, native or generic")
         ifindex = _ifindex(ifname)
-        with _ipr() as ipr:
-            current = _attached_mode(ipr, ifindex)
+        with netlink() as ipr:
+            current = attached_mode(ipr, ifindex)
             if current is not None:
                 raise LoaderError(f"{ifname} already has an XDP program attached ({current} mode); "
                                   "xdpflow will not replace a program it did not attach")
@@ -533,7 +533,7 @@ class Datapath:
                 except OSError as e:
                     last = e
                     continue
-                got = _attached_mode(ipr, ifindex) or m
+                got = attached_mode(ipr, ifindex) or m
                 att = Attachment(ifname, ifindex, got, link_fd)
                 self.attachments.append(att)
                 log.debug("attached", interface=ifname, ifindex=ifindex, mode=got)
@@ -611,7 +611,7 @@ class Datapath:
     def _attach_egress_tc(self, ifname: str, ifindex: int, prog_fd: int) -> EgressAttachment:
         from pyroute2.netlink.exceptions import NetlinkError
 
-        with _ipr() as ipr:
+        with netlink() as ipr:
             added = False
             try:
                 ipr.tc("add", "clsact", index=ifindex)
@@ -687,7 +687,8 @@ def _delete(fd: int, key: npt.NDArray[Any]) -> None:
 
 
 @contextmanager
-def _ipr() -> Iterator[Any]:
+def netlink() -> Iterator[Any]:
+    """An rtnetlink socket (pyroute2 IPRoute) of this network namespace, closed afterwards."""
     from pyroute2 import IPRoute
 
     ipr = IPRoute()
@@ -706,7 +707,7 @@ def _ifindex(ifname: str) -> int:
 
 def _link_type(ifindex: int) -> int:
     """ARPHRD_* type of an interface of this network namespace (1: Ethernet), over netlink."""
-    with _ipr() as ipr:
+    with netlink() as ipr:
         links = ipr.link("get", index=ifindex)
     return int(links[0]["ifi_type"]) if links else ARPHRD_ETHER
 
@@ -760,7 +761,7 @@ def _detach_egress_tc(att: EgressAttachment) -> None:
     """Delete the cls_bpf filter; and the clsact qdisc when xdpflow added it and it holds nothing else."""
     from pyroute2.netlink.exceptions import NetlinkError
 
-    with _ipr() as ipr:
+    with netlink() as ipr:
         try:
             ipr.tc("del-filter", "bpf", index=att.ifindex, handle=EGRESS_TC_HANDLE, parent=TC_H_CLSACT_EGRESS,
                    prio=EGRESS_TC_PREF)
@@ -774,7 +775,8 @@ def _detach_egress_tc(att: EgressAttachment) -> None:
                 _del_clsact(ipr, att.ifindex)
 
 
-def _attached_mode(ipr: Any, ifindex: int) -> str | None:
+def attached_mode(ipr: Any, ifindex: int) -> str | None:
+    """The mode of the XDP program attached to `ifindex` ("native", "generic", ...), None if none."""
     links = ipr.link("get", index=ifindex)
     xdp = links[0].get_attr("IFLA_XDP") if links else None
     if xdp is None:

@@ -87,3 +87,24 @@ def test_the_checks_see_an_offending_import(tmp_path: Path, forbidden: tuple[str
     src.write_text(f"def f():\n    from {forbidden[0]} import thing\n    return thing\n")
     assert offending([src], forbidden, tmp_path) == [f"xdp/mod.py:2 imports {forbidden[0]}",
                                                      f"xdp/mod.py:2 imports {forbidden[0]}.thing"]
+
+
+def private_imports(files: list[Path], root: Path = ROOT) -> list[str]:
+    """`from m import _name` across modules: a private name used where it was not defined."""
+    bad = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and not node.level:
+                for alias in node.names:
+                    # exporter._core is the compiled extension behind exporter/core.py, a module.
+                    if alias.name.startswith("_") and not alias.name.startswith("__") \
+                            and f"{node.module}.{alias.name}" != "exporter._core":
+                        bad.append(f"{path.relative_to(root)}:{node.lineno} imports {node.module}.{alias.name}")
+    return bad
+
+
+def test_no_private_name_crosses_modules(tmp_path: Path) -> None:
+    assert private_imports(sources(*PRODUCT, "tools")) == []
+    probe = tmp_path / "mod.py"
+    probe.write_text("def f():\n    from xdp.loader import _hidden\n")
+    assert private_imports([probe], tmp_path) == ["mod.py:2 imports xdp.loader._hidden"]
