@@ -12,6 +12,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from exporter import logs
 from exporter.errors import CliError
+from xdp.sizing import DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET
 
 EPILOG_DUMP = """examples:
   xdpflow dump --interface eth0 --seconds 10          readable table, largest flows first
@@ -55,9 +56,9 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=("auto", "native", "generic"), default="auto",
                    help="XDP mode: native (driver), generic (any interface, slower) or auto: native where the "
                         "driver supports it, else generic (default: %(default)s)")
-    g.add_argument("--max-entries", type=_positive_int, default=500_000, metavar="N",
+    g.add_argument("--max-entries", type=_positive_int, default=DEFAULT_MAX_ENTRIES, metavar="N",
                    help="flow table size per page in the kernel (default: %(default)s, as Skydive)")
-    g.add_argument("--max-kernel-memory", type=_bytes_size, default=1 << 30, metavar="SIZE",
+    g.add_argument("--max-kernel-memory", type=_bytes_size, default=DEFAULT_MEMORY_BUDGET, metavar="SIZE",
                    help="refuse to start if the flow maps would need more kernel memory than this "
                         "(default: 1G)")
 

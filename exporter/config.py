@@ -24,6 +24,7 @@ from exporter import logs
 from exporter.readiness import ready_file_problem
 from exporter.transport import Endpoint, EndpointError, parse_endpoint
 from xdp import filters
+from xdp.sizing import DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET
 
 DEFAULT_PATH = "/etc/xdpflow/xdpflow.toml"
 ENV_PREFIX = "XDPFLOW_"
@@ -286,10 +287,11 @@ class Config:
     mode: str = _key("auto", _choice("auto", "native", "generic"),
                      "XDP mode: native (driver), generic (any interface, slower) or auto: native where the "
                      "driver supports it, else generic", KERNEL, metavar="auto|native|generic")
-    max_entries: int = _key(500_000, _int_range(1, 0xFFFFFFFF), "flow table size per page in the kernel (as Skydive)",
-                            KERNEL, metavar="N")
-    max_kernel_memory: int = _key(1 << 30, _size, "refuse to start if the flow maps would need more kernel memory",
-                                  KERNEL, metavar="SIZE")
+    max_entries: int = _key(DEFAULT_MAX_ENTRIES, _int_range(1, 0xFFFFFFFF),
+                            "flow table size per page in the kernel (as Skydive)", KERNEL, metavar="N")
+    max_kernel_memory: int = _key(DEFAULT_MEMORY_BUDGET, _size,
+                                  "refuse to start if the flow maps would need more kernel memory", KERNEL,
+                                  metavar="SIZE")
     filters: tuple[str, ...] = _key((), _filters,
                                     "filter rule, e.g. 'exclude dst 10.0.0.0/8' or 'include proto tcp dport 443' "
                                     "(repeat; first match wins; see config/xdpflow.toml)", KERNEL, "--filter",

@@ -26,6 +26,7 @@ from exporter.merge import clock_offset_ns
 from exporter.readiness import Readiness
 from exporter.records import Records, to_ipfix_dict
 from xdp.loader import Datapath, human_bytes
+from xdp.sizing import DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET
 
 log = structlog.get_logger("xdpflow.dump")
 
@@ -68,8 +69,8 @@ class DumpOptions:
     seconds: float | None = None
     json: bool = False
     scan_interval: float | None = None
-    max_entries: int = 500_000
-    max_kernel_memory: int = 1 << 30
+    max_entries: int = DEFAULT_MAX_ENTRIES
+    max_kernel_memory: int = DEFAULT_MEMORY_BUDGET
     ready_file: str | None = None   # written once attached, removed at the end (exporter/readiness.py)
 
 

@@ -39,6 +39,7 @@ from exporter.records import END_FORCED, FLOW_RECORD, Records
 from exporter.transport import Endpoint, EndpointError, Sender, StreamOptions, TlsOptions, make_sender
 from xdp import filters
 from xdp.loader import Datapath, LoaderError, human_bytes, map_memory_bytes
+from xdp.sizing import DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET
 
 log = structlog.get_logger("xdpflow.service")
 
@@ -58,8 +59,8 @@ class RunConfig:
     scan_interval: float = 10.0
     active_timeout: float = 60.0
     idle_timeout: float = 15.0
-    max_entries: int = 500_000
-    max_kernel_memory: int = 1 << 30
+    max_entries: int = DEFAULT_MAX_ENTRIES
+    max_kernel_memory: int = DEFAULT_MEMORY_BUDGET
     filters: tuple[str, ...] = ()  # filter rules (xdp/filters.py), first match wins
     sampling: int = 1              # meter 1 packet in N (random, in the kernel); counters not scaled
     biflow: bool = False           # RFC 5103 records: both directions of a conversation in one

@@ -70,6 +70,7 @@ from xdp.layout import (
     RULE_SET,
     SLOT_ALLOC,
 )
+from xdp.sizing import DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET
 
 log = structlog.get_logger("xdpflow.loader")
 
@@ -89,8 +90,6 @@ TC_H_CLSACT_INGRESS = 0xFFFFFFF2
 ARPHRD_ETHER = 1
 ARPHRD_LOOPBACK = 772
 
-DEFAULT_MAX_ENTRIES = 500_000
-DEFAULT_MEMORY_BUDGET = 1 << 30
 PAGES = 2
 # Filter tables are preallocated arrays (two rule sets each): ports dominate, about 2 MiB.
 FILTER_TABLE_BYTES = 2 * 8 * (2 * filters.PORT_SLOTS + filters.VLAN_SLOTS + filters.PROTO_SLOTS

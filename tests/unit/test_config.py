@@ -368,3 +368,21 @@ def test_allocator_returns_large_frees_on_glibc() -> None:
 
     assert heap.release_large_arrays_to_the_os() is True
     assert heap.trim() in (True, False)   # callable, and never raises
+
+
+def test_every_command_takes_the_kernel_sizes_from_one_definition() -> None:
+    from exporter.dump import DumpOptions
+    from xdp.loader import Datapath
+    from xdp.sizing import DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET
+
+    dump_args = cli.build_parser().parse_args(["dump", "--interface", "lo"])
+    run = service.RunConfig(interfaces=("lo",), collectors=())
+    dump = DumpOptions(interfaces=("lo",))
+    seen = {
+        "config file": (Config().max_entries, Config().max_kernel_memory),
+        "run": (run.max_entries, run.max_kernel_memory),
+        "dump flags": (dump_args.max_entries, dump_args.max_kernel_memory),
+        "dump": (dump.max_entries, dump.max_kernel_memory),
+        "loader": (Datapath().max_entries, Datapath().memory_budget),
+    }
+    assert seen == dict.fromkeys(seen, (DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET))
