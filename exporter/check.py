@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from exporter import config as configmod
 from exporter.config import Config, ConfigError
+from xdp import filters
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 MIN_KERNEL = (5, 15)
@@ -389,7 +390,7 @@ def run_checks(loaded: configmod.Loaded) -> list[Result]:
     results += system_checks()
     if not cfg.interfaces:
         results.append(Result(WARN, "interfaces", "none given, none checked", "pass --interface IF"))
-    results += [check_pattern(name) if configmod.is_pattern(name) else check_interface(name, cfg.mode)
+    results += [check_pattern(name) if filters.is_glob(name) else check_interface(name, cfg.mode)
                 for name in cfg.interfaces]
     if cfg.egress:
         results.append(check_egress())

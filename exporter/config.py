@@ -152,18 +152,13 @@ _IFNAME = re.compile(r"[^\s/:]{1,15}")
 _PATTERN = re.compile(r"[^\s/:]{1,64}")
 
 
-def is_pattern(name: str) -> bool:
-    """A glob (`veth*`): interfaces matching it are attached as they appear, none needs to exist."""
-    return any(c in "*?[" for c in name)
-
-
 def _interfaces(v: object, text: bool) -> tuple[str, ...]:
     names = _str_list(v)
     if names is None:
         raise _bad('must be a list of interface names, e.g. ["eth0", "eth1"]')
     problems: list[tuple[str, object, str]] = []
     for i, n in enumerate(names):
-        if not (_PATTERN if is_pattern(n) else _IFNAME).fullmatch(n):
+        if not (_PATTERN if filters.is_glob(n) else _IFNAME).fullmatch(n):
             problems.append((f"[{i}]", n, "not an interface name (1..15 characters, no spaces, '/' or ':') "
                                           "or glob (e.g. veth*)"))
         elif n in names[:i]:
@@ -572,7 +567,7 @@ def _system_problems(values: dict[str, Any], sources: dict[str, str], good: Call
     errors = []
     if good("interfaces"):
         for i, name in enumerate(values["interfaces"]):
-            if not is_pattern(name) and (p := interface_problem(name)) is not None:
+            if not filters.is_glob(name) and (p := interface_problem(name)) is not None:
                 errors.append(_line(f"interfaces[{i}]", name, sources["interfaces"], p))
     for key in ("tls_ca", "tls_cert", "tls_key"):
         fpath = values[key]

@@ -19,13 +19,6 @@ import structlog
 
 log = structlog.get_logger("xdpflow.interfaces")
 
-_GLOB = set("*?[")
-
-
-def is_glob(pattern: str) -> bool:
-    return any(c in _GLOB for c in pattern)
-
-
 def present() -> dict[str, int]:
     """Interfaces of this network namespace: name -> ifindex."""
     return {name: idx for idx, name in socket.if_nameindex()}

@@ -27,7 +27,7 @@ from exporter.biflow import BiflowTable
 from exporter.core import CoreTable
 from exporter.drain import Drained, Pages
 from exporter.flowtable import FlowTable, retime
-from exporter.interfaces import LinkWatcher, alias, is_glob, matching, present
+from exporter.interfaces import LinkWatcher, alias, matching, present
 from exporter.ipfix import Encoder, ExporterState
 from exporter.ipfix.encoder import FlowTotals
 from exporter.ipfix.options import Interface
@@ -201,7 +201,7 @@ class Exporter:
             except filters.FilterError as e:
                 raise LoaderError(str(e)) from None
             for ifname in self.cfg.interfaces:
-                if not is_glob(ifname):
+                if not filters.is_glob(ifname):
                     dp.attach(ifname, self.cfg.mode)
                     if self.cfg.egress:
                         dp.attach_egress(ifname)

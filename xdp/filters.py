@@ -207,6 +207,8 @@ _IFGLOB = re.compile(r"[^\s/:,]{1,64}")
 
 
 def is_glob(name: str) -> bool:
+    """An interface name pattern (`veth*`, fnmatch syntax) rather than a name: the one definition,
+    used by filter rules, the config and the interface watcher alike."""
     return any(c in "*?[" for c in name)
 
 
