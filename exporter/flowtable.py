@@ -33,7 +33,6 @@ clock (the benchmark helper excepted), which keeps the table deterministic.
 from __future__ import annotations
 
 import math
-import timeit
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -289,48 +288,6 @@ class FlowTable:
         if need < len(tied):
             tied = tied[np.argsort(as_keys(self._rows[tied, :KEY_SIZE]), kind="stable")[:need]]
         reason[tied] = END_LACK_OF_RESOURCES
-
-
-def _synthetic_flows(rng: np.random.Generator, n: int) -> Records:
-    """n IPv4 TCP flows with distinct random keys, in random order."""
-    out = np.zeros(n, dtype=FLOW_RECORD)
-    out["src_addr"][:, 10:12] = 0xFF
-    out["dst_addr"][:, 10:12] = 0xFF
-    out["src_addr"][:, 12:] = rng.permutation(n).astype(">u4").view(np.uint8).reshape(n, 4)
-    out["dst_addr"][:, 12:] = rng.integers(0, 256, (n, 4), dtype=np.uint8)
-    out["src_port"] = rng.integers(1024, 65536, n)
-    out["dst_port"] = 443
-    out["protocol"] = 6
-    out["ip_version"] = 4
-    out["ifindex"] = 2
-    out["packets"] = rng.integers(1, 100, n)
-    out["octets"] = out["packets"] * 800
-    out["tcp_flags"] = 0x18
-    out["min_ttl"] = 60
-    out["max_ttl"] = 64
-    return out
-
-
-def benchmark_update(n: int, repeat: int = 3, clock: Callable[[], float] = timeit.default_timer) -> float:
-    """Records/s of one `update()` of n records (90% already held) into a table of n flows; best of `repeat`.
-
-    Nothing ends during the timed call, so it measures the fold plus the expiry scan. On a shared
-    machine pass `clock=time.process_time` to measure CPU rather than wall time.
-    """
-    rng = np.random.default_rng(1)
-    flows = _synthetic_flows(rng, n + n // 10)
-    best = math.inf
-    for _ in range(repeat):
-        table = FlowTable(active_timeout_s=60, idle_timeout_s=15)
-        held = flows[:n].copy()
-        held["first_ms"] = held["last_ms"] = 1_000_000
-        table.update(held, 1_000_000)
-        scan = rng.permutation(flows[n // 10:])
-        scan["first_ms"] = scan["last_ms"] = 1_010_000
-        t0 = clock()
-        table.update(scan, 1_010_000)
-        best = min(best, clock() - t0)
-    return n / best
 
 
 class Timed(Protocol):

@@ -6,7 +6,6 @@ from exporter.ipfix.encoder import (
     Encoder,
     FlowTotals,
     SequenceMode,
-    benchmark_encode,
     encode_records,
 )
 from exporter.ipfix.options import (
@@ -35,7 +34,6 @@ __all__ = [
     "FlowTotals",
     "SequenceMode",
     "Template",
-    "benchmark_encode",
     "encode_records",
     "ie",
     "template_sets",

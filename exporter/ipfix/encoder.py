@@ -59,7 +59,6 @@ up front asks `templates_message()` for them.
 from __future__ import annotations
 
 import struct
-import time
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Literal, get_args
@@ -538,43 +537,3 @@ def minimum_mtu(templates: tuple[Template, ...]) -> int:
 def encoder_minimum_mtu(biflow: bool = False) -> int:
     """minimum_mtu() of a session's encoder, once it knows its source address (template 261 names it)."""
     return minimum_mtu(Encoder(biflow=biflow, exporter_address="::1", mtu=MAX_MTU, compiled=False).templates)
-
-
-def random_records(n: int, seed: int = 0, ipv6_share: float = 0.2) -> Records:
-    """n plausible random flow records (for benchmarks and tests)."""
-    rng = np.random.default_rng(seed)
-    recs = np.zeros(n, dtype=FLOW_RECORD)
-    v6 = rng.random(n) < ipv6_share
-    recs["ip_version"] = np.where(v6, 6, 4)
-    for name in ("src_addr", "dst_addr"):
-        addr = rng.integers(0, 256, size=(n, 16), dtype=np.uint8)
-        addr[~v6, :10] = 0
-        addr[~v6, 10:12] = 0xFF
-        recs[name] = addr
-    recs["protocol"] = rng.choice(np.array([6, 17, 1, 58], dtype=np.uint8), size=n, p=[0.6, 0.3, 0.05, 0.05])
-    recs["src_port"] = rng.integers(0, 65536, n)
-    recs["dst_port"] = rng.integers(0, 65536, n)
-    recs["ifindex"] = rng.integers(1, 64, n)
-    recs["vlan_id"] = rng.integers(0, 4096, n)
-    recs["packets"] = rng.integers(1, 1 << 20, n)
-    recs["octets"] = recs["packets"] * rng.integers(40, 1500, n).astype(np.uint64)
-    recs["first_ms"] = 1_700_000_000_000 + rng.integers(0, 60_000, n)
-    recs["last_ms"] = recs["first_ms"] + rng.integers(0, 60_000, n).astype(np.uint64)
-    recs["tcp_flags"] = rng.integers(0, 512, n)
-    recs["tos"] = rng.integers(0, 256, n)
-    recs["min_ttl"] = rng.integers(1, 128, n)
-    recs["max_ttl"] = recs["min_ttl"] + rng.integers(0, 128, n).astype(np.uint8)
-    recs["end_reason"] = rng.integers(1, 6, n)
-    return recs
-
-
-def benchmark_encode(n: int = 500_000, mtu: int = 1400, repeat: int = 5) -> float:
-    """Records per second for encode() of n random records (best of `repeat` runs)."""
-    records = random_records(n)
-    best = float("inf")
-    for _ in range(repeat):
-        encoder = Encoder(mtu=mtu)
-        start = time.perf_counter()
-        encoder.encode(records, 1_700_000_000.0)
-        best = min(best, time.perf_counter() - start)
-    return n / best

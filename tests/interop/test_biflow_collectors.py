@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
-from collectors.external import Nfacctd, Nfcapd
 from exporter.biflow import BiflowTable
 from exporter.ipfix import Encoder
 from exporter.records import Records
 from tests.interop.test_tshark_options import NOW, PORT, udp_frame, write_pcap
 from tests.unit.test_biflow import ACK, SYN, A, B, scan, uni
+from tools.external import Nfacctd, Nfcapd
 
 pytestmark = pytest.mark.interop
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from collectors.external import Nfacctd
 from tools import trafgen
+from tools.external import Nfacctd
 from tools.netns import VethPair
 from tools.packets import standard_mix
 

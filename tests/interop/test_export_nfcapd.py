@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from collectors.external import Nfcapd, Tshark
 from tests.conftest import xdp_attached
 from tools import trafgen
+from tools.external import Nfcapd, Tshark
 from tools.netns import VethPair
 from tools.packets import ICMP, ICMPV6, standard_mix
 

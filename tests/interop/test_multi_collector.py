@@ -31,12 +31,12 @@ from typing import Any, TypeVar
 import pytest
 
 from collectors.decoder import DataRecord, Decoder, SequenceGap
-from collectors.external import Nfcapd, Tshark
 from collectors.server import Collector, stderr_logger
 from exporter.ipfix import CONFIG_TEMPLATE_ID, FLOW_KEYS_TEMPLATE_ID, METERING_TEMPLATE_ID, RELIABILITY_TEMPLATE_ID
 from tests.interop.test_export_nfcapd import nf_key
 from tests.interop.test_tshark_options import flow_sets
 from tools import trafgen
+from tools.external import Nfcapd, Tshark
 from tools.netns import VethPair
 from tools.packets import ICMP, ICMPV6, Flow, standard_mix
 from xdp.loader import setns

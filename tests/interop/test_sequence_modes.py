@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from collectors.external import Nfcapd
 from exporter.ipfix.options import INTERFACES_TEMPLATE_ID, METERING_TEMPLATE_ID
 from tests.interop.test_multi_collector import (
     expected_totals,
@@ -27,6 +26,7 @@ from tests.interop.test_multi_collector import (
     nfcapd_totals,
     send_batches,
 )
+from tools.external import Nfcapd
 from tools.netns import VethPair
 from tools.packets import standard_mix
 

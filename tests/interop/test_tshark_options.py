@@ -29,8 +29,8 @@ from exporter.ipfix import (
     ExporterState,
     SequenceMode,
 )
-from exporter.ipfix.encoder import random_records
 from exporter.ipfix.options import Interface
+from tools.synthetic import random_records
 
 pytestmark = [
     pytest.mark.interop,

@@ -197,7 +197,7 @@ def test_find_event_takes_the_last_json_line_of_that_event() -> None:
 
 def _messages(n: int, ignored: int) -> tuple[list[bytes], Any]:
     from exporter.ipfix import Encoder, ExporterState
-    from exporter.ipfix.encoder import random_records
+    from tools.synthetic import random_records
 
     recs = random_records(n, seed=5, ipv6_share=0.3)
     enc = Encoder(odid=7, mtu=1400)

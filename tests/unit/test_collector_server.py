@@ -521,7 +521,7 @@ def test_cli_subprocess_exit_after_records_and_bad_listen() -> None:
 def test_cli_loses_no_output_when_a_signal_interrupts_a_write_to_a_full_pipe() -> None:
     """Under python -u a write a signal interrupts returns short; every record line must still arrive whole."""
     from exporter.ipfix import Encoder
-    from exporter.ipfix.encoder import random_records
+    from tools.synthetic import random_records
 
     proc = subprocess.Popen([sys.executable, "-u", "-m", "collectors.cli", "collect", "--listen", "127.0.0.1:0",
                              "--json", "--log-format", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

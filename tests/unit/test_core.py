@@ -25,13 +25,14 @@ from hypothesis import strategies as st
 from exporter import core
 from exporter.core import CoreTable
 from exporter.flowtable import FlowTable
-from exporter.ipfix.encoder import Encoder, random_records
+from exporter.ipfix.encoder import Encoder
 from exporter.ipfix.options import ExporterState, Interface
 from exporter.merge import TimeBase, merge, to_records
 from exporter.records import BIFLOW_RECORD, FLOW_RECORD, KEY_SIZE
 from exporter.transport import send_datagrams
 from tests.unit.tables import Scenario, canonical, from_array, scenarios, to_array
 from tools.bench import synthetic_slots
+from tools.synthetic import random_records
 from xdp.layout import FLOW_SLOT
 
 

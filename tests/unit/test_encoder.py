@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from exporter.ipfix import FLOW_V4, FLOW_V6, Encoder, Field, Template, ie
-from exporter.ipfix.encoder import random_records
 from exporter.records import FLOW_RECORD, Records
+from tools.synthetic import random_records
 
 SETTINGS = settings(deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
 U32 = 1 << 32

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import given, settings
 
 from exporter import flowtable
-from exporter.flowtable import FlowTable, benchmark_update, key_hash
+from exporter.flowtable import FlowTable, key_hash
 from exporter.records import (
     END_ACTIVE,
     END_FORCED,
@@ -50,6 +50,7 @@ from tests.unit.tables import (
     scenarios,
     to_array,
 )
+from tools.synthetic import synthetic_flows, table_update_rate
 
 
 def weak_hash(key_bytes: np.ndarray) -> np.ndarray:
@@ -210,7 +211,7 @@ def test_timeouts_are_applied_before_capacity() -> None:
 
 def test_bulk_fold_matches_sums_and_keeps_order() -> None:
     rng = np.random.default_rng(7)
-    flows = flowtable._synthetic_flows(rng, 20_000)
+    flows = synthetic_flows(rng, 20_000)
     table = FlowTable(active_timeout_s=600, idle_timeout_s=600)
     flows["first_ms"] = flows["last_ms"] = 1_000
     table.update(flows[:15_000], 1_000)
@@ -268,4 +269,4 @@ def test_module_never_reads_a_clock(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_benchmark_helper_runs() -> None:
-    assert benchmark_update(2_000, repeat=1) > 0
+    assert table_update_rate(2_000, repeat=1) > 0

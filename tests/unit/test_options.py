@@ -34,11 +34,11 @@ from exporter.ipfix import (
     SequenceMode,
     Template,
 )
-from exporter.ipfix.encoder import random_records
 from exporter.ipfix.options import Interface
 from exporter.records import FLOW_RECORD
 from tests.unit.test_encoder import Message
 from tests.unit.test_encoder import parse as parse_default
+from tools.synthetic import random_records
 
 SETTINGS = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
 U32 = 1 << 32
