@@ -40,8 +40,8 @@ ipfixcol2 ignores records whose export time is older than their template's.
 TLS: TLS 1.2 or later, the server certificate verified against `cafile` (the system store when
 none) and its name checked (`server_name`, else the endpoint's host), an optional client
 certificate. A handshake failure is counted and retried like a refused connection; nothing is
-ever written outside TLS. Unusable files are a one-line ConfigError at `open()`. Under TLS 1.3 a
-collector refuses the exporter's certificate only after the exporter's side of the handshake is
+ever written outside TLS. Unusable files are a one-line TransportSettingsError at `open()`. Under
+TLS 1.3 a collector refuses the exporter's certificate only after the exporter's side of the handshake is
 done: that shows as connections the collector closes at once, and what was written to them is lost.
 
 Default ports: 4739 for udp and tcp, 4740 for tls: RFC 7011 section 10 has the collector listen
@@ -86,7 +86,7 @@ class EndpointError(ValueError):
     """A collector address that can't be used; the message says why."""
 
 
-class ConfigError(EndpointError):
+class TransportSettingsError(EndpointError):
     """Transport settings or TLS files that can't be used; the message says why, on one line."""
 
 
@@ -472,11 +472,13 @@ class StreamOptions:
 
     def __post_init__(self) -> None:
         if self.queue_messages < 1 or self.queue_bytes < 1:
-            raise ConfigError("send queue bounds must be at least 1 message and 1 byte")
+            raise TransportSettingsError("send queue bounds must be at least 1 message and 1 byte")
         if not 0 < self.backoff_initial <= self.backoff_max:
-            raise ConfigError(f"backoff: need 0 < initial ({self.backoff_initial}) <= max ({self.backoff_max})")
+            raise TransportSettingsError(
+                f"backoff: need 0 < initial ({self.backoff_initial}) <= max ({self.backoff_max})")
         if self.connect_timeout <= 0 or self.flush_timeout < 0 or self.write_high_water < 1:
-            raise ConfigError("connect_timeout > 0, flush_timeout >= 0 and write_high_water >= 1 are required")
+            raise TransportSettingsError(
+                "connect_timeout > 0, flush_timeout >= 0 and write_high_water >= 1 are required")
 
 
 @dataclass(frozen=True)
@@ -492,15 +494,15 @@ def _readable(path: str, what: str, where: str) -> None:
         with open(path, "rb"):
             pass
     except OSError as e:
-        raise ConfigError(f"{where}: {what} {path}: {e.strerror or e}") from None
+        raise TransportSettingsError(f"{where}: {what} {path}: {e.strerror or e}") from None
 
 
 def _no_passphrase() -> bytes:
-    raise ConfigError("the key is encrypted; give an unencrypted key")
+    raise TransportSettingsError("the key is encrypted; give an unencrypted key")
 
 
 def make_tls_context(tls: TlsOptions, where: str = "tls") -> ssl.SSLContext:
-    """A client context: TLS 1.2+, certificate and name verified. ConfigError on unusable files."""
+    """A client context: TLS 1.2+, certificate and name verified. TransportSettingsError on unusable files."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # check_hostname and CERT_REQUIRED by default
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if tls.cafile is not None:
@@ -508,21 +510,21 @@ def make_tls_context(tls: TlsOptions, where: str = "tls") -> ssl.SSLContext:
         try:
             ctx.load_verify_locations(cafile=tls.cafile)
         except (ssl.SSLError, OSError) as e:
-            raise ConfigError(f"{where}: CA file {tls.cafile}: {_describe(e)}") from None
+            raise TransportSettingsError(f"{where}: CA file {tls.cafile}: {_describe(e)}") from None
     else:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     if tls.keyfile is not None and tls.certfile is None:
-        raise ConfigError(f"{where}: a client key needs a client certificate")
+        raise TransportSettingsError(f"{where}: a client key needs a client certificate")
     if tls.certfile is not None:
         _readable(tls.certfile, "client certificate", where)
         if tls.keyfile is not None:
             _readable(tls.keyfile, "client key", where)
         try:
             ctx.load_cert_chain(tls.certfile, tls.keyfile, password=_no_passphrase)
-        except ConfigError as e:
-            raise ConfigError(f"{where}: client key {tls.keyfile or tls.certfile}: {e}") from None
+        except TransportSettingsError as e:
+            raise TransportSettingsError(f"{where}: client key {tls.keyfile or tls.certfile}: {e}") from None
         except (ssl.SSLError, OSError) as e:
-            raise ConfigError(f"{where}: client certificate {tls.certfile}: {_describe(e)}") from None
+            raise TransportSettingsError(f"{where}: client certificate {tls.certfile}: {_describe(e)}") from None
     return ctx
 
 

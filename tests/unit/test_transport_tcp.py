@@ -29,12 +29,12 @@ from structlog.testing import capture_logs
 from exporter.transport import (
     IPFIX_HEADER,
     WRITE_BATCH,
-    ConfigError,
     EndpointError,
     StreamOptions,
     TcpSender,
     TlsOptions,
     TlsSender,
+    TransportSettingsError,
     align_header,
     backoff_delay,
     make_tls_context,
@@ -307,7 +307,7 @@ def test_a_failing_not_sent_hook_does_not_break_the_sender() -> None:
 def test_bad_stream_options_are_config_errors() -> None:
     for kw in ({"queue_messages": 0}, {"backoff_initial": 0.0}, {"backoff_initial": 5.0, "backoff_max": 1.0},
                {"connect_timeout": 0.0}):
-        with pytest.raises(ConfigError):
+        with pytest.raises(TransportSettingsError):
             StreamOptions(**kw)
 
 
@@ -722,7 +722,7 @@ def test_tls_file_problems_are_one_line_errors_at_open(pki: dict[str, str], tmp_
         async def go(tls: TlsOptions = tls) -> None:
             await tls_sender(free_port(), tls).open()
 
-        with pytest.raises(ConfigError) as e:
+        with pytest.raises(TransportSettingsError) as e:
             asyncio.run(go())
         assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
         assert str(e.value).startswith("collector tls://127.0.0.1:")
