@@ -347,7 +347,7 @@ class Exporter:
             records = chunk if chunk is not None else self._no_records
             for ex, state in zip(self.exports, states, strict=True):
                 datagrams = ex.encoder.encode(records, now, options=state if first else None)
-                ex.sender.send(datagrams, ex.encoder.last_flow_counts)
+                ex.sender.send(datagrams, datagrams.flows)
                 sent += len(datagrams)
             res.exported += len(records)
             first = False

@@ -5,6 +5,7 @@ from exporter.ipfix.encoder import (
     EncodedTotals,
     Encoder,
     FlowTotals,
+    Messages,
     SequenceMode,
     encode_records,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "ExporterState",
     "Field",
     "FlowTotals",
+    "Messages",
     "SequenceMode",
     "Template",
     "encode_records",

@@ -1,6 +1,8 @@
 """Sans-IO IPFIX (RFC 7011) encoder: FLOW_RECORD arrays and options in, messages out.
 
-Theory of operation. `encode(records, now)` splits the batch by ip_version
+Theory of operation. `encode(records, now)` returns `Messages`: the datagrams, and for each the
+flow records it holds (`.flows`), which a sender reports for a message it could not deliver. It
+splits the batch by ip_version
 into the IPv4 (256) and IPv6 (257) data templates, then builds each family's
 data records in one go: an array of the template's packed big-endian wire
 dtype, filled column by column with whole-array assignments and viewed as
@@ -59,6 +61,7 @@ up front asks `templates_message()` for them.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Literal, get_args
@@ -203,6 +206,18 @@ class EncodedTotals:
     options_records: int = 0
 
 
+class Messages(list[bytes]):
+    """What one encode() call produced: the IPFIX messages, in order, and for each the flow records it
+    holds (`flows[i]` for message i; options records not counted), so a sender can account for a
+    message it could not deliver without decoding it again."""
+
+    def __init__(self, messages: Iterable[bytes] = (), flows: Iterable[int] = ()) -> None:
+        super().__init__(messages)
+        self.flows: list[int] = list(flows)
+        if len(self.flows) != len(self):
+            raise ValueError(f"{len(self)} messages but {len(self.flows)} flow counts")
+
+
 class Encoder:
     """IPFIX message builder for one observation domain of one collector session.
 
@@ -272,7 +287,6 @@ class Encoder:
         self._messages_since_templates = 0
         self._interfaces_sent: tuple[Interface, ...] | None = None
         self._totals = EncodedTotals()
-        self.last_flow_counts: list[int] = []  # flow records in each message of the last encode()
 
     def _announce(self) -> None:
         self._template_sets = template_sets(self.templates)
@@ -329,13 +343,13 @@ class Encoder:
         self._count_output(1, length, 0, 0)
         return MESSAGE_HEADER.pack(IPFIX_VERSION, length, export_time, self._sequence, self.odid) + self._template_sets
 
-    def encode_options(self, state: ExporterState, now: float) -> list[bytes]:
+    def encode_options(self, state: ExporterState, now: float) -> Messages:
         """Messages holding only the options records for `state` (templates first when due)."""
         return self.encode(np.zeros(0, dtype=self.record_dtype), now, options=state)
 
-    def encode(self, records: Records, now: float, options: ExporterState | None = None) -> list[bytes]:
+    def encode(self, records: Records, now: float, options: ExporterState | None = None) -> Messages:
         """Encode a FLOW_RECORD (BIFLOW_RECORD) array, after the options records for `options` if given,
-        into messages <= mtu."""
+        into messages <= mtu, with the flow records each message holds."""
         export_time = self._export_time(now)
         if records.dtype != self.record_dtype:
             kind = "BIFLOW_RECORD" if self.biflow else "FLOW_RECORD"
@@ -358,11 +372,11 @@ class Encoder:
         if len(uniflows):
             groups.extend(self._encode_groups(uniflows, self._uniflow_templates, FLOW_SOURCES))
         if not groups:
-            return []
+            return Messages()
         return self._build_py([g for g in groups if g.records > 0], now, export_time)
 
     def _encode_core(self, groups: list[RecordGroup], records: Records, uniflows: Records, now: float,
-                     export_time: int) -> list[bytes]:
+                     export_time: int) -> Messages:
         """encode() in the compiled core: data records encoded straight into the messages."""
         assert self._core is not None
         count_options = self.sequence_mode == "rfc"
@@ -377,7 +391,7 @@ class Encoder:
                 frames += [(t.template_id, t.record_length, flat, programs[v], recs.dtype.itemsize,
                             version_at, v, True, True) for v, t in templates]
         if not frames:
-            return []
+            return Messages()
         due_by_time = self._due_by_time(now)
         messages, flows, sequence, sent, since, counts = self._core.frame(
             frames, self._template_sets, self.mtu, self.odid, export_time, self._sequence, due_by_time,
@@ -385,16 +399,15 @@ class Encoder:
         if sum(counts[options:]) != len(records) + len(uniflows):
             raise ValueError("records with an ip_version other than 4 or 6")
         if not messages:
-            return []
+            return Messages()
         if sent:
             self._templates_forced = False
             self._templates_sent_at = now
         self._messages_since_templates = since
         self._sequence = sequence
-        self.last_flow_counts = flows
         self._count_output(len(messages), sum(len(m) for m in messages), len(records) + len(uniflows),
                            sum(counts[:options]))
-        return list(messages)
+        return Messages(messages, flows)
 
     def flow_totals(self, message: bytes | bytearray | memoryview) -> FlowTotals:
         """Flow records in one of this encoder's messages, with their packets and octets summed.
@@ -424,7 +437,7 @@ class Encoder:
             pos += set_len
         return total
 
-    def _build_py(self, groups: list[RecordGroup], now: float, export_time: int) -> list[bytes]:
+    def _build_py(self, groups: list[RecordGroup], now: float, export_time: int) -> Messages:
         """The reference framing (the compiled core's frame() does the same, byte for byte)."""
         messages: list[bytes] = []
         parts: list[bytes | memoryview] = []
@@ -474,12 +487,11 @@ class Encoder:
                 if not template.scope_count:
                     flows_in_message += k
         per_message.append(flows_in_message)
-        self.last_flow_counts = per_message
         length = self.mtu - room
         messages.append(pack_header(IPFIX_VERSION, length, export_time, sequence, self.odid) + b"".join(parts))
         self._sequence = (sequence + in_message) % SEQUENCE_MODULUS
         self._count_output(len(messages), sum(len(m) for m in messages), flow_records, options_records)
-        return messages
+        return Messages(messages, per_message)
 
     def _count_output(self, messages: int, octets: int, flow_records: int, options_records: int) -> None:
         t = self._totals

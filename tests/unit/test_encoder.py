@@ -553,9 +553,10 @@ def test_options_template_record_and_reduced_size() -> None:
 
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(1, 3000), mtu=st.integers(560, 9000))
-def test_last_flow_counts_match_each_message(n: int, mtu: int) -> None:
+def test_flow_counts_come_with_each_message(n: int, mtu: int) -> None:
     enc = Encoder(mtu=mtu)
     msgs = enc.encode(random_records(n), NOW)
-    assert len(enc.last_flow_counts) == len(msgs)
-    assert [enc.flow_totals(m).flows for m in msgs] == enc.last_flow_counts
-    assert sum(enc.last_flow_counts) == n
+    assert len(msgs.flows) == len(msgs)
+    assert [enc.flow_totals(m).flows for m in msgs] == msgs.flows
+    assert sum(msgs.flows) == n
+    assert enc.encode(random_records(0), NOW + 1).flows == []   # nothing to send: no stale counts
