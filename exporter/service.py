@@ -83,10 +83,13 @@ class RunConfig:
 
 @dataclass
 class Export:
-    """One collector: its own encoder state (templates, sequence numbers) and transport."""
+    """One collector: its own encoder state (templates, sequence numbers) and transport.
+
+    The transport calls back into it: `on_connect` for the templates a new stream connection
+    starts with, `lost` for messages it could not deliver."""
 
     encoder: Encoder
-    sender: Sender
+    sender: Sender = field(init=False)   # made for this export, with its callbacks (_open_export)
     not_sent: FlowTotals = field(default_factory=FlowTotals)
     not_sent_first_ms: int = 0   # when the first and the latest flow record were lost (0: none yet)
     not_sent_last_ms: int = 0
@@ -98,6 +101,11 @@ class Export:
         if self.not_sent.flows > before:
             self.not_sent_last_ms = time.time_ns() // 1_000_000
             self.not_sent_first_ms = self.not_sent_first_ms or self.not_sent_last_ms
+
+    def on_connect(self) -> bytes:
+        """Templates for a new stream connection, which may come from another source address."""
+        self.follow_source_address()
+        return self.encoder.templates_message(time.time())
 
     def follow_source_address(self) -> None:
         """exporterIPv4/IPv6Address: the session's source address, as the socket has it now."""
@@ -544,26 +552,16 @@ class Exporter:
         return FlowTable(active_timeout_s=cfg.active_timeout, idle_timeout_s=cfg.idle_timeout, capacity=capacity)
 
     async def _open_export(self, cfg: RunConfig, ep: Endpoint) -> Export:
-        enc = self._encoder(cfg)
-        holder: list[Export] = []
-
-        def on_connect() -> bytes:
-            if holder:  # a stream's new connection may come from another source address
-                holder[0].follow_source_address()
-            return enc.templates_message(time.time())
-
-        sender = make_sender(
-            ep, on_connect=on_connect,
-            on_not_sent=lambda msgs: holder[0].lost(msgs) if holder else None,
+        export = Export(self._encoder(cfg))
+        export.sender = make_sender(
+            ep, on_connect=export.on_connect, on_not_sent=export.lost,
             options=StreamOptions(queue_messages=cfg.tcp_queue_size),
             tls=TlsOptions(cafile=cfg.tls_ca, certfile=cfg.tls_cert, keyfile=cfg.tls_key,
                            server_name=cfg.tls_server_name))
-        export = Export(enc, sender)
-        holder.append(export)
-        await sender.open()
+        await export.sender.open()
         export.follow_source_address()
         if ep.scheme == "udp":  # streams send templates on each connection (on_connect) instead
-            sender.send([enc.templates_message(time.time())], [0])
+            export.sender.send([export.encoder.templates_message(time.time())], [0])
         return export
 
     def _ready_info(self) -> dict[str, Any]:
