@@ -102,10 +102,11 @@ class Export:
             self.not_sent_last_ms = time.time_ns() // 1_000_000
             self.not_sent_first_ms = self.not_sent_first_ms or self.not_sent_last_ms
 
-    def on_connect(self) -> bytes:
-        """Templates for a new stream connection, which may come from another source address."""
+    def on_connect(self, follower: bytes | None) -> bytes:
+        """Templates for a new stream connection (which may come from another source address), with
+        the header of the queued message that will follow them."""
         self.follow_source_address()
-        return self.encoder.templates_message(time.time())
+        return self.encoder.templates_message(time.time(), follower)
 
     def follow_source_address(self) -> None:
         """exporterIPv4/IPv6Address: the session's source address, as the socket has it now."""

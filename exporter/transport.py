@@ -18,7 +18,7 @@ stays; when it stops resolving, sending goes on to the last address and that is 
 
 TCP and TLS: one persistent connection, owned by a background task. `send()` only appends to a
 bounded queue (in messages and in bytes) and wakes the task. The task resolves the name, connects,
-writes the `on_connect()` bytes first (the templates: every connection is a new transport session
+writes the `on_connect(first)` bytes first (the templates: every connection is a new transport session
 that must learn them again), then the queue, messages back to back: an IPFIX message delimits
 itself by its header's length field. Writing stops at the transport's high-water mark until it
 drains, so a collector that accepts but never reads costs at most the queue, one write buffer and
@@ -32,10 +32,10 @@ choice leaves the same gap in sequence numbers. Each dropped message and its rec
 A message counts as sent once handed to the connection; what the kernel or the transport buffer
 still held when a connection broke is lost unseen (IPFIX over TCP has no acknowledgement).
 
-The `on_connect()` message is given the export time and sequence number of the first queued message
-when both are IPFIX messages of one observation domain. Queued messages were encoded earlier than
-the templates: without this the collector would see the sequence number go backwards, and
-ipfixcol2 ignores records whose export time is older than their template's.
+`on_connect(first)` is given the message that will follow the templates (None when nothing is
+queued): queued messages were encoded earlier than the templates, so the caller (the encoder,
+Encoder.templates_message) gives the templates that message's export time and sequence number.
+The transport never reads or writes an IPFIX header itself.
 
 TLS: TLS 1.2 or later, the server certificate verified against `cafile` (the system store when
 none) and its name checked (`server_name`, else the endpoint's host), an optional client
@@ -58,7 +58,6 @@ import os
 import random
 import socket
 import ssl
-import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -74,11 +73,9 @@ DEFAULT_TLS_PORT = 4740
 DEFAULT_PORTS = {"udp": DEFAULT_PORT, "tcp": DEFAULT_PORT, "tls": DEFAULT_TLS_PORT}
 SCHEMES = tuple(DEFAULT_PORTS)
 
-IPFIX_HEADER = struct.Struct("!HHIII")
-IPFIX_VERSION = 10
 WRITE_BATCH = 64 << 10
 
-OnConnect = Callable[[], bytes]
+OnConnect = Callable[[bytes | None], bytes]   # (the message that will follow) -> templates
 OnNotSent = Callable[[Sequence[bytes]], None]
 
 
@@ -200,17 +197,6 @@ def _report_not_sent(hook: OnNotSent | None, messages: Sequence[bytes], endpoint
         hook(messages)
     except Exception as e:  # accounting must not take the sender down with it
         log.error("on_not_sent hook failed", collector=str(endpoint), error=_describe(e))
-
-
-def align_header(message: bytes, follower: bytes) -> bytes:
-    """`message` with `follower`'s export time and sequence number, if both are IPFIX of one domain."""
-    if len(message) < IPFIX_HEADER.size or len(follower) < IPFIX_HEADER.size:
-        return message
-    version, _, _, _, odid = IPFIX_HEADER.unpack_from(message)
-    f_version, _, _, _, f_odid = IPFIX_HEADER.unpack_from(follower)
-    if version != IPFIX_VERSION or f_version != IPFIX_VERSION or odid != f_odid:
-        return message
-    return message[:4] + follower[4:12] + message[12:]
 
 
 def backoff_delay(attempt: int, initial: float = 0.5, maximum: float = 30.0,
@@ -357,7 +343,7 @@ class UdpSender:
                  new=str(self._addr[0]))
         if self.on_connect is not None:
             # Another collector (or another instance of it): it has never seen our templates.
-            self.send([self.on_connect()], [0])
+            self.send([self.on_connect(None)], [0])
             self.stats.template_messages += 1
 
     @property
@@ -399,7 +385,7 @@ class UdpSender:
         self._errors_at_last_send = self.stats.send_errors
         if self._failing and self.on_connect is not None and messages:
             # A collector that comes back knows no templates: whatever reaches it first must carry them.
-            messages = [align_header(self.on_connect(), messages[0]), *messages]
+            messages = [self.on_connect(messages[0]), *messages]
             counts = [0, *counts]
             self.stats.template_messages += 1
         if self._transport is None or self._transport.is_closing():
@@ -852,14 +838,12 @@ class TcpSender:
         self._up.set()
         if self.on_connect is not None:
             try:
-                first = self.on_connect()
+                first = self.on_connect(self._queue[0][0] if self._queue else None)
             except Exception as e:
                 log.error("on_connect callback failed", collector=str(self.endpoint), error=_describe(e))
                 transport.abort()
                 return f"on_connect failed: {_describe(e)}"
             if first:
-                if self._queue:
-                    first = align_header(first, self._queue[0][0])
                 transport.write(first)
                 self.stats.messages += 1
                 self.stats.octets += len(first)

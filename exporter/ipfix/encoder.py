@@ -206,6 +206,17 @@ class EncodedTotals:
     options_records: int = 0
 
 
+def align_header(message: bytes, follower: bytes) -> bytes:
+    """`message` with `follower`'s export time and sequence number, if both are IPFIX of one domain."""
+    if len(message) < MESSAGE_HEADER.size or len(follower) < MESSAGE_HEADER.size:
+        return message
+    version, _, _, _, odid = MESSAGE_HEADER.unpack_from(message)
+    f_version, _, _, _, f_odid = MESSAGE_HEADER.unpack_from(follower)
+    if version != IPFIX_VERSION or f_version != IPFIX_VERSION or odid != f_odid:
+        return message
+    return message[:4] + follower[4:12] + message[12:]
+
+
 class Messages(list[bytes]):
     """What one encode() call produced: the IPFIX messages, in order, and for each the flow records it
     holds (`flows[i]` for message i; options records not counted), so a sender can account for a
@@ -333,15 +344,21 @@ class Encoder:
         self._templates_forced = True
         self._interfaces_sent = None
 
-    def templates_message(self, now: float) -> bytes:
-        """A message holding only the (options) template sets; does not advance the sequence number."""
+    def templates_message(self, now: float, follower: bytes | None = None) -> bytes:
+        """A message holding only the (options) template sets; does not advance the sequence number.
+
+        `follower`: a message of this encoder's that will be sent right after, encoded earlier (a
+        stream's queue): the templates take its export time and sequence number, so the collector
+        sees neither go backwards (ipfixcol2 ignores records older than their template)."""
         export_time = self._export_time(now)
         self._mark_templates_sent(now)
         self._messages_since_templates = 1
         self._interfaces_sent = None  # the next options run names the interfaces
         length = MESSAGE_HEADER.size + len(self._template_sets)
         self._count_output(1, length, 0, 0)
-        return MESSAGE_HEADER.pack(IPFIX_VERSION, length, export_time, self._sequence, self.odid) + self._template_sets
+        header = MESSAGE_HEADER.pack(IPFIX_VERSION, length, export_time, self._sequence, self.odid)
+        message = header + self._template_sets
+        return message if follower is None else align_header(message, follower)
 
     def encode_options(self, state: ExporterState, now: float) -> Messages:
         """Messages holding only the options records for `state` (templates first when due)."""

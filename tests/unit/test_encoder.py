@@ -560,3 +560,13 @@ def test_flow_counts_come_with_each_message(n: int, mtu: int) -> None:
     assert [enc.flow_totals(m).flows for m in msgs] == msgs.flows
     assert sum(msgs.flows) == n
     assert enc.encode(random_records(0), NOW + 1).flows == []   # nothing to send: no stale counts
+
+
+def test_templates_for_a_queue_take_the_header_of_the_message_that_follows() -> None:
+    enc = Encoder(odid=7)
+    queued = enc.encode(random_records(5), NOW)[0]
+    later = enc.templates_message(NOW + 50, follower=queued)
+    assert later[4:12] == queued[4:12]          # export time and sequence of the queued message
+    assert later[12:16] == (7).to_bytes(4, "big") and later[16:] == enc.templates_message(NOW + 60)[16:]
+    other = Encoder(odid=8).encode(random_records(5), NOW)[0]
+    assert enc.templates_message(NOW + 50, follower=other)[4:8] == int(NOW + 50).to_bytes(4, "big")

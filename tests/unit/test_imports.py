@@ -108,3 +108,11 @@ def test_no_private_name_crosses_modules(tmp_path: Path) -> None:
     probe = tmp_path / "mod.py"
     probe.write_text("def f():\n    from xdp.loader import _hidden\n")
     assert private_imports([probe], tmp_path) == ["mod.py:2 imports xdp.loader._hidden"]
+
+
+def test_the_transport_knows_nothing_of_ipfix() -> None:
+    # The encoder owns the wire format (templates, headers, their alignment to a queue); the
+    # transport moves bytes and reports events.
+    transport = ROOT / "exporter" / "transport.py"
+    assert [name for _, name in imports(transport) if name.startswith("exporter.ipfix")] == []
+    assert '"!HHIII"' not in transport.read_text()

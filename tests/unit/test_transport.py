@@ -223,7 +223,7 @@ def test_a_collector_name_that_moves_gets_the_templates_first() -> None:
         port = one.getsockname()[1]
         two = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         two.bind(("127.0.0.2", port))
-        sender = _Moving(Endpoint("udp", "collector.test", port), resolve_every=3600, on_connect=lambda: b"T")
+        sender = _Moving(Endpoint("udp", "collector.test", port), resolve_every=3600, on_connect=lambda _first: b"T")
         sender.answers = ["127.0.0.1"]
         await sender.open()
         sender.send([b"a"])

@@ -26,8 +26,9 @@ import structlog
 import uvloop
 from structlog.testing import capture_logs
 
+from exporter.ipfix.encoder import MESSAGE_HEADER as IPFIX_HEADER
+from exporter.ipfix.encoder import align_header
 from exporter.transport import (
-    IPFIX_HEADER,
     WRITE_BATCH,
     EndpointError,
     StreamOptions,
@@ -35,7 +36,6 @@ from exporter.transport import (
     TlsOptions,
     TlsSender,
     TransportSettingsError,
-    align_header,
     backoff_delay,
     make_tls_context,
     parse_endpoint,
@@ -61,6 +61,11 @@ def message(seq: int, size: int = 100, export_time: int = EXPORT_TIME) -> bytes:
 
 
 TEMPLATES = IPFIX_HEADER.pack(10, 28, EXPORT_TIME + 10_000, 99_999, ODID) + struct.pack("!HHHHI", 2, 12, 256, 1, 0)
+
+
+def templates_for(first: bytes | None) -> bytes:
+    """The encoder's part of on_connect: templates aligned to the queued message that follows."""
+    return TEMPLATES if first is None else align_header(TEMPLATES, first)
 
 
 def seq_of(msg: bytes) -> int:
@@ -199,7 +204,7 @@ class RawServer:
 
 
 def tcp_sender(port: int, options: StreamOptions = FAST, **kw: Any) -> TcpSender:
-    return TcpSender(parse_endpoint(f"tcp://127.0.0.1:{port}"), on_connect=lambda: TEMPLATES, options=options, **kw)
+    return TcpSender(parse_endpoint(f"tcp://127.0.0.1:{port}"), on_connect=templates_for, options=options, **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -622,7 +627,7 @@ def server_context(pki: dict[str, str], require_client: bool = False) -> ssl.SSL
 
 
 def tls_sender(port: int, tls: TlsOptions, options: StreamOptions = FAST) -> TlsSender:
-    return TlsSender(parse_endpoint(f"tls://127.0.0.1:{port}"), tls=tls, on_connect=lambda: TEMPLATES,
+    return TlsSender(parse_endpoint(f"tls://127.0.0.1:{port}"), tls=tls, on_connect=templates_for,
                      options=options)
 
 
