@@ -16,7 +16,6 @@ At the built-in collector, from the last options records of the run (sent after 
 from __future__ import annotations
 
 import socket
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,8 @@ import pytest
 
 from tests.conftest import JsonCollector
 from tests.kernel import frames as fr
-from tools.netns import VethPair, in_netns, inside
+from tools.netns import VethPair, inside
+from tools.sweep import link_counters
 
 pytestmark = pytest.mark.kernel
 
@@ -68,9 +68,7 @@ def send(veth: VethPair, frames: list[bytes]) -> None:
 
 
 def rx_packets(veth: VethPair) -> int:
-    out = subprocess.run(in_netns(veth.obs, ["cat", f"/sys/class/net/{veth.obs_if}/statistics/rx_packets"]),
-                         capture_output=True, text=True, check=True).stdout
-    return int(out)
+    return link_counters(veth.obs, veth.obs_if, ["rx_packets"])["rx_packets"]
 
 
 def last(records: list[dict[str, Any]], template: int) -> dict[str, Any]:
