@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import JsonCollector
+from tests.kernel.prometheus import METRICS_PORT, scrape, value
 from tests.kernel.test_biflow_gateway import PING
-from tests.kernel.test_metrics import METRICS_PORT, scrape, value
 from tools.netns import Router, ifindex, in_netns
 
 pytestmark = pytest.mark.kernel

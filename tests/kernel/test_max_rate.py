@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.kernel.test_metrics import Samples, poll, scrape, value
+from tests.kernel.prometheus import Samples, poll, scrape, value
 from tools.bench import trafgen_profile
 from tools.netns import VethPair, in_netns
 
