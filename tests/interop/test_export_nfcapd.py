@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -10,23 +9,13 @@ from typing import Any
 import pytest
 
 from tests.conftest import xdp_attached
+from tests.interop.collecting import nf_key
 from tools import trafgen
 from tools.external import Nfcapd, Tshark
 from tools.netns import VethPair
-from tools.packets import ICMP, ICMPV6, standard_mix
+from tools.packets import standard_mix
 
 PORT = 9995
-
-
-def nf_key(r: dict[str, Any]) -> tuple[str, str, int, int, int, int]:
-    src = str(ipaddress.ip_address(r.get("src4_addr") or r.get("src6_addr")))
-    dst = str(ipaddress.ip_address(r.get("dst4_addr") or r.get("dst6_addr")))
-    proto = int(r["proto"])
-    if proto in (ICMP, ICMPV6):
-        sport, dport = 0, (int(r.get("icmp_type", 0)) << 8) | int(r.get("icmp_code", 0))
-    else:
-        sport, dport = int(r.get("src_port", 0)), int(r.get("dst_port", 0))
-    return (src, dst, proto, sport, dport, int(r.get("src_vlan", 0)))
 
 
 @pytest.mark.kernel

@@ -38,7 +38,7 @@ import pytest
 
 from collectors.server import Collector, stderr_logger
 from exporter.ipfix import RELIABILITY_TEMPLATE_ID
-from tests.interop.test_multi_collector import (
+from tests.interop.collecting import (
     NetnsLoop,
     TcpCollector,
     expected_totals,

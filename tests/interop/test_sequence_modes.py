@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from exporter.ipfix.options import INTERFACES_TEMPLATE_ID, METERING_TEMPLATE_ID
-from tests.interop.test_multi_collector import (
+from tests.interop.collecting import (
     expected_totals,
     key_totals,
     nfcapd_sequence_errors,

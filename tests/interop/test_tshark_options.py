@@ -11,7 +11,6 @@ import re
 import shutil
 import struct
 import subprocess
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from exporter.ipfix import (
     SequenceMode,
 )
 from exporter.ipfix.options import Interface
+from tests.interop.collecting import flow_sets
 from tools.synthetic import random_records
 
 pytestmark = [
@@ -93,22 +93,6 @@ def keep_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def shown_time(ms: int) -> str:
     """tshark's rendering of an absolute time in milliseconds."""
     return f"{datetime.fromtimestamp(ms / 1000, UTC):%b %d, %Y %H:%M:%S}.{ms % 1000:03d}000000 UTC"
-
-
-def flow_sets(layer: Any) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(set id, fields) of every decoded record, found by tshark's "Set n [id=X]" / "Flow n" tree labels."""
-    if isinstance(layer, dict):
-        for key, value in layer.items():
-            m = re.fullmatch(r"Set \d+ \[id=(\d+)\].*", key)
-            if m and isinstance(value, dict):
-                for sub, rec in value.items():
-                    if sub.startswith("Flow ") and isinstance(rec, dict):
-                        yield int(m.group(1)), rec
-            else:
-                yield from flow_sets(value)
-    elif isinstance(layer, list):
-        for item in layer:
-            yield from flow_sets(item)
 
 
 def state(**overrides: Any) -> ExporterState:
