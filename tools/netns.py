@@ -218,3 +218,24 @@ def leftovers() -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
     present = {line.split()[0] for line in out.splitlines() if line.strip()}
     return sorted(present & _created)
+
+
+# A script to run in a namespace with a route to B: three ICMP echo requests of 56 data bytes (84-byte IP
+# packets, as ping sends) to Router.B4, each answered (shared by the gateway tests).
+PING_B4 = f"""
+import socket, struct, time
+def checksum(b):
+    t = sum(struct.unpack(f"!{{len(b) // 2}}H", b))
+    t = (t & 0xFFFF) + (t >> 16)
+    return ~(t + (t >> 16)) & 0xFFFF
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.settimeout(5)
+for seq in range(3):
+    body = struct.pack("!HH", 0x4242, seq) + bytes(56)
+    s.sendto(struct.pack("!BBH", 8, 0, checksum(b"\\x08\\x00\\x00\\x00" + body)) + body, ("{Router.B4}", 0))
+    while True:
+        reply = s.recv(2048)
+        if reply[20] == 0 and struct.unpack_from("!HH", reply, 24) == (0x4242, seq):
+            break
+    time.sleep(0.2)
+"""

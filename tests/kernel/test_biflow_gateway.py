@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import JsonCollector
 from tests.kernel.prometheus import METRICS_PORT, scrape, value
-from tools.netns import Router, ifindex, in_netns
+from tools.netns import PING_B4, Router, ifindex, in_netns
 
 pytestmark = pytest.mark.kernel
 
@@ -49,24 +49,6 @@ c.close()
 """
 
 
-# Three ICMP echo requests of 56 data bytes (84-byte IP packets, as ping sends), each answered.
-PING = f"""
-import socket, struct, time
-def checksum(b):
-    t = sum(struct.unpack(f"!{{len(b) // 2}}H", b))
-    t = (t & 0xFFFF) + (t >> 16)
-    return ~(t + (t >> 16)) & 0xFFFF
-s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-s.settimeout(5)
-for seq in range(3):
-    body = struct.pack("!HH", 0x4242, seq) + bytes(56)
-    s.sendto(struct.pack("!BBH", 8, 0, checksum(b"\\x08\\x00\\x00\\x00" + body)) + body, ("{Router.B4}", 0))
-    while True:
-        reply = s.recv(2048)
-        if reply[20] == 0 and struct.unpack_from("!HH", reply, 24) == (0x4242, seq):
-            break
-    time.sleep(0.2)
-"""
 
 
 def _conversation(recs: list[dict[str, Any]], a: tuple[str, int], b: tuple[str, int]) -> list[dict[str, Any]]:
@@ -92,7 +74,7 @@ def test_a_connection_through_the_gateway_is_one_biflow(tmp_path: Path, xdpflow_
                                     timeout=30, check=True)
             sport = int(client.stdout.strip())
             server.wait(timeout=10)
-            subprocess.run(in_netns(r.a, [sys.executable, "-c", PING]), check=True, capture_output=True,
+            subprocess.run(in_netns(r.a, [sys.executable, "-c", PING_B4]), check=True, capture_output=True,
                            timeout=30)
             exp.wait_for("scan", timeout=10, count=len(exp.events("scan")) + 2)
             reverse_sides = value(scrape(r.router), "xdpflow_biflow_reverse_uniflows_total")

@@ -18,8 +18,7 @@ import pytest
 
 from tests.conftest import JsonCollector
 from tests.kernel.prometheus import METRICS_PORT, scrape, value
-from tests.kernel.test_biflow_gateway import PING
-from tools.netns import Router, ifindex, in_netns
+from tools.netns import PING_B4, Router, ifindex, in_netns
 
 pytestmark = pytest.mark.kernel
 
@@ -46,7 +45,7 @@ def run_gateway(tmp_path: Path, xdpflow_proc: Any, *extra: str) -> tuple[list[di
             assert started["egress"] == {r.ra_if: "tcx", r.rb_if: "tcx"}
             subprocess.run(in_netns(r.a, [sys.executable, "-c", SEND]), check=True, timeout=30)
             # The router pings b itself: host-originated, seen leaving rb only.
-            subprocess.run(in_netns(r.router, [sys.executable, "-c", PING]), check=True, capture_output=True,
+            subprocess.run(in_netns(r.router, [sys.executable, "-c", PING_B4]), check=True, capture_output=True,
                            timeout=30)
             exp.wait_for("scan", timeout=10, count=len(exp.events("scan")) + 2)
             samples = scrape(r.router)

@@ -21,7 +21,6 @@ import pytest
 
 from exporter.drain import Pages
 from tests.conftest import JsonCollector
-from tests.kernel.test_filters import COLLECTOR_PORT
 from tools import trafgen
 from tools.netns import VethPair
 from tools.packets import TCP, UDP, Flow
@@ -29,6 +28,8 @@ from xdp import bpfsys, filters
 from xdp.loader import Datapath
 
 pytestmark = pytest.mark.kernel
+
+COLLECTOR_PORT = 4739   # the test collector, in the observer namespace
 
 BOUND_SD = 5.0
 FRAME = Flow("t", "198.18.0.1", "198.19.0.1", TCP, 40000, 443, tcp_flags=0x10, payload_len=0).frame()
