@@ -36,8 +36,8 @@ from exporter.ipfix import (
 )
 from exporter.ipfix.options import Interface
 from exporter.records import FLOW_RECORD
-from tests.unit.test_encoder import Message
-from tests.unit.test_encoder import parse as parse_default
+from tests.unit.wire import Message
+from tests.unit.wire import parse as parse_default
 from tools.synthetic import random_records
 
 SETTINGS = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
