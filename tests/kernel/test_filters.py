@@ -39,7 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.drain import Pages
 from tests.conftest import ROOT, JsonCollector, Proc, xdp_prog_id, xdpflow_cmd
 from tests.kernel import frames as fr
-from tests.unit.test_filter_rules import rules_st
+from tests.strategies import rules_st
 from tools import trafgen
 from tools.netns import VethPair, in_netns
 from tools.packets import TCP, UDP, Flow
