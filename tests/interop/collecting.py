@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Coroutine, Iterable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from collectors.decoder import DataRecord, Decoder, SequenceGap
@@ -312,3 +313,41 @@ def flow_sets(layer: Any) -> Iterator[tuple[int, dict[str, Any]]]:
     elif isinstance(layer, list):
         for item in layer:
             yield from flow_sets(item)
+
+
+# -- captures for tshark: frames and a pcap file ----------------------------------------------------
+
+IPFIX_PORT = 4739
+PCAP_HEADER = struct.Struct("<IHHiIII")
+PCAP_RECORD = struct.Struct("<IIII")
+LINKTYPE_ETHERNET = 1
+
+
+def ip_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def udp_frame(payload: bytes, src: str, dst: str, sport: int, dport: int = IPFIX_PORT) -> bytes:
+    """One Ethernet/IPv4/UDP frame with valid IP and UDP checksums."""
+    s, d = bytes(map(int, src.split("."))), bytes(map(int, dst.split(".")))
+    ulen = 8 + len(payload)
+    udp_sum = ip_checksum(s + d + struct.pack("!BBH", 0, 17, ulen) + struct.pack("!HHHH", sport, dport, ulen, 0)
+                        + payload) or 0xFFFF
+    udp = struct.pack("!HHHH", sport, dport, ulen, udp_sum)
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0x4000, 64, 17, 0, s, d))
+    struct.pack_into("!H", ip, 10, ip_checksum(bytes(ip)))
+    ether = bytes.fromhex("020000000002" "020000000001" "0800")
+    return ether + bytes(ip) + udp + payload
+
+
+def write_pcap(path: Path, frames: list[tuple[float, bytes]]) -> None:
+    with path.open("wb") as f:
+        f.write(PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, 65535, LINKTYPE_ETHERNET))
+        for ts, frame in frames:
+            f.write(PCAP_RECORD.pack(int(ts), int(ts % 1 * 1_000_000), len(frame), len(frame)))
+            f.write(frame)

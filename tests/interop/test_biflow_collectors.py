@@ -22,11 +22,14 @@ import pytest
 from exporter.biflow import BiflowTable
 from exporter.ipfix import Encoder
 from exporter.records import Records
-from tests.interop.test_tshark_options import NOW, PORT, udp_frame, write_pcap
-from tests.unit.test_biflow import ACK, SYN, A, B, scan, uni
+from tests.interop.collecting import udp_frame, write_pcap
+from tests.unit.tables import ACK, SYN, A, B, scan, uni
 from tools.external import Nfacctd, Nfcapd
 
 pytestmark = pytest.mark.interop
+
+NOW = 1_700_000_000.0
+PORT = 4739
 
 
 def conversation(t0: int) -> Records:

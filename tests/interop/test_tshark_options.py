@@ -29,7 +29,7 @@ from exporter.ipfix import (
     SequenceMode,
 )
 from exporter.ipfix.options import Interface
-from tests.interop.collecting import flow_sets
+from tests.interop.collecting import flow_sets, ip_checksum, udp_frame, write_pcap
 from tools.synthetic import random_records
 
 pytestmark = [
@@ -39,41 +39,6 @@ pytestmark = [
 
 NOW = 1_700_000_000.0
 PORT = 4739
-PCAP_HEADER = struct.Struct("<IHHiIII")
-PCAP_RECORD = struct.Struct("<IIII")
-LINKTYPE_ETHERNET = 1
-
-
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def udp_frame(payload: bytes, src: str, dst: str, sport: int, dport: int = PORT) -> bytes:
-    """One Ethernet/IPv4/UDP frame with valid IP and UDP checksums."""
-    s, d = bytes(map(int, src.split("."))), bytes(map(int, dst.split(".")))
-    ulen = 8 + len(payload)
-    udp_sum = _checksum(s + d + struct.pack("!BBH", 0, 17, ulen) + struct.pack("!HHHH", sport, dport, ulen, 0)
-                        + payload) or 0xFFFF
-    udp = struct.pack("!HHHH", sport, dport, ulen, udp_sum)
-    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0x4000, 64, 17, 0, s, d))
-    struct.pack_into("!H", ip, 10, _checksum(bytes(ip)))
-    ether = bytes.fromhex("020000000002" "020000000001" "0800")
-    return ether + bytes(ip) + udp + payload
-
-
-def write_pcap(path: Path, frames: list[tuple[float, bytes]]) -> None:
-    with path.open("wb") as f:
-        f.write(PCAP_HEADER.pack(0xA1B2C3D4, 2, 4, 0, 0, 65535, LINKTYPE_ETHERNET))
-        for ts, frame in frames:
-            f.write(PCAP_RECORD.pack(int(ts), int(ts % 1 * 1_000_000), len(frame), len(frame)))
-            f.write(frame)
-
-
 def tshark(pcap: Path, *args: str) -> str:
     cmd = ["tshark", "-n", "-r", str(pcap), "-d", f"udp.port=={PORT},cflow", *args]
     return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=60).stdout
@@ -232,7 +197,7 @@ def test_expert_check_catches_a_broken_set(tmp_path: Path) -> None:
 def test_pcap_frames_have_valid_checksums() -> None:
     frame = udp_frame(b"\x00\x0a\x00\x10" + bytes(12), "10.0.0.1", "10.0.0.2", 1234)
     ip, udp = frame[14:34], frame[34:]
-    assert _checksum(ip) == 0
+    assert ip_checksum(ip) == 0
     pseudo = ip[12:20] + struct.pack("!BBH", 0, 17, len(udp))
-    assert _checksum(pseudo + udp) == 0
+    assert ip_checksum(pseudo + udp) == 0
     assert np.frombuffer(udp[:4], ">u2").tolist() == [1234, PORT]

@@ -20,6 +20,7 @@ from exporter.records import (
     END_OF_FLOW,
     FLOW_RECORD,
     KEY_SIZE,
+    Records,
 )
 
 FIN, SYN, RST, PSH, ACK = 0x01, 0x02, 0x04, 0x08, 0x10
@@ -162,3 +163,27 @@ def scenarios(draw: st.DrawFn, unique_keys: bool = True, max_pool: int = 6) -> S
                     draw(st.one_of(st.none(), st.integers(1, 4))), scans)
 
 
+# -- single records, for the biflow tests -----------------------------------------------------------
+
+A, B, C = (198, 18, 0, 1), (198, 18, 0, 2), (198, 19, 7, 9)
+T0 = 1_700_000_000_000
+
+
+def uni(src: tuple[int, ...], dst: tuple[int, ...], sport: int, dport: int, *, proto: int = 6, first: int = T0,
+        last: int | None = None, packets: int = 1, flags: int = 0, ifindex: int = 2, ttl: int = 64,
+        tos: int = 0) -> np.void:
+    r = np.zeros(1, dtype=FLOW_RECORD)[0]
+    for name, addr in (("src_addr", src), ("dst_addr", dst)):
+        r[name][10:12] = 0xFF
+        r[name][12:] = addr
+    r["src_port"], r["dst_port"], r["protocol"], r["ip_version"] = sport, dport, proto, 4
+    r["first_ms"], r["last_ms"] = first, first if last is None else last
+    r["packets"], r["octets"], r["tcp_flags"], r["ifindex"] = packets, packets * 100, flags, ifindex
+    r["min_ttl"] = r["max_ttl"] = ttl
+    r["first_flags"] = flags & 0xFF
+    r["tos"] = tos
+    return r
+
+
+def scan(*recs: np.void) -> Records:
+    return np.array(list(recs), dtype=FLOW_RECORD)

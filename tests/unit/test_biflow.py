@@ -28,30 +28,7 @@ from exporter.records import (
     FLOW_RECORD,
     Records,
 )
-
-A, B, C = (198, 18, 0, 1), (198, 18, 0, 2), (198, 19, 7, 9)
-T0 = 1_700_000_000_000
-SYN, ACK, FIN = 0x02, 0x10, 0x01
-
-
-def uni(src: tuple[int, ...], dst: tuple[int, ...], sport: int, dport: int, *, proto: int = 6, first: int = T0,
-        last: int | None = None, packets: int = 1, flags: int = 0, ifindex: int = 2, ttl: int = 64,
-        tos: int = 0) -> np.void:
-    r = np.zeros(1, dtype=FLOW_RECORD)[0]
-    for name, addr in (("src_addr", src), ("dst_addr", dst)):
-        r[name][10:12] = 0xFF
-        r[name][12:] = addr
-    r["src_port"], r["dst_port"], r["protocol"], r["ip_version"] = sport, dport, proto, 4
-    r["first_ms"], r["last_ms"] = first, first if last is None else last
-    r["packets"], r["octets"], r["tcp_flags"], r["ifindex"] = packets, packets * 100, flags, ifindex
-    r["min_ttl"] = r["max_ttl"] = ttl
-    r["first_flags"] = flags & 0xFF
-    r["tos"] = tos
-    return r
-
-
-def scan(*recs: np.void) -> Records:
-    return np.array(list(recs), dtype=FLOW_RECORD)
+from tests.unit.tables import ACK, FIN, SYN, T0, A, B, C, scan, uni
 
 
 def addr(rec: np.void, name: str) -> tuple[int, ...]:
