@@ -8,7 +8,7 @@ fields overwritten with values that switch parser paths, cuts, insertions and de
 boundaries, one frame's headers spliced onto another's rest, VLAN tags pushed in, and length fields
 that lie (IPv4 total length and IHL, IPv6 payload length, extension header lengths).
 
-Every frame goes through test_parser.Harness.run: the program must pass it unchanged and move exactly
+Every frame goes through Harness.run (tests/kernel/harness.py): the program must pass it unchanged and move exactly
 the counters tests/kernel/refparser.py predicts, and each batch's drained flows must equal the
 reference's aggregate. Mutations are placed by `layout()`, a lenient header walk that finds where the
 fields are, independent of both parsers. Example counts follow XDPFLOW_FUZZ_EXAMPLES like
@@ -34,12 +34,11 @@ from hypothesis import strategies as st
 
 from tests.kernel import captures as cap
 from tests.kernel import refparser as ref
-from tests.kernel import test_parser
+from tests.kernel.catalogue import FUZZ
+from tests.kernel.harness import FUZZ_EXAMPLES, Harness
 from tests.kernel.refparser import Metered, Verdict
-from tests.kernel.test_parser import FUZZ, FUZZ_EXAMPLES, Harness
 
 pytestmark = pytest.mark.kernel
-harness = test_parser.harness  # the module-scoped fixture: pytest finds it here by name (a load per module)
 
 TALLY: Counter[str] = Counter()
 
@@ -327,7 +326,7 @@ def mutant(draw: st.DrawFn, seeds: st.SearchStrategy[bytes], frames: Sequence[by
     return frame
 
 
-def _events(results: Sequence[ref.Result]) -> None:
+def tally_events(results: Sequence[ref.Result]) -> None:
     for r in results:
         event(f"outcome {r.value}" if isinstance(r, Verdict) else f"outcome metered v{r.key.ip_version}")
 
@@ -336,7 +335,7 @@ def _events(results: Sequence[ref.Result]) -> None:
 @given(data=st.data())
 def test_fuzz_mutated_captures(harness: Harness, capture: Capture, data: st.DataObject) -> None:
     batch = data.draw(st.lists(mutant(capture.seeds, capture.frames), min_size=1, max_size=16), label="batch")
-    _events(replay(harness, batch))
+    tally_events(replay(harness, batch))
 
 
 @FUZZ
@@ -348,4 +347,4 @@ def test_fuzz_lying_lengths(harness: Harness, capture: Capture, data: st.DataObj
     batch = [frame]
     for f in layout(frame).lengths:
         batch += data.draw(st.lists(lie(frame, f), min_size=4, max_size=4), label=f.name)
-    _events(replay(harness, batch))
+    tally_events(replay(harness, batch))

@@ -10,7 +10,7 @@ router namespace (tools.netns.inside: setns on this thread); sockets are made
 in a and b the same way.
 
 BPF_PROG_TEST_RUN: the egress program parses exactly like the XDP program
-(the parser harness of test_parser.py, direction EGRESS), GSO skbs count as
+(the parser harness, tests/kernel/harness.py, direction EGRESS), GSO skbs count as
 their segments, and the verdict is always TC_ACT_UNSPEC.
 """
 
@@ -39,17 +39,8 @@ from exporter.drain import Pages
 from tests.conftest import ROOT, xdp_attached
 from tests.kernel import frames as fr
 from tests.kernel import refparser as ref
-from tests.kernel import test_parser
-from tests.kernel.test_parser import (
-    CATALOGUE,
-    FUZZ,
-    LOOPBACK_IFINDEX,
-    MALFORMED,
-    TC_ACT_UNSPEC,
-    VALID,
-    Harness,
-    _check_expectation,
-)
+from tests.kernel.catalogue import CATALOGUE, FUZZ, MALFORMED, VALID, check_expectation
+from tests.kernel.harness import LOOPBACK_IFINDEX, TC_ACT_UNSPEC, Harness
 from tools.netns import Router, VethPair, inside, ip
 from tools.netns import ifindex as ns_ifindex
 from xdp import bpfsys
@@ -57,8 +48,6 @@ from xdp.layout import EGRESS, INGRESS
 from xdp.loader import EGRESS_TC_PREF, Datapath, LoaderError
 
 pytestmark = pytest.mark.kernel
-
-harness = test_parser.harness  # the parser tests' fixture: a module-scoped Harness of this module's own
 
 ICMP_ECHO, ICMP_ECHO_REPLY = 8, 0
 ICMP6_ECHO, ICMP6_ECHO_REPLY = 128, 129
@@ -539,7 +528,7 @@ def test_egress_catalogue(harness: Harness) -> None:
     for name, frame, want in CATALOGUE:
         got = harness.run([frame], direction=ref.EGRESS)[0]
         try:
-            _check_expectation(got, want)
+            check_expectation(got, want)
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from None
 

@@ -116,3 +116,13 @@ def test_the_transport_knows_nothing_of_ipfix() -> None:
     transport = ROOT / "exporter" / "transport.py"
     assert [name for _, name in imports(transport) if name.startswith("exporter.ipfix")] == []
     assert '"!HHIII"' not in transport.read_text()
+
+
+def test_no_test_file_imports_another() -> None:
+    # Shared test code lives in helper modules (tests/conftest.py, tests/kernel/harness.py,
+    # tests/interop/collecting.py, tests/unit/wire.py, ...), not in another file's tests.
+    bad = [f"{path.relative_to(ROOT)}:{line} imports {name}"
+           for path in sources("tests") for line, name in imports(path)
+           if name.startswith("tests.") and name.rsplit(".", 1)[-1].startswith("test_")
+           and module_name(path) != name]
+    assert bad == []
