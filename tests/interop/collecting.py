@@ -23,7 +23,7 @@ from collectors.server import Collector, stderr_logger
 from exporter.ipfix.encoder import MESSAGE_HEADER as IPFIX_HEADER
 from tools import trafgen
 from tools.netns import VethPair
-from tools.packets import ICMP, ICMPV6, Flow
+from tools.packets import ICMP, ICMPV6, Flow, checksum
 from xdp.loader import setns
 
 NFCAPD_PORT = 9995
@@ -323,24 +323,15 @@ PCAP_RECORD = struct.Struct("<IIII")
 LINKTYPE_ETHERNET = 1
 
 
-def ip_checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
 def udp_frame(payload: bytes, src: str, dst: str, sport: int, dport: int = IPFIX_PORT) -> bytes:
     """One Ethernet/IPv4/UDP frame with valid IP and UDP checksums."""
     s, d = bytes(map(int, src.split("."))), bytes(map(int, dst.split(".")))
     ulen = 8 + len(payload)
-    udp_sum = ip_checksum(s + d + struct.pack("!BBH", 0, 17, ulen) + struct.pack("!HHHH", sport, dport, ulen, 0)
+    udp_sum = checksum(s + d + struct.pack("!BBH", 0, 17, ulen) + struct.pack("!HHHH", sport, dport, ulen, 0)
                         + payload) or 0xFFFF
     udp = struct.pack("!HHHH", sport, dport, ulen, udp_sum)
     ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 0, 0x4000, 64, 17, 0, s, d))
-    struct.pack_into("!H", ip, 10, ip_checksum(bytes(ip)))
+    struct.pack_into("!H", ip, 10, checksum(bytes(ip)))
     ether = bytes.fromhex("020000000002" "020000000001" "0800")
     return ether + bytes(ip) + udp + payload
 

@@ -29,7 +29,8 @@ from exporter.ipfix import (
     SequenceMode,
 )
 from exporter.ipfix.options import Interface
-from tests.interop.collecting import flow_sets, ip_checksum, udp_frame, write_pcap
+from tests.interop.collecting import flow_sets, udp_frame, write_pcap
+from tools.packets import checksum
 from tools.synthetic import random_records
 
 pytestmark = [
@@ -197,7 +198,7 @@ def test_expert_check_catches_a_broken_set(tmp_path: Path) -> None:
 def test_pcap_frames_have_valid_checksums() -> None:
     frame = udp_frame(b"\x00\x0a\x00\x10" + bytes(12), "10.0.0.1", "10.0.0.2", 1234)
     ip, udp = frame[14:34], frame[34:]
-    assert ip_checksum(ip) == 0
+    assert checksum(ip) == 0
     pseudo = ip[12:20] + struct.pack("!BBH", 0, 17, len(udp))
-    assert ip_checksum(pseudo + udp) == 0
+    assert checksum(pseudo + udp) == 0
     assert np.frombuffer(udp[:4], ">u2").tolist() == [1234, PORT]
