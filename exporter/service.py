@@ -346,8 +346,6 @@ class Exporter:
         datagrams: list[bytes] = []
         # Options records ride with every scan (in its first messages), so collectors see the loss
         # accounting move with the data.
-        for ex in self.exports:
-            ex.follow_source_address()
         states = [self._state(ex) for ex in self.exports]
         chunks = self._ended(res, int(now * 1000), shutdown)
         chunk = next(chunks, None)

@@ -353,7 +353,8 @@ class UdpSender:
 
     @property
     def local_address(self) -> str | None:
-        # Read from the socket every time: a new route or collector address may change it.
+        # Fixed by the socket's connect; a collector name that moves reconnects and calls on_connect,
+        # whose owner reads this again.
         if self._sock is None:
             return None
         try:
