@@ -359,7 +359,7 @@ class Exporter:
             res.exported += len(records)
             first = False
             chunk = next(chunks, None)
-        del chunks   # (the expiry's buffer and the last chunk's messages go now)
+        del chunks, datagrams   # the expiry's buffer and the last chunk's messages go before the trim
         self.scans += 1
         self.records_exported += res.exported
         await asyncio.to_thread(heap.trim)   # the scan's messages are freed: hand their pages back
