@@ -230,7 +230,7 @@ def probe_native(ifindex: int) -> bool | None:
     The link goes when its fd closes, so not even a crash here leaves the probe attached.
     """
     from xdp import bpfsys
-    from xdp.loader import MODE_FLAGS
+    from xdp.attach import MODE_FLAGS
 
     try:
         prog_fd = _load_pass_program()
@@ -247,7 +247,7 @@ def probe_native(ifindex: int) -> bool | None:
 
 
 def check_interface(name: str, mode: str, probe: bool = True) -> Result:
-    from xdp.loader import attached_mode, netlink
+    from xdp.attach import attached_mode, netlink
 
     label = f"interface {name}"
     try:

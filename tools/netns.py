@@ -198,7 +198,7 @@ def ifindex(netns: str, ifname: str) -> int:
 @contextmanager
 def inside(netns: str) -> Iterator[None]:
     """Run the body with the calling thread in network namespace `netns` (see the module docstring)."""
-    from xdp.loader import thread_in_netns
+    from xdp.attach import thread_in_netns
 
     target = os.open(f"/run/netns/{netns}", os.O_RDONLY | os.O_CLOEXEC)
     try:

@@ -24,7 +24,7 @@ from exporter.ipfix.encoder import MESSAGE_HEADER as IPFIX_HEADER
 from tools import trafgen
 from tools.netns import VethPair
 from tools.packets import ICMP, ICMPV6, Flow, checksum
-from xdp.loader import setns
+from xdp.attach import setns
 
 NFCAPD_PORT = 9995
 UDP_PORT = 4739

@@ -44,8 +44,9 @@ from tests.kernel.harness import LOOPBACK_IFINDEX, TC_ACT_UNSPEC, Harness
 from tools.netns import Router, VethPair, inside, ip
 from tools.netns import ifindex as ns_ifindex
 from xdp import bpfsys
+from xdp.attach import EGRESS_TC_PREF
 from xdp.layout import EGRESS, INGRESS
-from xdp.loader import EGRESS_TC_PREF, Datapath, LoaderError
+from xdp.loader import Datapath, LoaderError
 
 pytestmark = pytest.mark.kernel
 

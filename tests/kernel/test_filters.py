@@ -45,7 +45,8 @@ from tools.netns import VethPair, in_netns
 from tools.packets import TCP, UDP, Flow
 from xdp import bpfsys, filters
 from xdp.layout import CONTROL
-from xdp.loader import NO_MATCH, Datapath
+from xdp.loader import Datapath
+from xdp.rules import NO_MATCH
 
 pytestmark = pytest.mark.kernel
 

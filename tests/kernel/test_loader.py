@@ -131,7 +131,7 @@ def test_close_frees_every_program_and_map() -> None:
     dp = Datapath(max_entries=128).load()
     progs = [bpfsys.prog_id(dp.prog_fd), bpfsys.prog_id(dp.load_egress()), bpfsys.prog_id(dp.clock_prog_fd)]
     own = (dp.flows_fd, dp.slots_fd, dp.slot_alloc_fd, dp.fence_fd, dp.clock_fd, dp.control_fd, dp.stats_fd)
-    maps = [bpfsys.map_id(fd) for fd in (*own, *dp._fds.values())]
+    maps = [bpfsys.map_id(fd) for fd in (*own, *dp.rules.fds.values())]
     assert len(set(maps)) == 17 and all(bpfsys.exists(m, is_map=True) for m in maps)
     assert all(bpfsys.exists(p) for p in progs)
     assert all(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC for fd in (dp.prog_fd, *own))
