@@ -41,12 +41,13 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import structlog
+
+from xdp.attach import netlink
 
 log = structlog.get_logger("xdpflow.kstats")
 
@@ -234,23 +235,12 @@ class _Ethtool:
 _NETDEV_NETLINK = tuple(f.name for f in fields(NetdevCounters) if not f.name.startswith("xdp_"))
 
 
-@contextmanager
-def _iproute() -> Iterator[Any]:
-    from pyroute2 import IPRoute  # only in worker threads: pyroute2 runs an asyncio loop of its own
-
-    ipr = IPRoute()
-    try:
-        yield ipr
-    finally:
-        ipr.close()
-
-
 def _netlink_reader() -> Callable[[list[tuple[str, int]]], dict[tuple[str, int], dict[str, int] | None]]:
     def read(links: list[tuple[str, int]]) -> dict[tuple[str, int], dict[str, int] | None]:
         from pyroute2.netlink.exceptions import NetlinkError
 
         out: dict[tuple[str, int], dict[str, int] | None] = {}
-        with _iproute() as ipr:
+        with netlink() as ipr:  # only in worker threads: pyroute2 runs an asyncio loop of its own
             for ifname, ifindex in links:
                 try:
                     msg = ipr.link("get", index=ifindex)[0]
