@@ -27,7 +27,7 @@ time, never correctness.
    table, so a later packet of the same 5-tuple starts a new record.
 
 Times are epoch milliseconds supplied by the caller; nothing here reads a
-clock (the benchmark helper excepted), which keeps the table deterministic.
+clock, which keeps the table deterministic.
 """
 
 from __future__ import annotations
