@@ -54,11 +54,12 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tools.jsonlog import find_event
 from tools.ready import NotReady, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -265,27 +266,6 @@ def parse_udp_socket(text: str, port: int) -> tuple[int, int] | None:
             rx_queue = int(cols[4].split(":")[1], 16)
             return rx_queue, int(cols[12])
     return None
-
-
-def json_events(text: str) -> Iterator[dict[str, Any]]:
-    """JSON log lines (others skipped) in order."""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line.startswith("{"):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                yield obj
-
-
-def find_event(text: str, event: str) -> dict[str, Any] | None:
-    found = None
-    for obj in json_events(text):
-        if obj.get("event") == event:
-            found = obj
-    return found
 
 
 # ---------------------------------------------------------------- the accounting collector
