@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from tools.jsonlog import find_event
+from tools.netns import in_netns, link_counters, netns_read
 from tools.ready import NotReady, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -567,24 +568,6 @@ def with_death_signal(argv: Sequence[str], sig: int) -> list[str]:
     return [setpriv, "--pdeathsig", signal.Signals(sig).name, *argv]
 
 
-def netns_exec(netns: str, cmd: Sequence[str]) -> list[str]:
-    return ["ip", "netns", "exec", netns, *cmd]
-
-
-def netns_read(netns: str, *paths: str) -> list[str]:
-    """Read small files (sysfs, procfs) as seen from inside `netns`, one subprocess."""
-    script = "; ".join(f"cat {p}" for p in paths)
-    res = subprocess.run(netns_exec(netns, ["sh", "-c", script]), capture_output=True, text=True, check=True,
-                         timeout=30)
-    return res.stdout.splitlines()
-
-
-def link_counters(netns: str, ifname: str, names: Sequence[str]) -> dict[str, int]:
-    base = f"/sys/class/net/{ifname}/statistics/"
-    lines = netns_read(netns, *(base + n for n in names))
-    return {n: int(v) for n, v in zip(names, lines, strict=True)}
-
-
 def machine_cpu() -> CpuTimes:
     return parse_proc_stat(Path("/proc/stat").read_text(encoding="ascii"))
 
@@ -713,7 +696,7 @@ class Sweep:
         return parse_udp_socket("\n".join(netns_read(self.obs, "/proc/net/udp")), port)
 
     def _start_collector(self, tag: str) -> Child:
-        child = Child("collector", netns_exec(self.obs, [
+        child = Child("collector", in_netns(self.obs, [
             sys.executable, "-m", "tools.sweep", "sink", "--port", str(COLLECTOR_PORT)]),
             self.logdir / f"{tag}.collector.log", cwd=ROOT, death_signal=signal.SIGTERM)
         deadline = time.monotonic() + 30
@@ -742,7 +725,7 @@ class Sweep:
     def _start_xdpflow(self, tag: str, flows: int) -> Child:
         t = self.opts.timers
         ready = self.workdir / f"{tag}.xdpflow.ready"
-        child = Child("xdpflow", netns_exec(self.obs, [
+        child = Child("xdpflow", in_netns(self.obs, [
             sys.executable, "-m", "exporter.cli", "run", "--interface", self.obs_if,
             "--collector", f"udp://127.0.0.1:{COLLECTOR_PORT}", "--scan-interval", str(t.scan_interval),
             "--active-timeout", str(t.active_timeout), "--idle-timeout", str(t.idle_timeout),
@@ -761,7 +744,7 @@ class Sweep:
     def _start_softflowd(self, tag: str, flows: int) -> tuple[Child, Path]:
         t = self.opts.timers
         ctl = self.workdir / f"{tag}.softflowd.ctl"
-        child = Child("softflowd", netns_exec(self.obs, [
+        child = Child("softflowd", in_netns(self.obs, [
             "softflowd", "-i", self.obs_if, "-n", f"127.0.0.1:{COLLECTOR_PORT}", "-v", "10", "-d",
             "-m", str(max(8192, flows + flows // 4)), "-B", str(self.opts.softflowd_buffer),
             "-p", str(self.workdir / f"{tag}.softflowd.pid"), "-c", str(ctl),
@@ -779,7 +762,7 @@ class Sweep:
         return child, ctl
 
     def _start_xdp_empty(self, tag: str) -> Child:
-        child = Child("xdp_empty", netns_exec(self.obs, [sys.executable, "-m", "tools.sweep", "xdp-empty",
+        child = Child("xdp_empty", in_netns(self.obs, [sys.executable, "-m", "tools.sweep", "xdp-empty",
                                                           self.obs_if, self.opts.xdp_mode]),
                       self.logdir / f"{tag}.xdp_empty.log", cwd=ROOT, death_signal=signal.SIGTERM)
         deadline = time.monotonic() + 120
@@ -792,7 +775,7 @@ class Sweep:
         return child
 
     def _softflowctl(self, ctl: Path, command: str) -> str:
-        res = subprocess.run(netns_exec(self.obs, ["softflowctl", "-c", str(ctl), command]), capture_output=True,
+        res = subprocess.run(in_netns(self.obs, ["softflowctl", "-c", str(ctl), command]), capture_output=True,
                              text=True, check=False, timeout=30)
         return res.stdout + res.stderr
 
@@ -801,7 +784,7 @@ class Sweep:
         if not cfg.exists():
             cfg.write_text(trafgen_profile(point.flows), encoding="ascii")
         rate = ["--rate", f"{pps}pps"] if pps else []
-        return Child("trafgen", netns_exec(self.gen, [
+        return Child("trafgen", in_netns(self.gen, [
             "trafgen", "--dev", self.gen_if, "--conf", str(cfg), "--cpus", "1", *rate, "--no-sock-mem",
             "--no-cpu-stats", "--notouch-irq"]), self.logdir / f"{tag}.trafgen.log", death_signal=signal.SIGINT)
 
