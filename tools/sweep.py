@@ -667,6 +667,17 @@ class PhaseError(RuntimeError):
     pass
 
 
+def _wait_started(child: Child, started: Callable[[], bool], timeout: float, poll: float, failure: str) -> None:
+    """Return once `started()`; if the child exits or `timeout` passes first, close it and raise PhaseError."""
+    deadline = time.monotonic() + timeout
+    while not started():
+        if not child.alive() or time.monotonic() > deadline:
+            out = child.output()
+            child.close()
+            raise PhaseError(f"{failure}: {out[-400:]}")
+        time.sleep(poll)
+
+
 @dataclass
 class Sweep:
     opts: SweepOptions
@@ -699,13 +710,8 @@ class Sweep:
         child = Child("collector", in_netns(self.obs, [
             sys.executable, "-m", "tools.sweep", "sink", "--port", str(COLLECTOR_PORT)]),
             self.logdir / f"{tag}.collector.log", cwd=ROOT, death_signal=signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while find_event(child.output(), "listening") is None:
-            if not child.alive() or time.monotonic() > deadline:
-                out = child.output()
-                child.close()
-                raise PhaseError(f"collector did not start: {out[-400:]}")
-            time.sleep(0.1)
+        _wait_started(child, lambda: find_event(child.output(), "listening") is not None, 30, 0.1,
+                      "collector did not start")
         return child
 
     def _drain_collector(self, timeout: float = 60.0) -> int:
@@ -751,13 +757,7 @@ class Sweep:
             "-t", f"maxlife={int(t.active_timeout)}", "-t", f"expint={int(t.scan_interval)}",
             "-t", f"udp={int(t.idle_timeout)}", "-t", f"general={int(t.idle_timeout)}"]),
             self.logdir / f"{tag}.softflowd.log", death_signal=signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while not ctl.exists():
-            if not child.alive() or time.monotonic() > deadline:
-                out = child.output()
-                child.close()
-                raise PhaseError(f"softflowd did not start: {out[-400:]}")
-            time.sleep(0.1)
+        _wait_started(child, ctl.exists, 15, 0.1, "softflowd did not start")
         time.sleep(0.3)
         return child, ctl
 
@@ -765,13 +765,8 @@ class Sweep:
         child = Child("xdp_empty", in_netns(self.obs, [sys.executable, "-m", "tools.sweep", "xdp-empty",
                                                           self.obs_if, self.opts.xdp_mode]),
                       self.logdir / f"{tag}.xdp_empty.log", cwd=ROOT, death_signal=signal.SIGTERM)
-        deadline = time.monotonic() + 120
-        while find_event(child.output(), "attached") is None:
-            if not child.alive() or time.monotonic() > deadline:
-                out = child.output()
-                child.close()
-                raise PhaseError(f"empty XDP program did not attach: {out[-400:]}")
-            time.sleep(0.2)
+        _wait_started(child, lambda: find_event(child.output(), "attached") is not None, 120, 0.2,
+                      "empty XDP program did not attach")
         return child
 
     def _softflowctl(self, ctl: Path, command: str) -> str:
