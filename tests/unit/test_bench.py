@@ -1,4 +1,4 @@
-"""Pure helpers of the benchmarks (tools/bench.py, tools/sweep.py, tools/plots.py): no timing assertions."""
+"""Pure helpers of the benchmarks (tools/bench.py, tools/sweep/, tools/plots.py): no timing assertions."""
 
 from __future__ import annotations
 
