@@ -16,9 +16,9 @@ import signal
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 
 def _prefix(netns: str | None) -> list[str]:
@@ -52,11 +52,21 @@ def require(binary: str, package: str) -> str:
     return path
 
 
+@dataclass(kw_only=True)
 class _Launched:
-    """A collector process with a work directory: a context manager that always cleans up."""
+    """A collector process with a work directory: a context manager that always cleans up.
 
-    workdir: str
-    proc: subprocess.Popen[str] | None
+    The work directory is a fresh temporary one unless given; cleanup removes it with the process.
+    """
+
+    workdir_prefix: ClassVar[str]
+    netns: str | None = None
+    workdir: str = ""
+    proc: subprocess.Popen[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.workdir:
+            self.workdir = tempfile.mkdtemp(prefix=self.workdir_prefix)
 
     def start(self) -> Self:
         raise NotImplementedError
@@ -82,11 +92,9 @@ class _Launched:
 class Nfcapd(_Launched):
     """nfcapd listening on host:port, writing to a temporary directory."""
 
+    workdir_prefix = "xdpflow-nfcapd-"
     port: int
     host: str = "127.0.0.1"
-    netns: str | None = None
-    workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="xdpflow-nfcapd-"))
-    proc: subprocess.Popen[str] | None = None
 
     def start(self) -> Nfcapd:
         require("nfcapd", "nfdump")
@@ -151,11 +159,9 @@ class Nfcapd(_Launched):
 class Tshark(_Launched):
     """tshark capturing UDP to `port` on an interface (default loopback) into a pcap."""
 
+    workdir_prefix = "xdpflow-tshark-"
     port: int
     iface: str = "lo"
-    netns: str | None = None
-    workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="xdpflow-tshark-"))
-    proc: subprocess.Popen[str] | None = None
 
     @property
     def pcap(self) -> str:
@@ -225,11 +231,9 @@ class Tshark(_Launched):
 class Nfacctd(_Launched):
     """pmacct's nfacctd on host:port with the print plugin writing JSON lines."""
 
+    workdir_prefix = "xdpflow-nfacctd-"
     port: int
     host: str = "127.0.0.1"
-    netns: str | None = None
-    workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="xdpflow-nfacctd-"))
-    proc: subprocess.Popen[str] | None = None
     aggregate: str = ("src_host, dst_host, src_port, dst_port, proto, vlan, tos, tcpflags, in_iface, "
                       "timestamp_start, timestamp_end")
 

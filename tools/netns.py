@@ -20,6 +20,10 @@ handles and interface lookups made there belong to that namespace and keep
 belonging to it afterwards. That is how a test process loads the datapath
 once and attaches it in a namespace, or sends from one namespace and
 receives in another, without a subprocess.
+
+`netns_read` reads small sysfs and procfs files as a namespace sees them (one
+`ip netns exec` for all of them); `link_counters` reads an interface's
+statistics that way.
 """
 
 from __future__ import annotations
@@ -211,6 +215,21 @@ def inside(netns: str) -> Iterator[None]:
 def sysctl(netns: str, key: str, value: str) -> None:
     path = "/proc/sys/" + key.replace(".", "/")
     subprocess.run(in_netns(netns, ["sh", "-c", f"echo {value} > {path}"]), check=True, capture_output=True)
+
+
+def netns_read(netns: str, *paths: str) -> list[str]:
+    """Read small files (sysfs, procfs) as seen from inside `netns`, one subprocess."""
+    script = "; ".join(f"cat {p}" for p in paths)
+    res = subprocess.run(in_netns(netns, ["sh", "-c", script]), capture_output=True, text=True, check=True,
+                         timeout=30)
+    return res.stdout.splitlines()
+
+
+def link_counters(netns: str, ifname: str, names: Sequence[str]) -> dict[str, int]:
+    """Counters of /sys/class/net/IFNAME/statistics (rx_packets, tx_dropped...) of `ifname` in `netns`."""
+    base = f"/sys/class/net/{ifname}/statistics/"
+    lines = netns_read(netns, *(base + n for n in names))
+    return {n: int(v) for n, v in zip(names, lines, strict=True)}
 
 
 def leftovers() -> list[str]:

@@ -19,6 +19,7 @@ PIPELINE_STAGES = ("fold", "expire", "encode", "send")   # tools/bench.py StageT
 
 STYLE = {"xdpflow": dict(color="tab:blue", marker="o"), "softflowd": dict(color="tab:red", marker="s"),
          "xdp_empty": dict(color="tab:grey", marker="^", ls="--")}
+LABELS = {"xdp_empty": "empty XDP program"}
 
 
 def _pyplot() -> Any:
@@ -40,11 +41,29 @@ def _series(lines: Sequence[dict[str, Any]], x: str, y: str) -> tuple[list[float
     return xs, ys
 
 
-def _flow_axis(ax: Any) -> None:
+def _per_probe(ax: Any, lines: Sequence[dict[str, Any]], x: str, y: str, label: str,
+               probes: Sequence[str] = ("xdpflow", "softflowd"), floor: float | None = None) -> None:
+    """One line a probe with data: column `y` against column `x`, in x order.
+
+    "{probe}" in `x`, `y` and `label` stands for the probe (in `label`, its LABELS name). `floor`
+    lifts values up to it, so a probe near 0 still shows on a log scale.
+    """
+    for probe in probes:
+        pts = sorted(zip(*_series(lines, x.format(probe=probe), y.format(probe=probe)), strict=True))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] if floor is None else max(p[1], floor) for p in pts],
+                    label=label.format(probe=LABELS.get(probe, probe)), **STYLE[probe])
+
+
+def _log_x(ax: Any, label: str) -> None:
     ax.set_xscale("log")
-    ax.set_xlabel("concurrent flows")
+    ax.set_xlabel(label)
     ax.xaxis.set_major_formatter(_formatter())
     ax.grid(True, which="both", alpha=0.3)
+
+
+def _flow_axis(ax: Any) -> None:
+    _log_x(ax, "concurrent flows")
 
 
 def _formatter() -> Any:
@@ -73,13 +92,8 @@ def write_plots(out_dir: Path, sweep_rows: Sequence[dict[str, Any]],
     if flow_lines:
         rate = flow_lines[0]["pps_target"]
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-        for probe in ("xdpflow", "softflowd"):
-            xs, ys = _series(flow_lines, "flows", f"{probe}_probe_cpu_cores")
-            if xs:
-                a1.plot(xs, [max(y, 1e-4) for y in ys], label=f"{probe} process", **STYLE[probe])
-            xs, ys = _series(flow_lines, "flows", f"{probe}_overhead_cores")
-            if xs:
-                a2.plot(xs, ys, label=f"{probe} overhead", **STYLE[probe])
+        _per_probe(a1, flow_lines, "flows", "{probe}_probe_cpu_cores", "{probe} process", floor=1e-4)
+        _per_probe(a2, flow_lines, "flows", "{probe}_overhead_cores", "{probe} overhead")
         a1.set_yscale("log")
         a1.set_ylabel("CPU (cores), user+sys of the process")
         a1.set_title(f"Probe process CPU vs flows at {human_count(rate)} pps" if rate else "Probe process CPU")
@@ -92,10 +106,7 @@ def write_plots(out_dir: Path, sweep_rows: Sequence[dict[str, Any]],
         save(fig, "cpu_vs_flows.png")
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for probe in ("xdpflow", "softflowd"):
-            xs, ys = _series(flow_lines, "flows", f"{probe}_peak_rss_mb")
-            if xs:
-                ax.plot(xs, ys, label=f"{probe} peak RSS", **STYLE[probe])
+        _per_probe(ax, flow_lines, "flows", "{probe}_peak_rss_mb", "{probe} peak RSS")
         xs, ys = _series(flow_lines, "flows", "xdpflow_kernel_map_mb")
         if xs:
             ax.plot(xs, ys, label="xdpflow kernel maps", color="tab:blue", ls="--")
@@ -107,10 +118,7 @@ def write_plots(out_dir: Path, sweep_rows: Sequence[dict[str, Any]],
         save(fig, "memory_vs_flows.png")
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for probe in ("xdpflow", "softflowd"):
-            xs, ys = _series(flow_lines, "flows", f"{probe}_accounted_ratio")
-            if xs:
-                ax.plot(xs, ys, label=probe, **STYLE[probe])
+        _per_probe(ax, flow_lines, "flows", "{probe}_accounted_ratio", "{probe}")
         ax.set_ylabel("packets accounted at the collector / packets sent")
         ax.set_ylim(0, 1.05)
         ax.set_title("Accounted packets vs concurrent flows")
@@ -120,17 +128,9 @@ def write_plots(out_dir: Path, sweep_rows: Sequence[dict[str, Any]],
 
     if len(rate_lines) > 1:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-        for probe in ("xdpflow", "softflowd"):
-            pts = sorted(zip(*_series(rate_lines, f"{probe}_pps_sent", f"{probe}_probe_cpu_cores"), strict=True))
-            if pts:
-                a1.plot([p[0] for p in pts], [max(p[1], 1e-4) for p in pts], label=f"{probe} process",
-                        **STYLE[probe])
-        for probe in ("xdp_empty", "xdpflow", "softflowd"):
-            pts = sorted(zip(*_series(rate_lines, f"{probe}_pps_sent", f"{probe}_overhead_ns_per_packet"),
-                             strict=True))
-            if pts:
-                label = "empty XDP program" if probe == "xdp_empty" else probe
-                a2.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **STYLE[probe])
+        _per_probe(a1, rate_lines, "{probe}_pps_sent", "{probe}_probe_cpu_cores", "{probe} process", floor=1e-4)
+        _per_probe(a2, rate_lines, "{probe}_pps_sent", "{probe}_overhead_ns_per_packet", "{probe}",
+                   probes=("xdp_empty", "xdpflow", "softflowd"))
         a1.set_yscale("log")
         a1.set_ylabel("CPU (cores), user+sys of the process")
         a1.set_title(f"Process CPU vs packet rate at {human_count(rate_flows)} flows")
@@ -138,10 +138,7 @@ def write_plots(out_dir: Path, sweep_rows: Sequence[dict[str, Any]],
         a2.set_ylabel("ns of machine CPU per packet, beyond the no-probe run")
         a2.set_title("Probe overhead per packet vs packet rate")
         for ax in (a1, a2):
-            ax.set_xscale("log")
-            ax.set_xlabel("packets/s sent")
-            ax.xaxis.set_major_formatter(_formatter())
-            ax.grid(True, which="both", alpha=0.3)
+            _log_x(ax, "packets/s sent")
             ax.legend()
         save(fig, "cpu_vs_rate.png")
 

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tools.jsonlog import json_object
 from tools.ready import NotReady, wait_ready
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -264,9 +265,8 @@ class CollectorProc:
     def _read(self) -> None:
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
+            rec = json_object(line)
+            if rec is None:
                 continue
             if rec.get("event") in ("totals", "summary"):
                 self.totals = Totals.from_json(rec)
@@ -312,12 +312,8 @@ class Exporter:
     def _read(self) -> None:
         assert self.popen.stderr is not None
         for line in self.popen.stderr:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                self.bad_lines.append(line.rstrip())
-                continue
-            if not isinstance(rec, dict):
+            rec = json_object(line)
+            if rec is None:
                 self.bad_lines.append(line.rstrip())
                 continue
             if rec.get("event") == "scan":

@@ -24,8 +24,7 @@ import pytest
 
 from tests.conftest import JsonCollector
 from tests.kernel import frames as fr
-from tools.netns import VethPair, inside
-from tools.sweep import link_counters
+from tools.netns import VethPair, inside, link_counters
 
 pytestmark = pytest.mark.kernel
 

@@ -1,4 +1,4 @@
-"""Pure helpers of the benchmarks (tools/bench.py, tools/sweep.py, tools/plots.py): no timing assertions."""
+"""Pure helpers of the benchmarks (tools/bench.py, tools/sweep/, tools/plots.py): no timing assertions."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from tools import bench, sweep
+from tools.jsonlog import find_event
 from tools.sweep import (
     CpuTimes,
     Point,
     SweepOptions,
     Tally,
     derive,
-    find_event,
     flow_grid,
     human_count,
     parse_pid_stat,
