@@ -311,15 +311,15 @@ def check_pattern(pattern: str) -> Result:
 # -- memory, TLS, collectors ----------------------------------------------------------------------
 
 def check_memory(cfg: Config) -> Result:
-    from xdp.loader import human_bytes, map_memory_bytes, possible_cpus
+    from xdp.loader import map_memory_bytes, possible_cpus
+    from xdp.sizing import human_bytes
 
     need = map_memory_bytes(cfg.max_entries)
     what = (f"{human_bytes(need)} for max_entries {cfg.max_entries} ({possible_cpus()} CPUs), "
             f"budget max_kernel_memory {human_bytes(cfg.max_kernel_memory)}")
-    if need > cfg.max_kernel_memory:
-        fit = cfg.max_kernel_memory // map_memory_bytes(1)
-        return Result(FAIL, "map memory", what, f"set max_entries <= {fit}, or max_kernel_memory >= "
-                                                f"{-(-need // (1 << 20))}M")
+    if configmod.memory_problem(cfg.max_entries, cfg.max_kernel_memory) is not None:
+        return Result(FAIL, "map memory", what, f"set max_entries <= {configmod.entries_within(cfg.max_kernel_memory)}"
+                                                f", or max_kernel_memory >= {-(-need // (1 << 20))}M")
     available = _mem_available()
     if available is not None and need > available // 2:
         return Result(WARN, "map memory", f"{what}; more than half of the {human_bytes(available)} available",
