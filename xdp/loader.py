@@ -242,8 +242,6 @@ class Datapath:
         return filters.sampling_probability(self.sampling)
 
     def load(self) -> Datapath:
-        if self.max_entries < 1:
-            raise LoaderError(f"max_entries must be at least 1, got {self.max_entries}")
         need = self.memory_bytes
         if need > self.memory_budget:
             raise LoaderError(
