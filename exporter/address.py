@@ -1,6 +1,6 @@
 """One grammar for socket addresses: HOST:PORT, [V6]:PORT, :PORT, PORT and SCHEME://HOST[:PORT][/].
 
-    address = [scheme "://"] [host] [":" port] ["/" after a scheme]
+    address = [scheme "://"] [host] [":" port] ["/" where schemes are taken]
     host    = name or IPv4 address (letters, digits, ".", "-", "_") | "[" IPv6 address "]"
 
 Every HOST:PORT in xdpflow is read by `parse_address`. The readers differ only in what may be left
@@ -85,7 +85,7 @@ def parse_address(text: str, *, schemes: Collection[str] = (), default_scheme: s
     scheme, sep, rest = raw.partition("://")
     if not sep:
         scheme, rest = "", raw
-    elif rest.endswith("/"):   # a URL may end with its root path
+    if schemes and rest.endswith("/"):   # a URL may end with its root path, its scheme written or not
         rest = rest[:-1]
     scheme = scheme.lower()
     host, port_text = _split(rest, bare_port)

@@ -23,6 +23,7 @@ METRICS = {"default_host": "127.0.0.1", "bare_port": True}
     ("collector.example", ENDPOINT, Address("collector.example", 4739, "udp")),
     ("TLS://[2001:db8::1]", ENDPOINT, Address("2001:db8::1", 4740, "tls")),
     ("tcp://h:1/", ENDPOINT, Address("h", 1, "tcp")),
+    ("h:1/", ENDPOINT, Address("h", 1, "udp")),
     ("h", {**ENDPOINT, "default_port": 2055}, Address("h", 2055, "udp")),
     ("tcp://127.0.0.1:4739", {"schemes": ("udp", "tcp")}, Address("127.0.0.1", 4739, "tcp")),
 ])
@@ -41,6 +42,7 @@ def test_each_reader_leaves_out_what_it_may(text: str, kw: dict[str, object], ex
     ("[::1]x", {}, "expected [IPv6]:PORT"),
     ("h:ipfix", ENDPOINT, "port 'ipfix' is not a number"),
     ("h:-1", {}, "is not a number"),
+    ("h:1/", {}, "unexpected path or query"),
     ("udp://h:1/path", ENDPOINT, "unexpected path or query"),
     ("tcp://h:1?x=1", ENDPOINT, "unexpected path or query"),
     ("sctp://h:1", ENDPOINT, "transport 'sctp' is not supported (use udp, tcp, tls)"),
