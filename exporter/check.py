@@ -250,17 +250,16 @@ def check_interface(name: str, mode: str, probe: bool = True) -> Result:
     from xdp.loader import attached_mode, netlink
 
     label = f"interface {name}"
-    try:
-        ifindex = socket.if_nametoindex(name)
-    except OSError:
-        return Result(FAIL, label, "no such interface in this network namespace",
+    if (missing := configmod.interface_problem(name)) is not None:   # what `run` refuses, in its words
+        return Result(FAIL, label, missing,
                       "check the name with `ip link`; for an interface in another namespace run xdpflow "
                       "there: ip netns exec NS xdpflow check ...")
     try:
+        ifindex = socket.if_nametoindex(name)
         with netlink() as ipr:
             link = ipr.link("get", index=ifindex)[0]
             current = attached_mode(ipr, ifindex)
-    except Exception as e:  # pyroute2 NetlinkError: no privilege, interface just went
+    except Exception as e:  # pyroute2 NetlinkError: no privilege; OSError: the interface just went
         return Result(FAIL, label, f"cannot inspect it: {e}", CAPS_FIX)
     if current is not None:
         xdp = link.get_attr("IFLA_XDP")
