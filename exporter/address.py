@@ -85,21 +85,21 @@ def parse_address(text: str, *, schemes: Collection[str] = (), default_scheme: s
     scheme, sep, rest = raw.partition("://")
     if not sep:
         scheme, rest = "", raw
+    elif not schemes:
+        raise AddressError("expected HOST:PORT, not a URL")
     if schemes and rest.endswith("/"):   # a URL may end with its root path, its scheme written or not
         rest = rest[:-1]
     scheme = scheme.lower()
     host, port_text = _split(rest, bare_port)
     # The port first: "port 70000 is out of range" says more than what else may be wrong.
     port: int | None = None
-    if port_text is not None:
+    if port_text:   # "HOST:" is HOST, as urlsplit reads it
         if not (port_text.isascii() and port_text.isdigit()):
             raise AddressError(f"port {port_text!r} is not a number")
         port = int(port_text)
         if not min_port <= port <= MAX_PORT:
-            raise PortRangeError(f"port {port} is out of range; allowed {min_port}..{MAX_PORT}")
+            raise PortRangeError(f"port {port_text} is out of range; allowed {min_port}..{MAX_PORT}")
     if sep and scheme not in schemes:
-        if not schemes:
-            raise AddressError("expected HOST:PORT, not a URL")
         raise AddressError(f"transport {scheme!r} is not supported (use {', '.join(schemes)})")
     if not sep and schemes:
         if default_scheme is None:

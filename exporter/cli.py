@@ -56,6 +56,7 @@ def add_log_options(p: argparse.ArgumentParser) -> None:
 
 def _cmd_dump(args: argparse.Namespace) -> int:
     from exporter import check, dump
+    from exporter.config import Config
     from exporter.readiness import ready_file_problem
 
     problems = check.run_preflight()
@@ -66,8 +67,6 @@ def _cmd_dump(args: argparse.Namespace) -> int:
 
     if args.ready_file is not None and (why := ready_file_problem(args.ready_file)) is not None:
         raise CliError(f"--ready-file {args.ready_file}: {why}")
-    from exporter.config import Config
-
     kernel = Config(interfaces=tuple(name for names in args.interface for name in names), mode=args.mode,
                     max_entries=args.max_entries, max_kernel_memory=args.max_kernel_memory,
                     scan_interval=args.scan_interval or Config.scan_interval, ready_file=args.ready_file)

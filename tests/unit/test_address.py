@@ -24,6 +24,7 @@ METRICS = {"default_host": "127.0.0.1", "bare_port": True}
     ("TLS://[2001:db8::1]", ENDPOINT, Address("2001:db8::1", 4740, "tls")),
     ("tcp://h:1/", ENDPOINT, Address("h", 1, "tcp")),
     ("h:1/", ENDPOINT, Address("h", 1, "udp")),
+    ("tcp://h:", ENDPOINT, Address("h", 4739, "tcp")),
     ("h", {**ENDPOINT, "default_port": 2055}, Address("h", 2055, "udp")),
     ("tcp://127.0.0.1:4739", {"schemes": ("udp", "tcp")}, Address("127.0.0.1", 4739, "tcp")),
 ])
@@ -35,6 +36,7 @@ def test_each_reader_leaves_out_what_it_may(text: str, kw: dict[str, object], ex
     ("", {}, "empty address"),
     ("localhost", {}, "expected HOST:PORT"),
     ("9477", {}, "expected HOST:PORT"),
+    ("h:", {}, "expected HOST:PORT"),
     (":4739", {}, "no host"),
     ("::1:4739", {}, "write an IPv6 address in brackets"),
     ("[::1", ENDPOINT, "IPv6"),
