@@ -3,7 +3,10 @@
 Precedence, lowest first: defaults; the TOML file (--config, else XDPFLOW_CONFIG, else
 /etc/xdpflow/xdpflow.toml when it exists); XDPFLOW_<KEY> environment variables; command-line flags.
 Every value given is validated and every problem is reported at once, one line each naming the key,
-the value, where it came from and what is allowed (`ConfigError.lines`).
+the value, where it came from and what is allowed (`ConfigError.lines`). The service runs from this
+Config as it is (SIGHUP's reload builds another); dump reads its flags with the same parsers
+(`flag_type`) and check asks the same questions of the machine (memory, interfaces, files).
+Addresses are read by the one grammar, exporter/address.py.
 """
 
 from __future__ import annotations
