@@ -50,6 +50,7 @@ from collectors.decoder import (
     SequenceGap,
     Value,
 )
+from exporter.address import AddressError, parse_address
 
 DEFAULT_PORT = 4739
 UDP_TEMPLATE_LIFETIME = 1800.0
@@ -58,21 +59,12 @@ _META = ("_exporter", "_odid", "_template_id", "_options", "_export_time", "_seq
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[IPV6]:PORT`` to ``(host, port)``; ValueError with a readable message."""
-    text = value.strip()
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-        if not sep or not host:
-            raise ValueError(f"bad --listen {value!r}: expected [IPV6]:PORT")
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"bad --listen {value!r}: expected HOST:PORT")
-        if ":" in host:
-            raise ValueError(f"bad --listen {value!r}: write IPv6 addresses as [ADDR]:PORT")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"bad --listen {value!r}: port must be a number 0-65535")
-    return host, int(port_text)
+    """``HOST:PORT`` or ``[IPV6]:PORT`` (port 0: any) to ``(host, port)``; ValueError with a readable message."""
+    try:
+        listen = parse_address(value, min_port=0)
+    except AddressError as e:
+        raise ValueError(f"bad --listen {value!r}: {e}") from None
+    return listen.host, listen.port
 
 
 def format_exporter(addr: Any) -> str:

@@ -250,17 +250,16 @@ def check_interface(name: str, mode: str, probe: bool = True) -> Result:
     from xdp.attach import attached_mode, netlink
 
     label = f"interface {name}"
-    try:
-        ifindex = socket.if_nametoindex(name)
-    except OSError:
-        return Result(FAIL, label, "no such interface in this network namespace",
+    if (missing := configmod.interface_problem(name)) is not None:   # what `run` refuses, in its words
+        return Result(FAIL, label, missing,
                       "check the name with `ip link`; for an interface in another namespace run xdpflow "
                       "there: ip netns exec NS xdpflow check ...")
     try:
+        ifindex = socket.if_nametoindex(name)
         with netlink() as ipr:
             link = ipr.link("get", index=ifindex)[0]
             current = attached_mode(ipr, ifindex)
-    except Exception as e:  # pyroute2 NetlinkError: no privilege, interface just went
+    except Exception as e:  # pyroute2 NetlinkError: no privilege; OSError: the interface just went
         return Result(FAIL, label, f"cannot inspect it: {e}", CAPS_FIX)
     if current is not None:
         xdp = link.get_attr("IFLA_XDP")
@@ -311,15 +310,15 @@ def check_pattern(pattern: str) -> Result:
 # -- memory, TLS, collectors ----------------------------------------------------------------------
 
 def check_memory(cfg: Config) -> Result:
-    from xdp.loader import human_bytes, map_memory_bytes, possible_cpus
+    from xdp.loader import map_memory_bytes, possible_cpus
+    from xdp.sizing import human_bytes
 
     need = map_memory_bytes(cfg.max_entries)
     what = (f"{human_bytes(need)} for max_entries {cfg.max_entries} ({possible_cpus()} CPUs), "
             f"budget max_kernel_memory {human_bytes(cfg.max_kernel_memory)}")
-    if need > cfg.max_kernel_memory:
-        fit = cfg.max_kernel_memory // map_memory_bytes(1)
-        return Result(FAIL, "map memory", what, f"set max_entries <= {fit}, or max_kernel_memory >= "
-                                                f"{-(-need // (1 << 20))}M")
+    if configmod.memory_problem(cfg.max_entries, cfg.max_kernel_memory) is not None:
+        return Result(FAIL, "map memory", what, f"set max_entries <= {configmod.entries_within(cfg.max_kernel_memory)}"
+                                                f", or max_kernel_memory >= {-(-need // (1 << 20))}M")
     available = _mem_available()
     if available is not None and need > available // 2:
         return Result(WARN, "map memory", f"{what}; more than half of the {human_bytes(available)} available",

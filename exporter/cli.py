@@ -30,37 +30,22 @@ def _positive_float(text: str) -> float:
     return v
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return v
-
-
-def _bytes_size(text: str) -> int:
-    from exporter.config import parse_size  # the config layer's parser: one grammar for sizes
-
-    v = parse_size(text)
-    if v is None or v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 512M, 1G)")
-    return v
-
-
 def add_kernel_options(p: argparse.ArgumentParser) -> None:
+    """The kernel keys dump takes as flags, read by the config's own parsers (one meaning for a value)."""
+    from exporter import config as configmod
+
     g = p.add_argument_group("kernel datapath")
     g.add_argument("--interface", "-i", action="append", required=True, metavar="IF",
-                   help="interface to meter (repeat for several)")
+                   type=configmod.flag_type("interfaces"), help="interface to meter (repeat for several)")
     g.add_argument("--mode", choices=("auto", "native", "generic"), default="auto",
                    help="XDP mode: native (driver), generic (any interface, slower) or auto: native where the "
                         "driver supports it, else generic (default: %(default)s)")
-    g.add_argument("--max-entries", type=_positive_int, default=DEFAULT_MAX_ENTRIES, metavar="N",
-                   help="flow table size per page in the kernel (default: %(default)s, as Skydive)")
-    g.add_argument("--max-kernel-memory", type=_bytes_size, default=DEFAULT_MEMORY_BUDGET, metavar="SIZE",
+    g.add_argument("--max-entries", type=configmod.flag_type("max_entries"), default=DEFAULT_MAX_ENTRIES,
+                   metavar="N", help="flow table size per page in the kernel (default: %(default)s, as Skydive)")
+    g.add_argument("--max-kernel-memory", type=configmod.flag_type("max_kernel_memory"),
+                   default=DEFAULT_MEMORY_BUDGET, metavar="SIZE",
                    help="refuse to start if the flow maps would need more kernel memory than this "
-                        "(default: 1G)")
+                        f"(default: {configmod.default_text('max_kernel_memory')})")
 
 
 def add_log_options(p: argparse.ArgumentParser) -> None:
@@ -71,6 +56,7 @@ def add_log_options(p: argparse.ArgumentParser) -> None:
 
 def _cmd_dump(args: argparse.Namespace) -> int:
     from exporter import check, dump
+    from exporter.config import Config
     from exporter.readiness import ready_file_problem
 
     problems = check.run_preflight()
@@ -81,13 +67,16 @@ def _cmd_dump(args: argparse.Namespace) -> int:
 
     if args.ready_file is not None and (why := ready_file_problem(args.ready_file)) is not None:
         raise CliError(f"--ready-file {args.ready_file}: {why}")
-    opts = dump.DumpOptions(interfaces=tuple(args.interface), mode=args.mode, seconds=args.seconds,
-                            json=args.json, scan_interval=args.scan_interval, max_entries=args.max_entries,
-                            max_kernel_memory=args.max_kernel_memory, ready_file=args.ready_file)
+    kernel = Config(interfaces=tuple(name for names in args.interface for name in names), mode=args.mode,
+                    max_entries=args.max_entries, max_kernel_memory=args.max_kernel_memory,
+                    scan_interval=args.scan_interval or Config.scan_interval, ready_file=args.ready_file)
+    opts = dump.DumpOptions(kernel, seconds=args.seconds, json=args.json, flip=args.scan_interval is not None)
     return dump.run(opts)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from exporter import config as configmod
+
     parser = argparse.ArgumentParser(
         prog="xdpflow",
         description="Flow metering in XDP, exported as IPFIX. The kernel counts packets per flow in per-CPU "
@@ -103,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_kernel_options(p)
     p.add_argument("--seconds", type=_positive_float, default=None, help="stop after N seconds (default: Ctrl-C)")
     p.add_argument("--json", action="store_true", help="JSON lines named after IPFIX elements, then counters")
-    p.add_argument("--scan-interval", type=_positive_float, default=None, metavar="S",
+    p.add_argument("--scan-interval", type=configmod.flag_type("scan_interval"), default=None, metavar="S",
                    help="flip and drain the kernel pages every S seconds while counting (as the exporter does)")
     p.add_argument("--ready-file", metavar="PATH", default=None,
                    help="write this file once the program is attached (remove it at the end), so a script "

@@ -3,7 +3,10 @@
 Precedence, lowest first: defaults; the TOML file (--config, else XDPFLOW_CONFIG, else
 /etc/xdpflow/xdpflow.toml when it exists); XDPFLOW_<KEY> environment variables; command-line flags.
 Every value given is validated and every problem is reported at once, one line each naming the key,
-the value, where it came from and what is allowed (`ConfigError.lines`).
+the value, where it came from and what is allowed (`ConfigError.lines`). The service runs from this
+Config as it is (SIGHUP's reload builds another); dump reads its flags with the same parsers
+(`flag_type`) and check asks the same questions of the machine (memory, interfaces, files).
+Addresses are read by the one grammar, exporter/address.py.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from exporter import logs
+from exporter.address import AddressError, PortRangeError, parse_address
 from exporter.readiness import ready_file_problem
-from exporter.transport import Endpoint, EndpointError, parse_endpoint
+from exporter.transport import DEFAULT_PORTS, SCHEMES, Endpoint, EndpointError, parse_endpoint
 from xdp import filters
-from xdp.sizing import DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET
+from xdp.sizing import DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET, human_bytes
 
 DEFAULT_PATH = "/etc/xdpflow/xdpflow.toml"
 ENV_PREFIX = "XDPFLOW_"
@@ -168,32 +172,18 @@ def _interfaces(v: object, text: bool) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _url_port(text: str) -> str:
-    """The port part of HOST:PORT, [V6]:PORT or SCHEME://HOST:PORT/..., "" when there is none."""
-    hostport = text.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0]
-    if hostport.startswith("["):
-        tail = hostport.partition("]")[2]
-        return tail[1:] if tail.startswith(":") else ""
-    return hostport.rpartition(":")[2] if hostport.count(":") == 1 else ""
-
-
-def _port_problem(text: str) -> str | None:
-    port = _url_port(text)
-    if port.isascii() and port.isdigit() and not 1 <= int(port) <= 65535:
-        return f"port {port} is out of range; allowed 1..65535"
-    return None
+ENDPOINT_FORMS = "SCHEME://HOST:PORT (udp, tcp, tls), HOST:PORT or [V6]:PORT"
 
 
 def _endpoint_problem(text: str) -> str | None:
-    if (p := _port_problem(text)) is not None:
-        return p
     try:
-        ep = parse_endpoint(text)
-    except EndpointError as e:
+        parse_address(text, schemes=SCHEMES, default_scheme="udp", default_port=DEFAULT_PORTS)
+        parse_endpoint(text)   # the transport's own reading of it, until it reads with the same grammar
+    except PortRangeError as e:
+        return str(e)
+    except (AddressError, EndpointError) as e:
         msg = str(e).removeprefix(f"collector {text!r}: ")
-        return msg if "(use " in msg else f"{msg}; allowed: SCHEME://HOST:PORT (udp, tcp, tls), HOST:PORT or [V6]:PORT"
-    if not 1 <= ep.port <= 65535:
-        return f"port {ep.port} is out of range; allowed 1..65535"
+        return msg if "(use " in msg else f"{msg}; allowed: {ENDPOINT_FORMS}"
     return None
 
 
@@ -253,12 +243,12 @@ def _metrics(v: object, text: bool) -> str | None:
         return None
     if s.lower() in ("on", "true", "yes"):
         return f"{METRICS_HOST}:{METRICS_PORT}"
-    m = re.fullmatch(r"(?:(\[[0-9a-fA-F:.]+\]|[\w.-]*):)?(\d+)", s)
-    if not m:
-        raise _bad(allowed)
-    if not 1 <= int(m.group(2)) <= 65535:
-        raise _bad(f"port {m.group(2)} is out of range; allowed 1..65535")
-    return f"{m.group(1) or METRICS_HOST}:{int(m.group(2))}"
+    try:
+        return str(parse_address(s, default_host=METRICS_HOST, bare_port=True))
+    except PortRangeError as e:
+        raise _bad(str(e)) from None
+    except AddressError:
+        raise _bad(allowed) from None
 
 
 # -- the settings ---------------------------------------------------------------------------------
@@ -342,8 +332,8 @@ class Config:
     def metrics_address(self) -> tuple[str, int] | None:
         if self.metrics is None:
             return None
-        host, _, port = self.metrics.rpartition(":")
-        return host.strip("[]"), int(port)
+        listen = parse_address(self.metrics)
+        return listen.host, listen.port
 
 
 FIELDS = {f.name: f for f in fields(Config)}
@@ -455,15 +445,21 @@ def file_problem(path: str) -> str | None:
     return None
 
 
+def entries_within(budget: int) -> int:
+    """The most flow entries whose maps fit in `budget` bytes."""
+    from xdp.loader import map_memory_bytes
+
+    return budget // map_memory_bytes(1)
+
+
 def memory_problem(max_entries: int, budget: int) -> str | None:
-    from xdp.loader import human_bytes, map_memory_bytes, possible_cpus
+    from xdp.loader import map_memory_bytes, possible_cpus
 
     need = map_memory_bytes(max_entries)
     if need <= budget:
         return None
-    fit = budget // map_memory_bytes(1)
     return (f"the flow maps would need {human_bytes(need)} of kernel memory ({possible_cpus()} CPUs), "
-            f"above max_kernel_memory = {human_bytes(budget)}; allowed: at most {fit} entries, "
+            f"above max_kernel_memory = {human_bytes(budget)}; allowed: at most {entries_within(budget)} entries, "
             f"or raise max_kernel_memory")
 
 
@@ -607,13 +603,6 @@ def _dest(key: str) -> str:
     return f"cfg_{key}"
 
 
-def size_text(n: int) -> str:
-    for unit, mult in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
-        if n % mult == 0:
-            return f"{n // mult}{unit}"
-    return str(n)
-
-
 def default_text(key: str) -> str:
     default: Any = FIELDS[key].default
     if default is None or default == ():
@@ -622,7 +611,7 @@ def default_text(key: str) -> str:
         return ",".join(default)
     if isinstance(default, bool):
         return "true" if default else "false"
-    return size_text(int(default)) if key == "max_kernel_memory" else str(default)
+    return human_bytes(int(default)) if key == "max_kernel_memory" else str(default)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -640,6 +629,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         optional: dict[str, Any] = {"nargs": "?", "const": "true"} if isinstance(f.default, bool) else {}
         group.add_argument(*names, dest=_dest(key), default=argparse.SUPPRESS, metavar=meta["metavar"],
                            action="append" if is_list else "store", help=text.replace("%", "%%"), **optional)
+
+
+def flag_type(key: str) -> Callable[[str], Any]:
+    """An argparse type that reads a flag with `key`'s own parser: for commands whose flags are a few
+    of the keys (dump), so a value means what it means in `run`."""
+    parse = FIELDS[key].metadata["parse"]
+
+    def read(text: str) -> Any:
+        try:
+            return parse(text, True)
+        except Invalid as e:
+            raise argparse.ArgumentTypeError("; ".join(item[2] for item in e.items)) from None
+
+    read.__name__ = key
+    return read
 
 
 def flags_from_args(args: argparse.Namespace) -> dict[str, object]:

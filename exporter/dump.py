@@ -20,13 +20,14 @@ from typing import TextIO
 import numpy as np
 import structlog
 
+from exporter.config import Config
 from exporter.drain import Pages
 from exporter.flowtable import FlowTable
 from exporter.merge import clock_offset_ns
 from exporter.readiness import Readiness
 from exporter.records import Records, to_ipfix_dict
-from xdp.loader import Datapath, human_bytes
-from xdp.sizing import DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET
+from xdp.loader import Datapath
+from xdp.sizing import human_bytes
 
 log = structlog.get_logger("xdpflow.dump")
 
@@ -64,43 +65,43 @@ class StopSignal:
 
 @dataclass(frozen=True)
 class DumpOptions:
-    interfaces: tuple[str, ...]
-    mode: str = "auto"
+    """The kernel settings dump shares with `run` (interfaces, mode, max_entries, max_kernel_memory,
+    scan_interval, ready_file: the one Config), and what only dump does."""
+
+    config: Config
     seconds: float | None = None
     json: bool = False
-    scan_interval: float | None = None
-    max_entries: int = DEFAULT_MAX_ENTRIES
-    max_kernel_memory: int = DEFAULT_MEMORY_BUDGET
-    ready_file: str | None = None   # written once attached, removed at the end (exporter/readiness.py)
+    flip: bool = False   # flip and drain every config.scan_interval while counting
 
 
 def run(opts: DumpOptions, out: TextIO = sys.stdout) -> int:
+    cfg = opts.config
     stop = StopSignal()
     previous = {s: signal.signal(s, stop.set) for s in (signal.SIGINT, signal.SIGTERM)}
     table = FlowTable(active_timeout_s=_NEVER, idle_timeout_s=_NEVER)
     ended: list[Records] = []
     drains = 0
-    readiness = Readiness(opts.ready_file)
+    readiness = Readiness(cfg.ready_file)
     try:
-        with Datapath(max_entries=opts.max_entries, memory_budget=opts.max_kernel_memory).load() as dp:
+        with Datapath(max_entries=cfg.max_entries, memory_budget=cfg.max_kernel_memory).load() as dp:
             pages = Pages(dp)
-            for ifname in opts.interfaces:
-                dp.attach(ifname, opts.mode)
+            for ifname in cfg.interfaces:
+                dp.attach(ifname, cfg.mode)
             log.info("metering", interfaces={a.ifname: a.mode for a in dp.attachments},
-                     max_entries=opts.max_entries, kernel_memory=human_bytes(dp.memory_bytes),
+                     max_entries=cfg.max_entries, kernel_memory=human_bytes(dp.memory_bytes),
                      seconds=opts.seconds)
             readiness.ready(f"metering {', '.join(f'{a.ifname} ({a.mode})' for a in dp.attachments)}",
                             {"interfaces": {a.ifname: a.mode for a in dp.attachments},
-                             "max_entries": opts.max_entries})
+                             "max_entries": cfg.max_entries})
             deadline = None if opts.seconds is None else time.monotonic() + opts.seconds
             while not stop.is_set:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     break
-                step = opts.scan_interval if opts.scan_interval else left
+                step = cfg.scan_interval if opts.flip else left
                 if step is not None and left is not None:
                     step = min(step, left)
-                if stop.wait(step) or not opts.scan_interval:
+                if stop.wait(step) or not opts.flip:
                     continue
                 drains += 1
                 ended.append(table.update(pages.flip_and_merge(clock_offset_ns()).records, 0))

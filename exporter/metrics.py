@@ -200,17 +200,3 @@ class Metrics:
     def serve(self, host: str, port: int) -> None:
         start_http_server(port, addr=host, registry=self.registry)
 
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """HOST:PORT or [V6]:PORT or :PORT (loopback) for the metrics endpoint."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        raise ValueError(f"metrics address {text!r}: expected HOST:PORT")
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        p = int(port)
-    except ValueError:
-        raise ValueError(f"metrics address {text!r}: port {port!r} is not a number") from None
-    if not 0 < p < 65536:
-        raise ValueError(f"metrics address {text!r}: port must be 1..65535")
-    return host, p

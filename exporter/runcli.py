@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
-from typing import TYPE_CHECKING, Any
-
-import structlog
 
 from exporter import config as configmod
 from exporter.config import Config, ConfigError
 from exporter.errors import CliError
-
-if TYPE_CHECKING:
-    from exporter.service import RunConfig
 
 EPILOG = """examples:
   xdpflow run --interface eth0                              export to 127.0.0.1:4739 (IPFIX over UDP)
@@ -34,10 +27,6 @@ drain the kernel maps, export everything, detach and exit 0. Under systemd
 (Type=notify) READY=1 goes to $NOTIFY_SOCKET once every interface is attached.
 """
 
-# Collector transports the service sends over today (it opens a UdpSender for every collector).
-# Keys used here rather than passed on to the service.
-HANDLED_HERE = ("log_level", "log_format")
-
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="meter in XDP and export IPFIX to collectors",
@@ -47,25 +36,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     configmod.add_arguments(p)
     p.set_defaults(func=run)
-
-
-def to_run_config(cfg: Config) -> RunConfig:
-    """The service's RunConfig: every Config key RunConfig has a field of the same name for; collectors parsed."""
-    from exporter import service
-
-    wired = {f.name for f in fields(service.RunConfig)}
-    kw: dict[str, Any] = {k: getattr(cfg, k) for k in configmod.KEYS if k in wired}
-    kw["collectors"] = cfg.endpoints()
-    return service.RunConfig(**kw)
-
-
-def not_wired(cfg: Config) -> dict[str, object]:
-    """Settings away from their default that the service has no field for yet."""
-    from exporter import service
-
-    wired = {f.name for f in fields(service.RunConfig)}
-    return {k: getattr(cfg, k) for k in configmod.KEYS
-            if k not in wired and k not in HANDLED_HERE and getattr(cfg, k) != configmod.FIELDS[k].default}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,20 +55,18 @@ def run(args: argparse.Namespace) -> int:
         for p in problems:
             print(f"xdpflow: error: preflight: {p}", file=sys.stderr)
         return 1
-    log = structlog.get_logger("xdpflow.run")
-    for key, value in not_wired(cfg).items():
-        log.warning("setting not used by this build yet", key=key, value=value)
-    def reload() -> RunConfig:
+
+    def reload() -> Config:
         """SIGHUP: the file again, with the same environment and flags on top."""
         try:
             new = configmod.from_args(args).config
         except ConfigError as e:
             raise ValueError("; ".join(e.lines)) from None
         logs.configure(new.log_level, new.log_format)
-        return to_run_config(new)
+        return new
 
     heap.release_large_arrays_to_the_os()
     try:
-        return service.run(to_run_config(cfg), reload=reload if loaded.path else None)
+        return service.run(cfg, reload=reload if loaded.path else None)
     except EndpointError as e:
         raise CliError(str(e)) from None

@@ -24,6 +24,7 @@ import structlog
 
 from exporter import core, heap
 from exporter.biflow import BiflowTable
+from exporter.config import Config
 from exporter.core import CoreTable
 from exporter.drain import Drained, Pages
 from exporter.flowtable import FlowTable, retime
@@ -33,13 +34,13 @@ from exporter.ipfix.encoder import FlowTotals
 from exporter.ipfix.options import Interface
 from exporter.kstats import DropWarning, KernelStats
 from exporter.merge import clock_offset_ns, merge
-from exporter.metrics import Metrics, parse_listen
+from exporter.metrics import Metrics
 from exporter.readiness import Readiness, process_age_seconds
 from exporter.records import END_FORCED, FLOW_RECORD, Records
 from exporter.transport import Endpoint, EndpointError, Sender, StreamOptions, TlsOptions, make_sender
 from xdp import filters
-from xdp.loader import Datapath, LoaderError, human_bytes, map_memory_bytes
-from xdp.sizing import DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET
+from xdp.loader import Datapath, LoaderError, map_memory_bytes
+from xdp.sizing import human_bytes
 
 log = structlog.get_logger("xdpflow.service")
 
@@ -49,36 +50,6 @@ CAPACITY_WARNING_INTERVAL = 60.0
 # egress: it decides how biflows pair (exporter/biflow.py).
 # ready_file: written once, at the start; a new path would leave the old file behind.
 RESTART_ONLY = ("max_entries", "max_kernel_memory", "metrics", "mode", "biflow", "egress", "ready_file")
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    interfaces: tuple[str, ...]
-    collectors: tuple[Endpoint, ...]
-    mode: str = "auto"
-    scan_interval: float = 10.0
-    active_timeout: float = 60.0
-    idle_timeout: float = 15.0
-    max_entries: int = DEFAULT_MAX_ENTRIES
-    max_kernel_memory: int = DEFAULT_MEMORY_BUDGET
-    filters: tuple[str, ...] = ()  # filter rules (xdp/filters.py), first match wins
-    sampling: int = 1              # meter 1 packet in N (random, in the kernel); counters not scaled
-    biflow: bool = False           # RFC 5103 records: both directions of a conversation in one
-    egress: bool = False           # also meter what the interfaces send (TC egress program)
-    observation_domain: int = 0
-    mtu: int = 1400
-    template_refresh: float = 60.0
-    template_refresh_messages: int = 100
-    sequence_mode: str = "rfc"     # rfc: options records advance the sequence number; nfdump: they don't
-    tcp_queue_size: int = 65536    # messages held per TCP/TLS collector while it is away
-    tls_ca: str | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_server_name: str | None = None
-    metrics: str | None = None     # HOST:PORT of the Prometheus endpoint, None = off
-    log_level: str = "info"        # applied by the CLI; here so a reload can report the change
-    log_format: str = "auto"
-    ready_file: str | None = None  # written once metering, removed on exit (exporter/readiness.py)
 
 
 @dataclass
@@ -151,7 +122,7 @@ class ScanResult:
 
 @dataclass
 class Exporter:
-    cfg: RunConfig
+    cfg: Config
     datapath: Datapath | None = None
     pages: Pages | None = None
     table: FlowTable | CoreTable | None = None
@@ -174,7 +145,7 @@ class Exporter:
     _lost_since_warning: int = 0
     _peak_created: int = 0
     metrics: Metrics | None = None
-    reload: Callable[[], RunConfig] | None = None
+    reload: Callable[[], Config] | None = None
     _fill: float = 0.0
     _attach_lock: threading.Lock = field(default_factory=threading.Lock)
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -186,7 +157,7 @@ class Exporter:
     readiness: Readiness | None = None
     startup: dict[str, float] = field(default_factory=dict)   # seconds per start step, for the "exporting" log
 
-    def _compile_filters(self, cfg: RunConfig) -> filters.Tables:
+    def _compile_filters(self, cfg: Config) -> filters.Tables:
         """The kernel tables for cfg.filters, interface names resolved now; FilterError if they don't compile."""
         tables = filters.compile_rules(filters.parse_rules(cfg.filters))
         if tables.unresolved:
@@ -194,7 +165,7 @@ class Exporter:
                         interfaces=list(tables.unresolved))
         return tables
 
-    def _apply_selection(self, cfg: RunConfig, tables: filters.Tables) -> None:
+    def _apply_selection(self, cfg: Config, tables: filters.Tables) -> None:
         assert self.datapath is not None
         with self._attach_lock:
             self.datapath.configure(tables, cfg.sampling)
@@ -393,10 +364,9 @@ class Exporter:
                   **{f"kernel_{k}": v for k, v in delta.items()}, **kernel.log_fields())
         return res
 
-    def _start_metrics(self, listen: str) -> None:
+    def _start_metrics(self, host: str, port: int) -> None:
         dp = self.datapath
         assert dp is not None
-        host, port = parse_listen(listen)
         self.metrics = Metrics()
         self.metrics.watch_kernel(dp.read_stats, lambda: self._fill,
                                   lambda: {a.ifname: a.mode for a in dp.attachments},
@@ -405,7 +375,7 @@ class Exporter:
         try:
             self.metrics.serve(host, port)
         except OSError as e:
-            raise EndpointError(f"metrics endpoint {listen}: {e.strerror}") from None
+            raise EndpointError(f"metrics endpoint {self.cfg.metrics}: {e.strerror}") from None
         log.info("metrics", url=f"http://{host}:{port}/metrics")
 
     async def _watch_links(self) -> None:
@@ -451,7 +421,7 @@ class Exporter:
             retime(self.table, new.active_timeout, new.idle_timeout)
         keep = {e.sender.endpoint: e for e in self.exports}
         exports = []
-        for ep in new.collectors:
+        for ep in new.endpoints():
             if ep in keep:
                 exports.append(keep.pop(ep))
                 continue
@@ -528,7 +498,7 @@ class Exporter:
             sampling_probability=dp.sampling_probability if dp is not None else 1.0,
             interfaces=self.interfaces)
 
-    def _encoder(self, cfg: RunConfig) -> Encoder:
+    def _encoder(self, cfg: Config) -> Encoder:
         # Each collector session is an Exporting Process of its own (RFC 7011 10): the pid tells this
         # process's sessions from a restarted one's, the low byte numbers them.
         self._sessions += 1
@@ -539,7 +509,7 @@ class Exporter:
                        per_interface=cfg.egress, exporting_process_id=epid)
 
     @staticmethod
-    def _flow_table(cfg: RunConfig) -> FlowTable | CoreTable:
+    def _flow_table(cfg: Config) -> FlowTable | CoreTable:
         # Twice the kernel's table: a scan's flows plus those still held from earlier scans.
         capacity = max(2 * cfg.max_entries, 1)
         if cfg.biflow:
@@ -550,7 +520,7 @@ class Exporter:
                     "(`pip install .` builds it)", error=core.IMPORT_ERROR)
         return FlowTable(active_timeout_s=cfg.active_timeout, idle_timeout_s=cfg.idle_timeout, capacity=capacity)
 
-    async def _open_export(self, cfg: RunConfig, ep: Endpoint) -> Export:
+    async def _open_export(self, cfg: Config, ep: Endpoint) -> Export:
         export = Export(self._encoder(cfg))
         export.sender = make_sender(
             ep, on_connect=export.on_connect, on_not_sent=export.lost,
@@ -590,13 +560,13 @@ class Exporter:
         self.readiness = Readiness(self.cfg.ready_file)
         try:
             t0 = time.monotonic()
-            self.exports = [await self._open_export(self.cfg, ep) for ep in self.cfg.collectors]
+            self.exports = [await self._open_export(self.cfg, ep) for ep in self.cfg.endpoints()]
             self.startup["collectors"] = round(time.monotonic() - t0, 3)
             self.table = self._flow_table(self.cfg)
             await asyncio.to_thread(self._setup_kernel)
             assert self.datapath is not None
-            if self.cfg.metrics:
-                self._start_metrics(self.cfg.metrics)
+            if (listen := self.cfg.metrics_address()) is not None:
+                self._start_metrics(*listen)
             def links_changed() -> None:
                 loop.call_soon_threadsafe(self._links_changed.set)
 
@@ -660,7 +630,7 @@ def _delta(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:
     return {k: v - before.get(k, 0) for k, v in now.items()}
 
 
-def run(cfg: RunConfig, reload: Callable[[], RunConfig] | None = None) -> int:
+def run(cfg: Config, reload: Callable[[], Config] | None = None) -> int:
     exporter = Exporter(cfg, reload=reload)
     try:
         import uvloop

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exporter.address import AddressError, parse_address
 from tools.jsonlog import json_object
 from tools.ready import NotReady, wait_ready
 
@@ -212,11 +213,11 @@ class Sink:
 
 
 def parse_listen(text: str) -> tuple[str, str, int]:
-    scheme, _, rest = text.rpartition("://")
-    host, _, port = rest.rpartition(":")
-    if scheme not in ("udp", "tcp") or not host or not port.isdigit():
-        raise SystemExit(f"soak collect: --listen must be udp://HOST:PORT or tcp://HOST:PORT, got {text!r}")
-    return scheme, host.strip("[]"), int(port)
+    try:
+        listen = parse_address(text, schemes=("udp", "tcp"))
+    except AddressError:
+        raise SystemExit(f"soak collect: --listen must be udp://HOST:PORT or tcp://HOST:PORT, got {text!r}") from None
+    return listen.scheme, listen.host, listen.port
 
 
 async def _collect(listen: str) -> int:

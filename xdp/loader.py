@@ -41,7 +41,7 @@ from xdp.compile import CLOCK_PROG, EGRESS_PROG, XDP_PROG
 from xdp.errors import LoaderError
 from xdp.layout import CLOCK, CONTROL, FLOW_CACHE_ENTRY, FLOW_KEY, FLOW_REF, FLOW_SLOT, FLOW_STATS, SLOT_ALLOC
 from xdp.rules import RuleCount, RuleSet, RuleSets
-from xdp.sizing import DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET
+from xdp.sizing import DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET, human_bytes
 
 log = structlog.get_logger("xdpflow.loader")
 
@@ -75,15 +75,6 @@ def map_memory_bytes(max_entries: int, cpus: int | None = None) -> int:
     slots = PAGES * max_entries * FLOW_SLOT.itemsize
     cache = cpus * (1 << CACHE_BITS) * FLOW_CACHE_ENTRY.itemsize
     return lru + slots + cache
-
-
-def human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{int(value)} B"
-        value /= 1024
-    return f"{value:.1f} GiB"
 
 
 @dataclass(frozen=True)
@@ -152,8 +143,6 @@ class Datapath:
         return filters.sampling_probability(self.sampling)
 
     def load(self) -> Datapath:
-        if self.max_entries < 1:
-            raise LoaderError(f"max_entries must be at least 1, got {self.max_entries}")
         need = self.memory_bytes
         if need > self.memory_budget:
             raise LoaderError(

@@ -441,9 +441,10 @@ def test_sighup_changes_rules_without_reattaching_or_losing_flows(
 
 def test_interface_rules_follow_links_as_they_come_and_go(h: Harness) -> None:
     """iface names are resolved when rules are applied and again whenever links change (_reconcile)."""
-    from exporter.service import Exporter, RunConfig
+    from exporter.config import Config
+    from exporter.service import Exporter
 
-    ex = Exporter(RunConfig(interfaces=(), collectors=(), filters=("exclude iface ghost*",)), datapath=h.dp)
+    ex = Exporter(Config(interfaces=(), collectors=(), filters=("exclude iface ghost*",)), datapath=h.dp)
     h.dp.configure(filters.compile_rules(filters.parse_rules(ex.cfg.filters), {"lo": LO}), 1)
     frame = P().frame()
     before = h.dp.read_stats()["filtered"]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import structlog
 
-from exporter import check, cli, runcli, service
+from exporter import check, cli, service
 from exporter import config as configmod
 from exporter.config import Config, ConfigError
 from exporter.transport import Endpoint
@@ -151,14 +151,9 @@ def test_example_file_documents_every_key_at_its_default() -> None:
 def test_run_config_mapping() -> None:
     cfg = load({"interfaces": ["eth0"], "collectors": ["udp://192.0.2.1:2055", "192.0.2.2"], "mtu": "1300",
                 "metrics": "9477", "tls_server_name": "collector.example"}).config
-    rc = runcli.to_run_config(cfg)
-    assert isinstance(rc, service.RunConfig)
-    assert rc.interfaces == ("eth0",) and rc.mtu == 1300
-    assert rc.collectors == (Endpoint("udp", "192.0.2.1", 2055), Endpoint("udp", "192.0.2.2", 4739))
-    for key in configmod.KEYS:
-        if hasattr(rc, key) and key != "collectors":
-            assert getattr(rc, key) == getattr(cfg, key), key
-    assert "tls_server_name" in runcli.not_wired(cfg) or hasattr(rc, "tls_server_name")
+    assert cfg.interfaces == ("eth0",) and cfg.mtu == 1300
+    assert cfg.endpoints() == (Endpoint("udp", "192.0.2.1", 2055), Endpoint("udp", "192.0.2.2", 4739))
+    assert cfg.tls_server_name == "collector.example"
 
 
 # -- bad values: one line each, naming the key, exit 2 -------------------------------------------
@@ -376,8 +371,8 @@ def test_every_command_takes_the_kernel_sizes_from_one_definition() -> None:
     from xdp.sizing import DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET
 
     dump_args = cli.build_parser().parse_args(["dump", "--interface", "lo"])
-    run = service.RunConfig(interfaces=("lo",), collectors=())
-    dump = DumpOptions(interfaces=("lo",))
+    run = Config(interfaces=("lo",), collectors=())
+    dump = DumpOptions(Config(interfaces=("lo",))).config
     seen = {
         "config file": (Config().max_entries, Config().max_kernel_memory),
         "run": (run.max_entries, run.max_kernel_memory),

@@ -19,7 +19,7 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exporter import cli, runcli, service
+from exporter import cli, service
 from exporter import config as configmod
 from tests.strategies import rules_st
 from xdp import filters
@@ -301,9 +301,6 @@ def test_config_defaults_and_sources(tmp_path: Path) -> None:
                                           "--filter", "include proto tcp", "--sampling", "4"])
     cfg = configmod.from_args(args, environ={}, system=False).config
     assert cfg.filters == ("exclude dport 22,23", "include proto tcp") and cfg.sampling == 4
-    rc = runcli.to_run_config(cfg)
-    assert isinstance(rc, service.RunConfig) and rc.filters == cfg.filters and rc.sampling == 4
-    assert "filters" not in runcli.not_wired(cfg) and "sampling" not in runcli.not_wired(cfg)
 
 
 @pytest.mark.parametrize(("toml", "key", "fragment"), [
