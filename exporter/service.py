@@ -23,6 +23,7 @@ import numpy as np
 import structlog
 
 from exporter import core, heap
+from exporter.accounting import SELECTION_COUNTERS, CapacityWarning, ScanResult, Totals
 from exporter.biflow import BiflowTable
 from exporter.config import Config
 from exporter.core import CoreTable
@@ -39,12 +40,11 @@ from exporter.readiness import Readiness, process_age_seconds
 from exporter.records import END_FORCED, FLOW_RECORD, Records
 from exporter.transport import Endpoint, EndpointError, Sender, StreamOptions, TlsOptions, make_sender
 from xdp import filters
-from xdp.loader import Datapath, LoaderError, map_memory_bytes
+from xdp.loader import Datapath, LoaderError
 from xdp.sizing import human_bytes
 
 log = structlog.get_logger("xdpflow.service")
 
-CAPACITY_WARNING_INTERVAL = 60.0
 # Sized or bound at start: the kernel maps, their budget, the metrics socket, the XDP mode.
 # biflow: the flow table holds another kind of record.
 # egress: it decides how biflows pair (exporter/biflow.py).
@@ -86,40 +86,6 @@ class Export:
             self.encoder.set_exporter_address(address)
 
 
-# The kernel's per-page counters (struct flow_stats) the options records total up.
-SELECTION_COUNTERS = ("frames", "non_ip", "filtered", "sampled_out", "parse_failures", "parse_failure_octets")
-
-
-@dataclass
-class ScanResult:
-    entries: int
-    flows: int
-    flip_seconds: float
-    seconds: float
-    exported: int = 0           # flow records ended and handed to the encoders this scan
-    observed_packets: int = 0   # the kernel's count for the drained pages' interval
-    observed_octets: int = 0
-    drained_packets: int = 0    # what the drained entries held
-    drained_octets: int = 0
-    flows_created: int = 0      # slots the drained pages' interval needed (taken + denied)
-    ended: list[Records] = field(default_factory=list)   # the numpy tables: what their update ended
-    kernel: dict[str, int] = field(default_factory=dict)  # SELECTION_COUNTERS for the same interval
-
-    @property
-    def lost_packets(self) -> int:
-        """Metered but in no slot: the page ran out of slots (exact: same interval)."""
-        return self.observed_packets - self.drained_packets
-
-    @property
-    def ignored_packets(self) -> int:
-        """Selected but in no record (ignoredPacketTotalCount): no slot, or a malformed IP header."""
-        return self.lost_packets + self.kernel.get("parse_failures", 0)
-
-    @property
-    def ignored_octets(self) -> int:
-        return self.observed_octets - self.drained_octets + self.kernel.get("parse_failure_octets", 0)
-
-
 @dataclass
 class Exporter:
     cfg: Config
@@ -130,20 +96,11 @@ class Exporter:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     scans: int = 0
     records_exported: int = 0
-    observed_packets: int = 0
-    observed_octets: int = 0
-    ignored_packets: int = 0
-    ignored_octets: int = 0
-    ignored_first_ms: int = 0   # the scan intervals the first and the latest ignored packet fell in
-    ignored_last_ms: int = 0
-    selection: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SELECTION_COUNTERS, 0))
+    totals: Totals = field(default_factory=Totals)   # what the options records report, since start
     interfaces: tuple[Interface, ...] = ()   # what template 264 names: the metered ifindexes
     started_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
-    _interval_start_ms: int = 0
     _sessions: int = 0
-    _last_capacity_warning: float = float("-inf")
-    _lost_since_warning: int = 0
-    _peak_created: int = 0
+    capacity: CapacityWarning = field(default_factory=CapacityWarning)
     metrics: Metrics | None = None
     reload: Callable[[], Config] | None = None
     _fill: float = 0.0
@@ -312,7 +269,7 @@ class Exporter:
         drains = await asyncio.to_thread(self._drain, shutdown)
         now = time.time()
         res = await asyncio.to_thread(self._scan, drains, now, shutdown)
-        self._total_up(res, int(now * 1000))
+        self.totals.add(res, int(now * 1000), self.started_ms)
         sent = 0
         datagrams: list[bytes] = []
         # Options records ride with every scan (in its first messages), so collectors see the loss
@@ -340,7 +297,7 @@ class Exporter:
         self._last_stats = stats
         kernel = await asyncio.to_thread(self.kstats.scan)
         self._fill = res.entries / self.cfg.max_entries if not shutdown else self._fill
-        self._check_capacity(res)
+        self.capacity.note(res, self.cfg.max_entries)
         self._drop_warning.note(kernel)
         if self.metrics is not None:
             m = self.metrics
@@ -442,57 +399,18 @@ class Exporter:
                  collectors=[str(e.sender.endpoint) for e in self.exports], interfaces=list(new.interfaces),
                  changed=sorted(k for k in vars(new) if getattr(new, k) != getattr(old, k)))
 
-    def _total_up(self, res: ScanResult, now_ms: int) -> None:
-        """Add a scan's counters to the totals the options records carry; `now_ms`: the flip's time."""
-        self.observed_packets += res.observed_packets
-        self.observed_octets += res.observed_octets
-        self.ignored_packets += res.ignored_packets
-        self.ignored_octets += res.ignored_octets
-        for name, n in res.kernel.items():
-            self.selection[name] += n
-        start = self._interval_start_ms or self.started_ms
-        if res.ignored_packets > 0:
-            # The counters are per page: an ignored packet is known to lie in the page's interval only.
-            self.ignored_first_ms = self.ignored_first_ms or start
-            self.ignored_last_ms = now_ms
-        self._interval_start_ms = now_ms
-
-    def _check_capacity(self, res: ScanResult) -> None:
-        """Say, at most once a minute, that the kernel table is too small and what would fit."""
-        if res.lost_packets <= 0:
-            return
-        self._lost_since_warning += res.lost_packets
-        self._peak_created = max(self._peak_created, res.flows_created)
-        now = time.monotonic()
-        if now - self._last_capacity_warning < CAPACITY_WARNING_INTERVAL:
-            return
-        # Headroom: flows per scan grow between warnings, and a flow seen by two CPUs takes two slots.
-        suggest = int(self._peak_created * 1.25) + 1024
-        log.warning("kernel flow table too small: flows found no free slot", lost_packets=self._lost_since_warning,
-                    flows_per_scan=self._peak_created, max_entries=self.cfg.max_entries,
-                    suggested_max_entries=suggest,
-                    suggested_kernel_memory=human_bytes(map_memory_bytes(suggest)))
-        self._last_capacity_warning = now
-        self._lost_since_warning = 0
-        self._peak_created = 0
-
-    def selected(self) -> tuple[int, int, int]:
-        """selectorIdTotalPktsSelected after each selector: IP frames, the filter rules, the sampler."""
-        k = self.selection
-        ip = k["frames"] - k["non_ip"]
-        return ip, ip - k["filtered"], ip - k["filtered"] - k["sampled_out"]
-
     def _state(self, ex: Export) -> ExporterState:
         st = ex.sender.stats
         dp = self.datapath
+        t = self.totals
         return ExporterState(
             not_sent_flows=ex.not_sent.flows, not_sent_packets=ex.not_sent.packets,
             not_sent_octets=ex.not_sent.octets, not_sent_first_ms=ex.not_sent_first_ms,
             not_sent_last_ms=ex.not_sent_last_ms, exported_messages=st.messages, exported_flows=st.records,
-            exported_octets=st.octets, observed_packets=self.observed_packets, observed_octets=self.observed_octets,
-            ignored_packets=max(0, self.ignored_packets), ignored_octets=max(0, self.ignored_octets),
-            ignored_first_ms=self.ignored_first_ms, ignored_last_ms=self.ignored_last_ms,
-            frames=self.selection["frames"], selected=self.selected(),
+            exported_octets=st.octets, observed_packets=t.observed_packets, observed_octets=t.observed_octets,
+            ignored_packets=max(0, t.ignored_packets), ignored_octets=max(0, t.ignored_octets),
+            ignored_first_ms=t.ignored_first_ms, ignored_last_ms=t.ignored_last_ms,
+            frames=t.selection["frames"], selected=t.selected(),
             active_timeout_s=self.cfg.active_timeout, idle_timeout_s=self.cfg.idle_timeout,
             system_init_ms=self.started_ms, sampling_interval=self.cfg.sampling,
             sampling_probability=dp.sampling_probability if dp is not None else 1.0,
@@ -603,9 +521,9 @@ class Exporter:
             log.info("stopped", scans=self.scans, records_exported=self.records_exported,
                      filtered_packets=kernel.get("filtered", 0), sampled_out_packets=kernel.get("sampled_out", 0),
                      rules=[[c.action, c.rule, c.packets] for c in self.datapath.rule_counters()],
-                     final_records=res.exported, observed_packets=self.observed_packets,
-                     observed_octets=self.observed_octets, ignored_packets=self.ignored_packets,
-                     ignored_octets=self.ignored_octets,
+                     final_records=res.exported, observed_packets=self.totals.observed_packets,
+                     observed_octets=self.totals.observed_octets, ignored_packets=self.totals.ignored_packets,
+                     ignored_octets=self.totals.ignored_octets,
                      sent={str(e.sender.endpoint): {**vars(e.sender.stats), "not_sent_flows": e.not_sent.flows,
                                                     "not_sent_packets": e.not_sent.packets}
                            for e in self.exports})
