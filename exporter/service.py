@@ -22,14 +22,14 @@ from typing import Any
 import numpy as np
 import structlog
 
-from exporter import core, heap
+from exporter import attachments, core, heap
 from exporter.accounting import SELECTION_COUNTERS, CapacityWarning, ScanResult, Totals
 from exporter.biflow import BiflowTable
 from exporter.config import Config
 from exporter.core import CoreTable
 from exporter.drain import Drained, Pages
 from exporter.flowtable import FlowTable, retime
-from exporter.interfaces import LinkWatcher, alias, matching, present
+from exporter.interfaces import LinkWatcher
 from exporter.ipfix import Encoder, ExporterState
 from exporter.ipfix.encoder import FlowTotals
 from exporter.ipfix.options import Interface
@@ -137,11 +137,7 @@ class Exporter:
                 dp.configure(self._compile_filters(self.cfg), self.cfg.sampling)
             except filters.FilterError as e:
                 raise LoaderError(str(e)) from None
-            for ifname in self.cfg.interfaces:
-                if not filters.is_glob(ifname):
-                    dp.attach(ifname, self.cfg.mode)
-                    if self.cfg.egress:
-                        dp.attach_egress(ifname)
+            attachments.attach_named(dp, self.cfg)
             self._reconcile()
         except BaseException:
             dp.close()
@@ -155,55 +151,8 @@ class Exporter:
         if dp is None:
             return
         with self._attach_lock:
-            links = present()
-            for eg in list(dp.egress_attachments):
-                if links.get(eg.ifname) != eg.ifindex or not matching(self.cfg.interfaces, {eg.ifname: 0}):
-                    dp.detach_egress(eg)
-            for att in list(dp.attachments):
-                if links.get(att.ifname) != att.ifindex or not matching(self.cfg.interfaces, {att.ifname: 0}):
-                    dp.detach(att)
-                    log.info("interface released", interface=att.ifname,
-                             reason="gone" if att.ifname not in links else "no longer configured")
-            held = {a.ifname for a in dp.attachments}
-            for ifname in sorted(set(matching(self.cfg.interfaces, links)) - held):
-                try:
-                    att = dp.attach(ifname, self.cfg.mode)
-                except LoaderError as e:
-                    log.warning("interface not attached", interface=ifname, error=str(e))
-                    continue
-                if self.datapath is not None and self.pages is not None:
-                    log.info("interface attached", interface=ifname, mode=att.mode, ifindex=att.ifindex)
-            if self.cfg.egress:
-                self._attach_egress(dp, links)
+            self.interfaces = attachments.reconcile(dp, self.cfg, announce=self.pages is not None)
             self.kstats.sync({a.ifname: a.ifindex for a in dp.attachments})
-            self.interfaces = tuple(Interface(a.ifindex, a.ifname, alias(a.ifname))
-                                    for a in sorted(dp.attachments, key=lambda a: a.ifindex))
-            self._refresh_iface_rules(links)
-
-    def _attach_egress(self, dp: Datapath, links: dict[str, int]) -> None:
-        """Egress on every interface XDP meters (so one that came back gets both hooks again)."""
-        held = {e.ifname for e in dp.egress_attachments}
-        for att in list(dp.attachments):
-            if att.ifname in held or links.get(att.ifname) != att.ifindex:
-                continue
-            try:
-                eg = dp.attach_egress(att.ifname)
-            except LoaderError as e:
-                log.warning("interface egress not attached", interface=att.ifname, error=str(e))
-                continue
-            if self.pages is not None:
-                log.info("interface egress attached", interface=att.ifname, method=eg.method, ifindex=eg.ifindex)
-
-    def _refresh_iface_rules(self, links: dict[str, int]) -> None:
-        """Filter rules name interfaces: when one comes, goes or changes index, rebuild the rule set."""
-        dp = self.datapath
-        if dp is None or not filters.uses_iface_names(dp.tables.rules):
-            return
-        resolved, _ = filters.resolve_ifaces(dp.tables.rules, links)
-        if resolved == dp.tables.iface_resolved:
-            return
-        dp.configure(filters.compile_rules(dp.tables.rules, links), dp.sampling)
-        log.info("filter interfaces changed", interfaces={k: list(v) for k, v in resolved.items()})
 
     def _scan(self, drains: list[Drained], now: float, shutdown: bool) -> ScanResult:
         """Worker-thread half of a scan: fold the drained pages' slots into the table, expire."""

@@ -440,7 +440,8 @@ def test_sighup_changes_rules_without_reattaching_or_losing_flows(
 
 
 def test_interface_rules_follow_links_as_they_come_and_go(h: Harness) -> None:
-    """iface names are resolved when rules are applied and again whenever links change (_reconcile)."""
+    """iface names are resolved when rules are applied and again whenever links change (reconcile)."""
+    from exporter import attachments
     from exporter.config import Config
     from exporter.service import Exporter
 
@@ -451,13 +452,13 @@ def test_interface_rules_follow_links_as_they_come_and_go(h: Harness) -> None:
     bpfsys.prog_test_run(h.dp.prog_fd, frame)
     assert h.dp.read_stats()["filtered"] == before, "no ghost* interface yet: the rule matches nothing"
     with structlog.testing.capture_logs() as logs:
-        ex._refresh_iface_rules({"lo": LO, "ghost0": LO})  # as if a matching link appeared with this index
+        attachments.refresh_iface_rules(h.dp, {"lo": LO, "ghost0": LO})  # as if a matching link appeared
     assert "filter interfaces changed" in [e["event"] for e in logs]
     assert h.dp.tables.iface_resolved == {"ghost*": (LO,)}
     bpfsys.prog_test_run(h.dp.prog_fd, frame)
     assert h.dp.read_stats()["filtered"] == before + 1
     with structlog.testing.capture_logs():
-        ex._refresh_iface_rules({"lo": LO})
+        attachments.refresh_iface_rules(h.dp, {"lo": LO})
     bpfsys.prog_test_run(h.dp.prog_fd, frame)
     assert h.dp.read_stats()["filtered"] == before + 1
     h.dp.configure(None, 1)
