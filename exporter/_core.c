@@ -17,7 +17,8 @@
  *
  * encode() turns FLOW_RECORD (or BIFLOW_RECORD) rows into IPFIX data records for one template
  * by a small field program built in Python from the template (exporter/ipfix/encoder.py);
- * frame() cuts them into messages exactly as the Python reference does; send() hands a batch
+ * frame() cuts them into messages exactly as the Python reference does, summing each message's
+ * packets and octets on the way (what a message that is not delivered loses); send() hands a batch
  * of datagrams to a connected UDP socket, runs of equal-length datagrams as UDP GSO sends.
  *
  * exporter/flowtable.py, merge.py and the encoder's numpy path stay the references: property
@@ -1110,6 +1111,9 @@ typedef struct {
 	Py_buffer records, program;
 	Py_ssize_t rec_size, version_off;
 	int version;
+	/* Offsets of the u64 counters a message's totals add up (-1: none): packets and octets,
+	 * and a biflow's reverse ones. */
+	Py_ssize_t counter_off[4];
 	const uint8_t *cursor, *end;
 } group_t;
 
@@ -1140,11 +1144,18 @@ static int parse_group(PyObject *item, group_t *g)
 		}
 		return 0;
 	}
-	if (size == 9) {
+	if (size == 13) {
 		PyObject *recs;
-		if (!PyArg_ParseTuple(item, "InOy*nnipp", &g->tid, &g->reclen, &recs, &g->program, &g->rec_size,
-				      &g->version_off, &g->version, &g->counted, &g->is_flow))
+		Py_ssize_t *c = g->counter_off;
+		if (!PyArg_ParseTuple(item, "InOy*nnippnnnn", &g->tid, &g->reclen, &recs, &g->program, &g->rec_size,
+				      &g->version_off, &g->version, &g->counted, &g->is_flow, &c[0], &c[1], &c[2],
+				      &c[3]))
 			return -1;
+		for (int i = 0; i < 4; i++)
+			if (c[i] != -1 && (c[i] < 0 || c[i] + 8 > g->rec_size)) {
+				PyErr_SetString(PyExc_ValueError, "counter offset outside the record");
+				return -1;
+			}
 		Py_ssize_t reclen = check_program(&g->program, g->rec_size, g->version_off);
 		if (reclen < 0)
 			return -1;
@@ -1162,12 +1173,21 @@ static int parse_group(PyObject *item, group_t *g)
 		g->end = in + g->records.len;
 		return 0;
 	}
-	PyErr_SetString(PyExc_TypeError, "a group is a 6-tuple (payload) or a 9-tuple (records)");
+	PyErr_SetString(PyExc_TypeError, "a group is a 6-tuple (payload) or a 13-tuple (records)");
 	return -1;
 }
 
-/* Write the next k records of group g at o. */
-static void group_emit(group_t *g, uint8_t *o, Py_ssize_t pos, Py_ssize_t k)
+static uint64_t counter_at(const uint8_t *rec, Py_ssize_t off)
+{
+	uint64_t v = 0;
+	if (off >= 0)
+		memcpy(&v, rec + off, 8);
+	return v;
+}
+
+/* Write the next k records of group g at o; add their packets and octets to sums[0] and sums[1]
+ * (a payload group's records are options: they carry none). */
+static void group_emit(group_t *g, uint8_t *o, Py_ssize_t pos, Py_ssize_t k, uint64_t *sums)
 {
 	if (g->payload.obj) {
 		memcpy(o, (const uint8_t *)g->payload.buf + pos * g->reclen, (size_t)(k * g->reclen));
@@ -1175,9 +1195,12 @@ static void group_emit(group_t *g, uint8_t *o, Py_ssize_t pos, Py_ssize_t k)
 	}
 	const op_t *ops = g->program.buf;
 	size_t nops = (size_t)g->program.len / sizeof(op_t);
+	const Py_ssize_t *c = g->counter_off;
 	while (k > 0 && g->cursor < g->end) {
 		if (g->cursor[g->version_off] == g->version) {
 			o = encode_one(o, g->cursor, ops, nops);
+			sums[0] += counter_at(g->cursor, c[0]) + counter_at(g->cursor, c[2]);
+			sums[1] += counter_at(g->cursor, c[1]) + counter_at(g->cursor, c[3]);
 			k--;
 		}
 		g->cursor += g->rec_size;
@@ -1186,12 +1209,15 @@ static void group_emit(group_t *g, uint8_t *o, Py_ssize_t pos, Py_ssize_t k)
 
 /* frame(groups, template_sets, mtu, odid, export_time, sequence, templates_due, messages_since,
  *       refresh_messages)
- *   -> (messages, flows_per_message, sequence, templates_sent, messages_since, counts)
+ *   -> (messages, flows_per_message, packets_per_message, octets_per_message, sequence,
+ *       templates_sent, messages_since, counts)
  * groups, in order: (template_id, record_length, payload, count, counted, is_flow), or
  * (template_id, record_length, records, record_size, program, version_offset, version, counted,
- * is_flow) to encode records of one ip_version straight into the messages; counts: the records
- * each group held. The Python reference is Encoder._build_py with encode_records (numpy); the
- * two agree byte for byte. */
+ * is_flow, packets_offset, octets_offset, reverse_packets_offset, reverse_octets_offset) to
+ * encode records of one ip_version straight into the messages, summing the u64 counters at
+ * those offsets (-1: none) per message as they pass; counts: the records each group held. The
+ * Python reference is Encoder._build_py with encode_records (numpy); the two agree byte for
+ * byte and in the sums. */
 static PyObject *core_frame(PyObject *Py_UNUSED(mod), PyObject *args)
 {
 	PyObject *glist;
@@ -1206,10 +1232,11 @@ static PyObject *core_frame(PyObject *Py_UNUSED(mod), PyObject *args)
 	Py_ssize_t ngroups = PyList_GET_SIZE(glist);
 	group_t *groups = calloc((size_t)(ngroups ? ngroups : 1), sizeof(group_t));
 	PyObject *messages = PyList_New(0), *flows = PyList_New(0), *counts = PyList_New(0);
+	PyObject *packets = PyList_New(0), *octets = PyList_New(0);
 	uint8_t *buf = malloc((size_t)mtu);
 	PyObject *result = NULL;
 	Py_ssize_t parsed = 0;
-	if (!groups || !messages || !flows || !counts || !buf)
+	if (!groups || !messages || !flows || !counts || !packets || !octets || !buf)
 		goto out;
 	for (; parsed < ngroups; parsed++)
 		if (parse_group(PyList_GET_ITEM(glist, parsed), &groups[parsed]) < 0) {
@@ -1220,6 +1247,7 @@ static PyObject *core_frame(PyObject *Py_UNUSED(mod), PyObject *args)
 	Py_ssize_t room = 0, used = 0;
 	uint32_t seq = (uint32_t)sequence;
 	unsigned long in_message = 0, flows_in_message = 0;
+	uint64_t sums[2] = {0, 0};  /* packets, octets of the open message's flow records */
 
 #define CLOSE_MESSAGE()                                                                            \
 	do {                                                                                       \
@@ -1230,13 +1258,17 @@ static PyObject *core_frame(PyObject *Py_UNUSED(mod), PyObject *args)
 		put32(buf + 12, (uint32_t)odid);                                                   \
 		PyObject *m = PyBytes_FromStringAndSize((const char *)buf, used);                  \
 		PyObject *f = PyLong_FromUnsignedLong(flows_in_message);                           \
-		if (!m || !f || PyList_Append(messages, m) < 0 || PyList_Append(flows, f) < 0) {   \
-			Py_XDECREF(m);                                                             \
-			Py_XDECREF(f);                                                             \
+		PyObject *p = PyLong_FromUnsignedLongLong(sums[0]);                                \
+		PyObject *b = PyLong_FromUnsignedLongLong(sums[1]);                                \
+		int failed = !m || !f || !p || !b || PyList_Append(messages, m) < 0 ||             \
+			     PyList_Append(flows, f) < 0 || PyList_Append(packets, p) < 0 ||       \
+			     PyList_Append(octets, b) < 0;                                         \
+		Py_XDECREF(m);                                                                     \
+		Py_XDECREF(f);                                                                     \
+		Py_XDECREF(p);                                                                     \
+		Py_XDECREF(b);                                                                     \
+		if (failed)                                                                        \
 			goto out;                                                                  \
-		}                                                                                  \
-		Py_DECREF(m);                                                                      \
-		Py_DECREF(f);                                                                      \
 		seq += (uint32_t)in_message;                                                       \
 	} while (0)
 
@@ -1254,6 +1286,7 @@ static PyObject *core_frame(PyObject *Py_UNUSED(mod), PyObject *args)
 				if (is_open)
 					CLOSE_MESSAGE();
 				in_message = flows_in_message = 0;
+				sums[0] = sums[1] = 0;
 				is_open = 1;
 				used = 16;
 				room = mtu - 16;
@@ -1272,7 +1305,7 @@ static PyObject *core_frame(PyObject *Py_UNUSED(mod), PyObject *args)
 				k = g->count - pos;
 			put16(buf + used, g->tid);
 			put16(buf + used + 2, (unsigned)(4 + k * g->reclen));
-			group_emit(g, buf + used + 4, pos, k);
+			group_emit(g, buf + used + 4, pos, k, sums);
 			used += 4 + k * g->reclen;
 			room -= 4 + k * g->reclen;
 			pos += k;
@@ -1285,7 +1318,8 @@ static PyObject *core_frame(PyObject *Py_UNUSED(mod), PyObject *args)
 	if (is_open)
 		CLOSE_MESSAGE();
 #undef CLOSE_MESSAGE
-	result = Py_BuildValue("OOkinO", messages, flows, (unsigned long)seq, templates_sent, since, counts);
+	result = Py_BuildValue("OOOOkinO", messages, flows, packets, octets, (unsigned long)seq, templates_sent,
+			       since, counts);
 out:
 	free(buf);
 	if (groups)
@@ -1294,6 +1328,8 @@ out:
 	Py_XDECREF(messages);
 	Py_XDECREF(flows);
 	Py_XDECREF(counts);
+	Py_XDECREF(packets);
+	Py_XDECREF(octets);
 	return result;
 }
 
@@ -1409,7 +1445,8 @@ static PyMethodDef core_methods[] = {
 	 "Data records of every record whose ip_version is `version`, back to back."},
 	{"frame", core_frame, METH_VARARGS,
 	 "frame(groups, template_sets, mtu, odid, export_time, sequence, templates_due, messages_since, "
-	 "refresh_messages) -> (messages, flows_per_message, sequence, templates_sent, messages_since, counts)"},
+	 "refresh_messages) -> (messages, flows_per_message, packets_per_message, octets_per_message, sequence, "
+	 "templates_sent, messages_since, counts)"},
 	{"send", core_send, METH_VARARGS,
 	 "send(fd, messages, start, segment=True) -> (next, errno): to a connected datagram socket, runs of "
 	 "equal-length datagrams as UDP GSO sends"},
