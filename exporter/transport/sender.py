@@ -2,6 +2,13 @@
 
 The UDP, TCP and TLS senders (udp.py, stream.py, tls.py) each implement `Sender`; the caller
 holds one per collector and never needs to know which it has.
+
+Tags: the caller may give each message a tag (`send(messages, records, tags)`), any value the
+sender never looks into. A message that is not delivered (dropped from a full queue, failed,
+left over at close) is reported once, by its tag, to `on_not_sent(tags)`; so whatever a
+message means to the caller (the flows, packets and octets it held) travels with it and
+nothing has to be read back from the bytes. Untagged messages (the templates a sender writes
+itself, or a caller that gave none) are counted but not reported.
 """
 
 from __future__ import annotations
@@ -10,7 +17,7 @@ import os
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import structlog
 
@@ -18,8 +25,11 @@ from exporter.transport.endpoint import Endpoint
 
 log = structlog.get_logger("xdpflow.transport")
 
+Tag = TypeVar("Tag")
+Tag_contra = TypeVar("Tag_contra", contravariant=True)
+
 OnConnect = Callable[[bytes | None], bytes]   # (the message that will follow) -> templates
-OnNotSent = Callable[[Sequence[bytes]], None]
+OnNotSent = Callable[[list[Tag]], None]       # the tags of messages that were not delivered
 
 
 @dataclass
@@ -46,13 +56,14 @@ class SenderStats:
         return self.records_failed + self.records_dropped
 
 
-class Sender(Protocol):
+class Sender(Protocol[Tag_contra]):
     endpoint: Endpoint
     stats: SenderStats
 
-    async def open(self) -> Sender: ...
+    async def open(self) -> Sender[Tag_contra]: ...
 
-    def send(self, messages: Sequence[bytes], records: Sequence[int] | None = None) -> None: ...
+    def send(self, messages: Sequence[bytes], records: Sequence[int] | None = None,
+             tags: Sequence[Tag_contra] | None = None) -> None: ...
 
     async def close(self, timeout: float | None = None) -> None: ...
 
@@ -74,7 +85,11 @@ def sockname_address(name: object) -> str | None:
     return None
 
 
-def record_counts(messages: Sequence[bytes], records: Sequence[int] | None) -> Sequence[int]:
+def record_counts(messages: Sequence[bytes], records: Sequence[int] | None,
+                  tags: Sequence[object] | None = None) -> Sequence[int]:
+    """`records`, or 0 for each message; ValueError when records or tags do not match the messages."""
+    if tags is not None and len(tags) != len(messages):
+        raise ValueError(f"{len(messages)} messages but {len(tags)} tags")
     if records is None:
         return [0] * len(messages)
     if len(records) != len(messages):
@@ -91,10 +106,10 @@ def describe_error(exc: BaseException | None) -> str:
     return " ".join(text.split())
 
 
-def report_not_sent(hook: OnNotSent | None, messages: Sequence[bytes], endpoint: Endpoint) -> None:
-    if hook is None or not messages:
+def report_not_sent(hook: OnNotSent[Tag] | None, tags: list[Tag], endpoint: Endpoint) -> None:
+    if hook is None or not tags:
         return
     try:
-        hook(messages)
+        hook(tags)
     except Exception as e:  # accounting must not take the sender down with it
         log.error("on_not_sent hook failed", collector=str(endpoint), error=describe_error(e))

@@ -32,9 +32,9 @@ import random
 import socket
 import ssl
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Self, cast
+from typing import Generic, Self, cast
 
 import structlog
 
@@ -43,6 +43,7 @@ from exporter.transport.sender import (
     OnConnect,
     OnNotSent,
     SenderStats,
+    Tag,
     describe_error,
     record_counts,
     report_not_sent,
@@ -52,6 +53,10 @@ from exporter.transport.sender import (
 log = structlog.get_logger("xdpflow.transport")
 
 WRITE_BATCH = 64 << 10
+
+# A queued message: its bytes, then its records and where its tag is (the caller's tags, the
+# index there), so a tag is looked up only for a message that is not delivered.
+Queued = tuple[bytes, tuple[int, Sequence[Tag] | None, int]]
 
 
 def backoff_delay(attempt: int, initial: float = 0.5, maximum: float = 30.0,
@@ -127,11 +132,16 @@ class _Link(asyncio.Protocol):
         return self.transport.get_write_buffer_size() if self.transport is not None else 0
 
 
-class TcpSender:
+def tags_of(entries: Iterable[Queued[Tag]]) -> list[Tag]:
+    """The tags of queued messages, in order; untagged ones have none."""
+    return [tags[i] for _, (_, tags, i) in entries if tags is not None]
+
+
+class TcpSender(Generic[Tag]):
     """IPFIX over one persistent TCP connection, with a bounded queue and reconnects (see module doc)."""
 
     def __init__(self, endpoint: Endpoint, *, on_connect: OnConnect | None = None,
-                 on_not_sent: OnNotSent | None = None, options: StreamOptions | None = None,
+                 on_not_sent: OnNotSent[Tag] | None = None, options: StreamOptions | None = None,
                  rng: Callable[[], float] = random.random) -> None:
         self.endpoint = endpoint
         self.on_connect = on_connect
@@ -139,7 +149,7 @@ class TcpSender:
         self.options = options if options is not None else StreamOptions()
         self.stats = SenderStats()
         self._rng = rng
-        self._queue: deque[tuple[bytes, int]] = deque()
+        self._queue: deque[Queued[Tag]] = deque()
         self._queued_bytes = 0
         self._kick = asyncio.Event()
         self._retry_now = asyncio.Event()
@@ -167,45 +177,47 @@ class TcpSender:
         self._task.add_done_callback(self._task_done)
         return self
 
-    def send(self, messages: Sequence[bytes], records: Sequence[int] | None = None) -> None:
-        counts = record_counts(messages, records)
+    def send(self, messages: Sequence[bytes], records: Sequence[int] | None = None,
+             tags: Sequence[Tag] | None = None) -> None:
+        counts = record_counts(messages, records, tags)
         if self._closed:
             self.stats.messages_failed += len(messages)
             self.stats.records_failed += sum(counts)
-            report_not_sent(self.on_not_sent, messages, self.endpoint)
+            report_not_sent(self.on_not_sent, list(tags or ()), self.endpoint)
             return
-        for m, n in zip(messages, counts, strict=True):
-            self._queue.append((m, n))
+        for i, (m, n) in enumerate(zip(messages, counts, strict=True)):
+            self._queue.append((m, (n, tags, i)))
             self._queued_bytes += len(m)
-        dropped: list[bytes] = []
+        dropped: list[Queued[Tag]] = []
         limit_messages, limit_bytes = self.options.queue_messages, self.options.queue_bytes
         if len(self._queue) > limit_messages or self._queued_bytes > limit_bytes:
             # Messages without flow records (options totals, which every scan repeats with newer
             # values) go first, the newest one excepted; flow-carrying messages only after that.
-            keep_last = max((i for i, (_, n) in enumerate(self._queue) if n == 0), default=-1)
-            kept: deque[tuple[bytes, int]] = deque()
+            keep_last = max((i for i, (_, (n, _, _)) in enumerate(self._queue) if n == 0), default=-1)
+            kept: deque[Queued[Tag]] = deque()
             excess = len(self._queue) - limit_messages
-            for i, (m, n) in enumerate(self._queue):
+            for i, entry in enumerate(self._queue):
+                m, (n, _, _) = entry
                 over = excess > 0 or self._queued_bytes > limit_bytes
                 if over and n == 0 and i != keep_last:
                     self._queued_bytes -= len(m)
                     self.stats.messages_dropped += 1
-                    dropped.append(m)
+                    dropped.append(entry)
                     excess -= 1
                 else:
-                    kept.append((m, n))
+                    kept.append(entry)
             self._queue = kept
         while len(self._queue) > limit_messages or self._queued_bytes > limit_bytes:
-            m, n = self._queue.popleft()
-            self._queued_bytes -= len(m)
+            entry = self._queue.popleft()
+            self._queued_bytes -= len(entry[0])
             self.stats.messages_dropped += 1
-            self.stats.records_dropped += n
-            dropped.append(m)
+            self.stats.records_dropped += entry[1][0]
+            dropped.append(entry)
         if dropped and not self._overflow_logged:
             self._overflow_logged = True
             log.warning("send queue full, dropping oldest messages", collector=str(self.endpoint),
                         connected=self.connected, queue_messages=limit_messages, queue_bytes=limit_bytes)
-        report_not_sent(self.on_not_sent, dropped, self.endpoint)
+        report_not_sent(self.on_not_sent, tags_of(dropped), self.endpoint)
         self._kick.set()
 
     async def close(self, timeout: float | None = None) -> None:
@@ -233,9 +245,9 @@ class TcpSender:
         left = len(self._queue)
         if left:
             self.stats.messages_failed += left
-            self.stats.records_failed += sum(n for _, n in self._queue)
+            self.stats.records_failed += sum(n for _, (n, _, _) in self._queue)
             log.warning("closed with messages unsent", collector=str(self.endpoint), messages=left)
-            report_not_sent(self.on_not_sent, [m for m, _ in self._queue], self.endpoint)
+            report_not_sent(self.on_not_sent, tags_of(self._queue), self.endpoint)
         self._queue.clear()
         self._queued_bytes = 0
         link, self._link = self._link, None
@@ -434,7 +446,7 @@ class TcpSender:
             batch: list[bytes] = []
             size = records = 0
             while self._queue and size < WRITE_BATCH:
-                m, n = self._queue.popleft()
+                m, (n, _, _) = self._queue.popleft()
                 batch.append(m)
                 size += len(m)
                 records += n

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from exporter.transport.endpoint import Endpoint, TransportSettingsError
-from exporter.transport.sender import OnConnect, OnNotSent, describe_error
+from exporter.transport.sender import OnConnect, OnNotSent, Tag, describe_error
 from exporter.transport.stream import StreamOptions, TcpSender
 
 
@@ -67,11 +67,11 @@ def make_tls_context(tls: TlsOptions, where: str = "tls") -> ssl.SSLContext:
     return ctx
 
 
-class TlsSender(TcpSender):
+class TlsSender(TcpSender[Tag]):
     """IPFIX over TLS over TCP (RFC 7011 section 11): TcpSender whose connections are TLS."""
 
     def __init__(self, endpoint: Endpoint, *, tls: TlsOptions | None = None, on_connect: OnConnect | None = None,
-                 on_not_sent: OnNotSent | None = None, options: StreamOptions | None = None,
+                 on_not_sent: OnNotSent[Tag] | None = None, options: StreamOptions | None = None,
                  rng: Callable[[], float] = random.random) -> None:
         super().__init__(endpoint, on_connect=on_connect, on_not_sent=on_not_sent, options=options, rng=rng)
         self.tls = tls if tls is not None else TlsOptions()

@@ -21,6 +21,7 @@ import os
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Generic
 
 import structlog
 
@@ -29,6 +30,7 @@ from exporter.transport.sender import (
     OnConnect,
     OnNotSent,
     SenderStats,
+    Tag,
     record_counts,
     report_not_sent,
     sockname_address,
@@ -95,9 +97,9 @@ def send_datagrams(sock: socket.socket, datagrams: Sequence[bytes], segment: boo
 
 
 @dataclass
-class UdpSender:
+class UdpSender(Generic[Tag]):
     endpoint: Endpoint
-    on_not_sent: OnNotSent | None = None
+    on_not_sent: OnNotSent[Tag] | None = None
     on_connect: OnConnect | None = None  # the templates: sent ahead of every batch while the collector is away
     stats: SenderStats = field(default_factory=SenderStats)
     _transport: asyncio.DatagramTransport | None = None
@@ -115,7 +117,7 @@ class UdpSender:
         infos = await loop.getaddrinfo(self.endpoint.host, self.endpoint.port, type=socket.SOCK_DGRAM)
         return [(int(family), tuple(addr)) for family, _, _, _, addr in infos]
 
-    async def open(self) -> UdpSender:
+    async def open(self) -> UdpSender[Tag]:
         loop = asyncio.get_running_loop()
         try:
             family, addr = (await self._resolve())[0]
@@ -204,8 +206,10 @@ class UdpSender:
             self._failing = True
             log.warning("collector unreachable", collector=str(self.endpoint), error=str(exc))
 
-    def send(self, messages: Sequence[bytes], records: Sequence[int] | None = None) -> None:
-        counts = record_counts(messages, records)
+    def send(self, messages: Sequence[bytes], records: Sequence[int] | None = None,
+             tags: Sequence[Tag] | None = None) -> None:
+        counts = record_counts(messages, records, tags)
+        own = 0  # messages of the sender's own at the head (templates): they have no tag
         # ICMP errors arrive after the send that caused them: a whole interval
         # without a new error means the collector is back.
         if self._failing and self.stats.send_errors == self._errors_at_last_send:
@@ -216,11 +220,12 @@ class UdpSender:
             # A collector that comes back knows no templates: whatever reaches it first must carry them.
             messages = [self.on_connect(messages[0]), *messages]
             counts = [0, *counts]
+            own = 1
             self.stats.template_messages += 1
         if self._transport is None or self._transport.is_closing():
             self.stats.messages_failed += len(messages)
             self.stats.records_failed += sum(counts)
-            report_not_sent(self.on_not_sent, messages, self.endpoint)
+            report_not_sent(self.on_not_sent, list(tags or ()), self.endpoint)
             return
         assert self._sock is not None
         # Straight on the socket, not through the transport: after an ICMP port unreachable
@@ -232,12 +237,13 @@ class UdpSender:
         for _ in refused:
             self.stats.refusals += 1
             self.note_error(ConnectionRefusedError(errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED)))
-        failed: list[bytes] = []
+        failed: list[Tag] = []
         for i, e in failures:
             self.note_error(e)
             self.stats.messages_failed += 1
             self.stats.records_failed += counts[i]
-            failed.append(messages[i])
+            if tags is not None and i >= own:
+                failed.append(tags[i - own])
         bad = {i for i, _ in failures}
         self.stats.messages += len(messages) - len(bad)
         self.stats.octets += sum(len(d) for i, d in enumerate(messages) if i not in bad)
