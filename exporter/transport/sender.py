@@ -3,12 +3,8 @@
 The UDP, TCP and TLS senders (udp.py, stream.py, tls.py) each implement `Sender`; the caller
 holds one per collector and never needs to know which it has.
 
-Tags: the caller may give each message a tag (`send(messages, records, tags)`), any value the
-sender never looks into. A message that is not delivered (dropped from a full queue, failed,
-left over at close) is reported once, by its tag, to `on_not_sent(tags)`; so whatever a
-message means to the caller (the flows, packets and octets it held) travels with it and
-nothing has to be read back from the bytes. Untagged messages (the templates a sender writes
-itself, or a caller that gave none) are counted but not reported.
+A tag (`send(messages, records, tags)`) is the caller's, per message, never looked into: the
+senders only hand back, through `report_not_sent`, the tags of messages they did not deliver.
 """
 
 from __future__ import annotations
