@@ -12,7 +12,8 @@ is whatever the caller attaches to `messages[i]` (the service: the message's flo
 encoder); each message that is dropped, fails, or is left over at close is reported once, by its
 tag, to the `on_not_sent(tags)` hook, so the caller accounts for it (notSentPacket/OctetTotalCount)
 without decoding it again. Messages without a tag (the templates a sender writes on its own) are
-counted, not reported.
+counted, not reported. A stream sender keeps the `tags` sequence while any of its messages is
+queued and reads a tag only for a message it reports, so a lazy sequence stays lazy.
 
 The package follows the senders' parts: endpoint.py the collector address grammar and default
 ports; sender.py the `Sender` face and its counters; udp.py the UDP sender; stream.py the TCP
