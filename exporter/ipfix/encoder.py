@@ -220,11 +220,12 @@ def align_header(message: bytes, follower: bytes) -> bytes:
 
 class MessageTotals(Sequence[FlowTotals]):
     """The FlowTotals of each message of one encode() call, made only when asked for: encoding
-    makes no object per message, and a sender asks only about the messages it did not deliver."""
+    makes no object per message, and a sender asks only about the messages it did not deliver.
+    `packets` and `octets` may be views of the compiled core's packed u64 sums."""
 
     __slots__ = ("flows", "octets", "packets")
 
-    def __init__(self, flows: list[int], packets: list[int], octets: list[int]) -> None:
+    def __init__(self, flows: list[int], packets: Sequence[int], octets: Sequence[int]) -> None:
         if not len(flows) == len(packets) == len(octets):
             raise ValueError(f"{len(flows)} flow counts, {len(packets)} packet and {len(octets)} octet sums")
         self.flows = flows
@@ -476,7 +477,7 @@ class Encoder:
         if not frames:
             return Messages()
         due_by_time = self._due_by_time(now)
-        messages, flows, packets, octets, sequence, sent, since, counts = self._core.frame(
+        messages, flows, sums, sequence, sent, since, counts = self._core.frame(
             frames, self._template_sets, self.mtu, self.odid, export_time, self._sequence, due_by_time,
             self._messages_since_templates, self.template_refresh_messages)
         if sum(counts[options:]) != len(records) + len(uniflows):
@@ -490,7 +491,8 @@ class Encoder:
         self._sequence = sequence
         self._count_output(len(messages), sum(len(m) for m in messages), len(records) + len(uniflows),
                            sum(counts[:options]))
-        return Messages(messages, MessageTotals(flows, packets, octets))
+        packed = memoryview(sums).cast("Q")   # per message its packets, then its octets
+        return Messages(messages, MessageTotals(flows, packed[0::2], packed[1::2]))
 
     def flow_totals(self, message: bytes | bytearray | memoryview) -> FlowTotals:
         """Flow records in one of this encoder's messages, with their packets and octets summed.
