@@ -57,18 +57,18 @@ class Export:
     """One collector: its own encoder state (templates, sequence numbers) and transport.
 
     The transport calls back into it: `on_connect` for the templates a new stream connection
-    starts with, `lost` for messages it could not deliver."""
+    starts with, `lost` with the tags of messages it could not deliver: their flow totals, which
+    the encoder gave each message and the scan handed the sender along with it."""
 
     encoder: Encoder
-    sender: Sender = field(init=False)   # made for this export, with its callbacks (_open_export)
+    sender: Sender[FlowTotals] = field(init=False)   # made for this export, with its callbacks (_open_export)
     not_sent: FlowTotals = field(default_factory=FlowTotals)
     not_sent_first_ms: int = 0   # when the first and the latest flow record were lost (0: none yet)
     not_sent_last_ms: int = 0
 
-    def lost(self, messages: Sequence[bytes]) -> None:
+    def lost(self, totals: Sequence[FlowTotals]) -> None:
         before = self.not_sent.flows
-        for m in messages:
-            self.not_sent += self.encoder.flow_totals(m)
+        self.not_sent = sum(totals, self.not_sent)
         if self.not_sent.flows > before:
             self.not_sent_last_ms = time.time_ns() // 1_000_000
             self.not_sent_first_ms = self.not_sent_first_ms or self.not_sent_last_ms
@@ -231,7 +231,7 @@ class Exporter:
             records = chunk if chunk is not None else self._no_records
             for ex, state in zip(self.exports, states, strict=True):
                 datagrams = ex.encoder.encode(records, now, options=state if first else None)
-                ex.sender.send(datagrams, datagrams.flows)
+                ex.sender.send(datagrams, datagrams.flows, datagrams.totals)
                 sent += len(datagrams)
             res.exported += len(records)
             first = False

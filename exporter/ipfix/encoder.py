@@ -1,8 +1,9 @@
 """Sans-IO IPFIX (RFC 7011) encoder: FLOW_RECORD arrays and options in, messages out.
 
-Theory of operation. `encode(records, now)` returns `Messages`: the datagrams, and for each the
-flow records it holds (`.flows`), which a sender reports for a message it could not deliver. It
-splits the batch by ip_version
+Theory of operation. `encode(records, now)` returns `Messages`: the datagrams, and for each what
+it carries (`.totals`: its flow records and their packets and octets, a biflow's two directions
+together), summed while the records are encoded, so a message a sender could not deliver is
+accounted for without decoding it again. It splits the batch by ip_version
 into the IPv4 (256) and IPv6 (257) data templates, then builds each family's
 data records in one go: an array of the template's packed big-endian wire
 dtype, filled column by column with whole-array assignments and viewed as
@@ -61,10 +62,10 @@ up front asks `templates_message()` for them.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -217,16 +218,80 @@ def align_header(message: bytes, follower: bytes) -> bytes:
     return message[:4] + follower[4:12] + message[12:]
 
 
-class Messages(list[bytes]):
-    """What one encode() call produced: the IPFIX messages, in order, and for each the flow records it
-    holds (`flows[i]` for message i; options records not counted), so a sender can account for a
-    message it could not deliver without decoding it again."""
+class MessageTotals(Sequence[FlowTotals]):
+    """The FlowTotals of each message of one encode() call, made only when asked for: encoding
+    makes no object per message, and a sender asks only about the messages it did not deliver.
+    `packets` and `octets` may be views of the compiled core's packed u64 sums."""
 
-    def __init__(self, messages: Iterable[bytes] = (), flows: Iterable[int] = ()) -> None:
+    __slots__ = ("flows", "octets", "packets")
+
+    def __init__(self, flows: list[int], packets: Sequence[int], octets: Sequence[int]) -> None:
+        if not len(flows) == len(packets) == len(octets):
+            raise ValueError(f"{len(flows)} flow counts, {len(packets)} packet and {len(octets)} octet sums")
+        self.flows = flows
+        self.packets = packets
+        self.octets = octets
+
+    def __len__(self) -> int:
+        return len(self.flows)
+
+    @overload
+    def __getitem__(self, index: int) -> FlowTotals: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> MessageTotals: ...
+
+    def __getitem__(self, index: int | slice) -> FlowTotals | MessageTotals:
+        if isinstance(index, slice):
+            return MessageTotals(self.flows[index], self.packets[index], self.octets[index])
+        return FlowTotals(self.flows[index], self.packets[index], self.octets[index])
+
+
+class Messages(list[bytes]):
+    """What one encode() call produced: the IPFIX messages, in order, and for each what it carries
+    (`totals[i]` for message i; options records not counted; `flows` the record counts alone)."""
+
+    def __init__(self, messages: Iterable[bytes] = (), totals: MessageTotals | None = None) -> None:
         super().__init__(messages)
-        self.flows: list[int] = list(flows)
-        if len(self.flows) != len(self):
-            raise ValueError(f"{len(self)} messages but {len(self.flows)} flow counts")
+        self.totals = totals if totals is not None else MessageTotals([], [], [])
+        if len(self.totals) != len(self):
+            raise ValueError(f"{len(self)} messages but totals for {len(self.totals)}")
+
+    @property
+    def flows(self) -> list[int]:
+        return self.totals.flows
+
+
+# Running sums of packets and octets, from a row of zeros: records i..j-1 hold row j minus row i.
+# uint64 like the compiled core's sums, so the two agree even where a sum would wrap.
+CounterSums = npt.NDArray[np.uint64]
+
+
+def counter_sums(records: Records) -> CounterSums:
+    """(len + 1, 2) running sums of packets and octets; a biflow's reverse counters are added in."""
+    sums = np.zeros((len(records) + 1, 2), dtype=np.uint64)
+    names = records.dtype.names or ()
+    for col, (forward, reverse) in enumerate((("packets", "r_packets"), ("octets", "r_octets"))):
+        values = records[forward] + records[reverse] if reverse in names else records[forward]
+        np.cumsum(values, out=sums[1:, col])
+    return sums
+
+
+def counter_offsets(dtype: np.dtype[np.void]) -> tuple[int, int, int, int]:
+    """Where the compiled core finds packets, octets, reverse packets, reverse octets (-1: none)."""
+    fields = dtype.fields
+    if fields is None:
+        raise TypeError("records must be a structured array")
+    offsets = []
+    for name in ("packets", "octets", "r_packets", "r_octets"):
+        if name not in fields:
+            offsets.append(-1)
+            continue
+        sub, at = fields[name][:2]
+        if sub != np.dtype("<u8"):
+            raise TypeError(f"{name} must be a little-endian uint64, not {sub}")
+        offsets.append(at)
+    return offsets[0], offsets[1], offsets[2], offsets[3]
 
 
 class Encoder:
@@ -384,13 +449,14 @@ class Encoder:
             records, uniflows = split_one_sided(records)
         if self._core is not None:
             return self._encode_core(groups, records, uniflows, now, export_time)
+        runs: list[tuple[RecordGroup, CounterSums | None]] = [(g, None) for g in groups]
         if len(records):
-            groups.extend(self._encode_groups(records, self._data_templates, self._sources))
+            runs.extend(self._encode_groups(records, self._data_templates, self._sources))
         if len(uniflows):
-            groups.extend(self._encode_groups(uniflows, self._uniflow_templates, FLOW_SOURCES))
-        if not groups:
+            runs.extend(self._encode_groups(uniflows, self._uniflow_templates, FLOW_SOURCES))
+        if not runs:
             return Messages()
-        return self._build_py([g for g in groups if g.records > 0], now, export_time)
+        return self._build_py([r for r in runs if r[0].records > 0], now, export_time)
 
     def _encode_core(self, groups: list[RecordGroup], records: Records, uniflows: Records, now: float,
                      export_time: int) -> Messages:
@@ -405,12 +471,13 @@ class Encoder:
             if len(recs):
                 flat = np.ascontiguousarray(recs)
                 version_at = recs.dtype.fields["ip_version"][1]  # type: ignore[index]
+                counters = counter_offsets(recs.dtype)
                 frames += [(t.template_id, t.record_length, flat, programs[v], recs.dtype.itemsize,
-                            version_at, v, True, True) for v, t in templates]
+                            version_at, v, True, True, *counters) for v, t in templates]
         if not frames:
             return Messages()
         due_by_time = self._due_by_time(now)
-        messages, flows, sequence, sent, since, counts = self._core.frame(
+        messages, flows, sums, sequence, sent, since, counts = self._core.frame(
             frames, self._template_sets, self.mtu, self.odid, export_time, self._sequence, due_by_time,
             self._messages_since_templates, self.template_refresh_messages)
         if sum(counts[options:]) != len(records) + len(uniflows):
@@ -424,12 +491,14 @@ class Encoder:
         self._sequence = sequence
         self._count_output(len(messages), sum(len(m) for m in messages), len(records) + len(uniflows),
                            sum(counts[:options]))
-        return Messages(messages, flows)
+        packed = memoryview(sums).cast("Q")   # per message its packets, then its octets
+        return Messages(messages, MessageTotals(flows, packed[0::2], packed[1::2]))
 
     def flow_totals(self, message: bytes | bytearray | memoryview) -> FlowTotals:
         """Flow records in one of this encoder's messages, with their packets and octets summed.
 
-        For notSent* accounting: a message that could not be sent loses exactly these.
+        Read from the bytes, so an independent check of `Messages.totals` (the export path uses
+        those: a message that could not be sent loses exactly these).
         """
         raw = memoryview(message)
         if len(raw) < MESSAGE_HEADER.size:
@@ -454,8 +523,11 @@ class Encoder:
             pos += set_len
         return total
 
-    def _build_py(self, groups: list[RecordGroup], now: float, export_time: int) -> Messages:
-        """The reference framing (the compiled core's frame() does the same, byte for byte)."""
+    def _build_py(self, runs: list[tuple[RecordGroup, CounterSums | None]], now: float,
+                  export_time: int) -> Messages:
+        """The reference framing (the compiled core's frame() does the same, byte for byte).
+
+        `runs`: each group with the running sums of its flow records' counters (None: options)."""
         messages: list[bytes] = []
         parts: list[bytes | memoryview] = []
         pack_set = SET_HEADER.pack
@@ -466,10 +538,12 @@ class Encoder:
         room = 0  # bytes left in the open message
         is_open = False
         flow_records = options_records = 0
-        flows_in_message = 0
+        flows_in_message = packets_in_message = octets_in_message = 0
         per_message: list[int] = []
+        packets: list[int] = []
+        octets: list[int] = []
         # Each set takes as many records as fit, so a group continues only in a new message.
-        for template, payload, count, reclen in groups:
+        for (template, payload, count, reclen), sums in runs:
             tid = template.template_id
             counted = count_options or template.scope_count == 0
             if template.scope_count:
@@ -484,9 +558,11 @@ class Encoder:
                                         + b"".join(parts))
                         sequence = (sequence + in_message) % SEQUENCE_MODULUS
                         per_message.append(flows_in_message)
+                        packets.append(packets_in_message)
+                        octets.append(octets_in_message)
                     parts = []
                     in_message = 0
-                    flows_in_message = 0
+                    flows_in_message = packets_in_message = octets_in_message = 0
                     is_open = True
                     room = self.mtu - MESSAGE_HEADER.size
                     if self._templates_due(now):
@@ -498,17 +574,23 @@ class Encoder:
                 parts.append(pack_set(tid, SET_HEADER.size + k * reclen))
                 parts.append(payload[pos * reclen:(pos + k) * reclen])
                 room -= SET_HEADER.size + k * reclen
+                if sums is not None:
+                    p, o = (sums[pos + k] - sums[pos]).tolist()
+                    packets_in_message += p
+                    octets_in_message += o
                 pos += k
                 if counted:
                     in_message += k
                 if not template.scope_count:
                     flows_in_message += k
         per_message.append(flows_in_message)
+        packets.append(packets_in_message)
+        octets.append(octets_in_message)
         length = self.mtu - room
         messages.append(pack_header(IPFIX_VERSION, length, export_time, sequence, self.odid) + b"".join(parts))
         self._sequence = (sequence + in_message) % SEQUENCE_MODULUS
         self._count_output(len(messages), sum(len(m) for m in messages), flow_records, options_records)
-        return Messages(messages, per_message)
+        return Messages(messages, MessageTotals(per_message, packets, octets))
 
     def _count_output(self, messages: int, octets: int, flow_records: int, options_records: int) -> None:
         t = self._totals
@@ -520,9 +602,9 @@ class Encoder:
 
     @staticmethod
     def _encode_groups(records: Records, templates: tuple[tuple[int, Template], ...],
-                       sources: dict[str, Source]) -> list[RecordGroup]:
+                       sources: dict[str, Source]) -> list[tuple[RecordGroup, CounterSums]]:
         versions = records["ip_version"]
-        groups: list[RecordGroup] = []
+        groups: list[tuple[RecordGroup, CounterSums]] = []
         selected = 0
         for version, template in templates:
             mask = versions == version
@@ -531,7 +613,8 @@ class Encoder:
             if count == 0:
                 continue
             subset = records if count == len(records) else records[mask]
-            groups.append(fixed_group(template, encode_records(template, subset, sources), count))
+            groups.append((fixed_group(template, encode_records(template, subset, sources), count),
+                           counter_sums(subset)))
         if selected != len(records):
             raise ValueError("records with an ip_version other than 4 or 6")
         return groups

@@ -225,6 +225,36 @@ def test_compiled_encoder_is_the_reference_for_biflows() -> None:
     assert a.encode(recs, 1.7e9, options=STATE) == b.encode(recs, 1.7e9, options=STATE)
 
 
+def biflow_records(n: int, seed: int, one_sided: float) -> np.ndarray:
+    """BIFLOW_RECORDs from random uniflows; a share of them saw one side only (sent as uniflows)."""
+    rng = np.random.default_rng(seed)
+    uni = random_records(n, seed=seed, ipv6_share=0.3)
+    recs = np.zeros(len(uni), dtype=BIFLOW_RECORD)
+    for name in BIFLOW_RECORD.names or ():
+        if name in (FLOW_RECORD.names or ()):
+            recs[name] = uni[name]
+        elif name.startswith("r_"):
+            recs[name] = uni[name[2:]][rng.permutation(len(uni))]
+    recs["r_packets"][rng.random(len(recs)) < one_sided / 2] = 0
+    recs["packets"][rng.random(len(recs)) < one_sided / 2] = 0
+    return recs
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(0, 2000), seed=st.integers(0, 1000), mtu=st.sampled_from([1000, 1400, 9000]),
+       v6=st.sampled_from([0.0, 0.3, 1.0]), biflow=st.booleans(), with_options=st.booleans())
+def test_each_message_carries_the_totals_its_bytes_decode_to(n: int, seed: int, mtu: int, v6: float,
+                                                             biflow: bool, with_options: bool) -> None:
+    # Summed while encoding, in C and in the numpy reference; flow_totals reads them back from the bytes.
+    recs = biflow_records(n, seed, one_sided=0.4) if biflow else random_records(n, seed=seed, ipv6_share=v6)
+    opts = STATE if with_options else None
+    a, b = Encoder(mtu=mtu, biflow=biflow, compiled=False), Encoder(mtu=mtu, biflow=biflow, compiled=True)
+    ma, mb = a.encode(recs, 1.7e9, options=opts), b.encode(recs, 1.7e9, options=opts)
+    assert list(ma.totals) == list(mb.totals) == [a.flow_totals(m) for m in ma]
+    assert [t.flows for t in mb.totals] == mb.flows and len(mb.totals) == len(mb)
+    assert list(mb.totals[1:3]) == list(mb.totals)[1:3]
+
+
 def test_compiled_encoder_refuses_an_unknown_ip_version_before_any_state_changes() -> None:
     recs = random_records(10)
     recs["ip_version"][3] = 5

@@ -102,8 +102,10 @@ def test_udp_sender_counts_records_sent_and_failed() -> None:
         sender.send([b"t" * 10])  # a templates-only message: no records
         with pytest.raises(ValueError, match="2 messages but 1 record counts"):
             sender.send([b"x", b"y"], [1])
+        with pytest.raises(ValueError, match="2 messages but 1 tags"):
+            sender.send([b"x", b"y"], [1, 1], [b"x"])
         await sender.close()
-        sender.send([b"c" * 5, b"d" * 5], [5, 6])
+        sender.send([b"c" * 5, b"d" * 5], [5, 6], [b"c" * 5, b"d" * 5])  # each message its own tag
         rx.close()
         return sender
 
@@ -111,6 +113,36 @@ def test_udp_sender_counts_records_sent_and_failed() -> None:
     assert (s.messages, s.octets, s.records, s.connections) == (3, 60, 7, 1)
     assert (s.messages_failed, s.records_failed, s.records_not_sent) == (2, 11, 11)
     assert handed_back == [b"c" * 5, b"d" * 5]
+
+
+def test_udp_sender_hands_back_the_tags_of_failed_messages_only() -> None:
+    """While the collector refuses, each batch starts with templates of the sender's own: a failure is
+    reported by the tag of the caller's message it hit, and the templates have none."""
+    lost: list[str] = []
+
+    async def go() -> UdpSender[str]:
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+        sender = await UdpSender(parse_endpoint(f"127.0.0.1:{port}"), on_not_sent=lost.extend,
+                                 on_connect=lambda _: b"templates").open()
+        for _ in range(100):   # until the ICMP refusal of a datagram has been seen
+            sender.send([b"probe"], [1], ["probe"])
+            await asyncio.sleep(0.01)
+            if not sender.connected:
+                break
+        assert not sender.connected
+        before = sender.stats.template_messages
+        sender.send([b"small", b"x" * 70_000], [1, 2], ["small", "too big"])   # EMSGSIZE: over any datagram
+        assert sender.stats.template_messages == before + 1
+        await sender.close()
+        return sender
+
+    s = asyncio.run(go()).stats
+    assert "too big" in lost and "small" not in lost and "templates" not in lost
+    assert set(lost) <= {"probe", "too big"}
+    assert s.records_failed >= 2
 
 
 def test_udp_sender_delivers_from_one_source_port() -> None:
@@ -247,12 +279,12 @@ def test_a_refusal_of_an_earlier_datagram_does_not_fail_the_current_one() -> Non
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
         probe.close()
-        lost: list[bytes] = []
+        lost: list[str] = []
         sender = await UdpSender(parse_endpoint(f"127.0.0.1:{port}"), on_not_sent=lost.extend).open()
-        sender.send([b"into the void"], [1])      # nobody listens: ICMP port unreachable comes back
+        sender.send([b"into the void"], [1], ["void"])   # nobody listens: ICMP port unreachable comes back
         rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        rx.bind(("127.0.0.1", port))               # the collector comes up before the next send
-        sender.send([b"delivered"], [2])           # the kernel reports the old refusal here
+        rx.bind(("127.0.0.1", port))                      # the collector comes up before the next send
+        sender.send([b"delivered"], [2], ["delivered"])   # the kernel reports the old refusal here
         got = drain(rx, 0.5)
         rx.close()
         await sender.close()

@@ -68,6 +68,11 @@ def templates_for(first: bytes | None) -> bytes:
     return TEMPLATES if first is None else align_header(TEMPLATES, first)
 
 
+def tagged(msgs: list[bytes], records: list[int]) -> tuple[list[bytes], list[int], list[bytes]]:
+    """send() arguments with each message its own tag, so on_not_sent hands back the messages themselves."""
+    return msgs, records, msgs
+
+
 def seq_of(msg: bytes) -> int:
     return int(IPFIX_HEADER.unpack_from(msg)[3])
 
@@ -264,8 +269,8 @@ def test_queue_bounds_drop_oldest_and_count_exactly() -> None:
     handed_back: list[bytes] = []
     by_count = tcp_sender(1, StreamOptions(queue_messages=10), on_not_sent=handed_back.extend)
     msgs = [message(i) for i in range(25)]
-    by_count.send(msgs[:12], [i + 1 for i in range(12)])
-    by_count.send(msgs[12:], [i + 1 for i in range(12, 25)])
+    by_count.send(msgs[:12], [i + 1 for i in range(12)], tags=msgs[:12])
+    by_count.send(msgs[12:], [i + 1 for i in range(12, 25)], tags=msgs[12:])
     assert by_count.queue_depth == 10
     assert (by_count.stats.messages_dropped, by_count.stats.records_dropped) == (15, sum(range(1, 16)))
     assert [seq_of(m) for m, _ in by_count._queue] == list(range(15, 25))
@@ -284,15 +289,15 @@ def test_overflow_drops_options_only_messages_before_flows() -> None:
     """Options totals repeat every scan: on overflow they go first (the newest kept), flows after."""
     handed_back: list[bytes] = []
     s = tcp_sender(1, StreamOptions(queue_messages=4), on_not_sent=handed_back.extend)
-    s.send([message(0)], [7])                       # flows
-    s.send([message(i) for i in range(1, 6)], [0] * 5)  # five options-only scans
+    s.send(*tagged([message(0)], [7]))                            # flows
+    s.send(*tagged([message(i) for i in range(1, 6)], [0] * 5))   # five options-only scans
     assert [seq_of(m) for m, _ in s._queue] == [0, 3, 4, 5]
     assert (s.stats.messages_dropped, s.stats.records_dropped) == (2, 0)
-    s.send([message(6)], [2])                       # more flows: options 3 and 4 go, 5 (newest) stays
+    s.send(*tagged([message(6)], [2]))                            # more flows: options 3 and 4 go, 5 (newest) stays
     assert [seq_of(m) for m, _ in s._queue] == [0, 4, 5, 6]
     assert s.stats.records_dropped == 0, "no flow-carrying message dropped while options-only ones remained"
-    s.send([message(7)], [1])
-    s.send([message(8)], [1])                       # only flows and the newest options left: oldest flows go
+    s.send(*tagged([message(7)], [1]))
+    s.send(*tagged([message(8)], [1]))    # only flows and the newest options left: oldest flows go
     assert s.stats.records_dropped == 7 and seq_of(handed_back[-1]) == 0
     assert [seq_of(m) for m, _ in s._queue] == [5, 6, 7, 8]
 
@@ -303,8 +308,8 @@ def test_a_failing_not_sent_hook_does_not_break_the_sender() -> None:
 
     sender = tcp_sender(1, StreamOptions(queue_messages=1), on_not_sent=hook)
     with capture_logs() as logs:
-        sender.send([message(0), message(1)], [1, 1])
-        sender.send([message(2)], [1])
+        sender.send(*tagged([message(0), message(1)], [1, 1]))
+        sender.send(*tagged([message(2)], [1]))
     assert sender.queue_depth == 1 and sender.stats.messages_dropped == 2
     assert [e["event"] for e in logs].count("on_not_sent hook failed") == 2
 
@@ -446,7 +451,7 @@ def test_collector_that_never_reads(loop: str) -> None:
             worst = max_depth = max_buffered = 0.0
             for _ in range(rounds):
                 t0 = time.perf_counter()
-                sender.send([msg] * per_round, [2] * per_round)
+                sender.send(*tagged([msg] * per_round, [2] * per_round))
                 worst = max(worst, time.perf_counter() - t0)
                 max_depth = max(max_depth, sender.queue_depth)
                 assert sender._link is not None
@@ -508,7 +513,7 @@ def test_close_with_collector_down_is_bounded_and_counted(loop: str) -> None:
     async def go() -> tuple[TcpSender, float]:
         sender = await tcp_sender(port, StreamOptions(backoff_initial=5.0, backoff_max=5.0),
                                   on_not_sent=handed_back.extend).open()
-        sender.send(msgs, [2] * 30)
+        sender.send(*tagged(msgs, [2] * 30))
         await asyncio.sleep(0.05)
         t0 = time.monotonic()
         await sender.close(timeout=0.3)
