@@ -31,7 +31,6 @@ from exporter.transport.endpoint import (
     EndpointError,
     TransportSettingsError,
     parse_endpoint,
-    split_host_port,
 )
 from exporter.transport.sender import OnConnect, OnNotSent, Sender, SenderStats, Tag
 from exporter.transport.stream import WRITE_BATCH, StreamOptions, TcpSender, backoff_delay
@@ -61,7 +60,6 @@ __all__ = [
     "make_tls_context",
     "parse_endpoint",
     "send_datagrams",
-    "split_host_port",
 ]
 
 

@@ -1,8 +1,7 @@
 """Collector addresses: the endpoint grammar and the default ports.
 
 A collector is HOST:PORT, [V6]:PORT, HOST, or SCHEME://HOST[:PORT] with scheme udp, tcp or tls;
-without a scheme it is udp. The scheme is taken off first, then `split_host_port` reads what
-is left, so the HOST:PORT grammar lives in one place.
+without a scheme it is udp. exporter/address.py reads it: the one HOST:PORT grammar of xdpflow.
 
 Default ports: 4739 for udp and tcp, 4740 for tls: RFC 7011 section 10 has the collector listen
 on 4739, and on 4740 for secure connections (IANA "ipfix" and "ipfixs").
@@ -11,7 +10,8 @@ on 4739, and on 4740 for secure connections (IANA "ipfix" and "ipfixs").
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+
+from exporter.address import AddressError, parse_address
 
 DEFAULT_PORT = 4739
 DEFAULT_TLS_PORT = 4740
@@ -38,30 +38,13 @@ class Endpoint:
         return f"{self.scheme}://{host}:{self.port}"
 
 
-def split_host_port(authority: str) -> tuple[str | None, int | None]:
-    """HOST[:PORT] or [V6][:PORT] -> (host, port), either None when absent; ValueError on a bad port."""
-    parts = urlsplit(f"//{authority}")
-    return parts.hostname, parts.port
-
-
 def parse_endpoint(text: str, default_port: int | None = None) -> Endpoint:
     """HOST:PORT, [V6]:PORT, HOST, or SCHEME://HOST[:PORT] with scheme udp, tcp or tls (bare = udp)."""
-    raw = text.strip()
-    if not raw:
+    if not text.strip():
         raise EndpointError("empty collector address")
-    url = raw if "://" in raw else f"udp://{raw}"
     try:
-        parts = urlsplit(url)
-        host, port = split_host_port(parts.netloc)
-    except ValueError as e:
+        a = parse_address(text, schemes=SCHEMES, default_scheme="udp",
+                          default_port=DEFAULT_PORTS if default_port is None else default_port)
+    except AddressError as e:
         raise EndpointError(f"collector {text!r}: {e}") from None
-    if parts.scheme not in SCHEMES:
-        raise EndpointError(f"collector {text!r}: transport {parts.scheme!r} is not supported "
-                            f"(use {', '.join(SCHEMES)})")
-    if not host:
-        raise EndpointError(f"collector {text!r}: no host")
-    if parts.path not in ("", "/") or parts.query:
-        raise EndpointError(f"collector {text!r}: unexpected path or query")
-    if port is None:
-        port = default_port if default_port is not None else DEFAULT_PORTS[parts.scheme]
-    return Endpoint(parts.scheme, host, port)
+    return Endpoint(a.scheme, a.host.lower(), a.port)   # host names are case-insensitive: one spelling
