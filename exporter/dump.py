@@ -23,9 +23,10 @@ import structlog
 from exporter.config import Config
 from exporter.drain import Pages
 from exporter.flowtable import FlowTable
+from exporter.ipfix.encoder import record_elements
 from exporter.merge import clock_offset_ns
 from exporter.readiness import Readiness
-from exporter.records import Records, to_ipfix_dict
+from exporter.records import Records
 from xdp.loader import Datapath
 from xdp.sizing import human_bytes
 
@@ -130,7 +131,7 @@ def run(opts: DumpOptions, out: TextIO = sys.stdout) -> int:
 
 def write_json(flows: Records, stats: dict[str, int], out: TextIO) -> None:
     for rec in flows:
-        out.write(json.dumps(to_ipfix_dict(rec)) + "\n")
+        out.write(json.dumps(record_elements(rec)) + "\n")
     out.write(json.dumps({"counters": stats}) + "\n")
     out.flush()
 
@@ -147,7 +148,7 @@ def write_table(flows: Records, stats: dict[str, int], out: TextIO, limit: int |
     head = f"{'proto':<6} {'source':<41} {'destination':<41} {'vlan':>4} {'if':>3} {'packets':>10} {'octets':>12} flags"
     out.write(head + "\n")
     for rec in flows if limit is None else flows[:limit]:
-        d = to_ipfix_dict(rec)
+        d = record_elements(rec)
         fam = "IPv4" if int(rec["ip_version"]) == 4 else "IPv6"
         src = f"{d[f'source{fam}Address']}:{d['sourceTransportPort']}"
         dst = f"{d[f'destination{fam}Address']}:{d['destinationTransportPort']}"

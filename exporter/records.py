@@ -153,37 +153,3 @@ def key_order(records: Records) -> npt.NDArray[np.intp]:
 def ipv4_of(addr16: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     """The last 4 bytes of IPv4-mapped addresses."""
     return addr16[..., 12:16]
-
-
-def _addr_text(addr: npt.NDArray[np.uint8], version: int) -> str:
-    import ipaddress
-
-    raw = bytes(addr)
-    return str(ipaddress.IPv4Address(raw[12:])) if version == 4 else str(ipaddress.IPv6Address(raw))
-
-
-def to_ipfix_dict(rec: np.void) -> dict[str, int | str]:
-    """One record as a dict keyed by IANA IPFIX element names (for JSON output)."""
-    v = int(rec["ip_version"])
-    fam = "IPv4" if v == 4 else "IPv6"
-    out: dict[str, int | str] = {
-        f"source{fam}Address": _addr_text(rec["src_addr"], v),
-        f"destination{fam}Address": _addr_text(rec["dst_addr"], v),
-        "sourceTransportPort": int(rec["src_port"]),
-        "destinationTransportPort": int(rec["dst_port"]),
-        "protocolIdentifier": int(rec["protocol"]),
-        "ingressInterface" if int(rec["direction"]) == INGRESS else "egressInterface": int(rec["ifindex"]),
-        "flowDirection": int(rec["direction"]),
-        "vlanId": int(rec["vlan_id"]),
-        "ipClassOfService": int(rec["tos"]),
-        "tcpControlBits": int(rec["tcp_flags"]),
-        "minimumTTL": int(rec["min_ttl"]),
-        "maximumTTL": int(rec["max_ttl"]),
-        "packetDeltaCount": int(rec["packets"]),
-        "octetDeltaCount": int(rec["octets"]),
-        "flowStartMilliseconds": int(rec["first_ms"]),
-        "flowEndMilliseconds": int(rec["last_ms"]),
-    }
-    if int(rec["end_reason"]):
-        out["flowEndReason"] = int(rec["end_reason"])
-    return out

@@ -145,6 +145,28 @@ FLOW_SOURCES: dict[str, Source] = {
 }
 
 
+def record_elements(rec: np.void) -> dict[str, int | str]:
+    """One FLOW_RECORD as the information elements its data record carries, by IANA name (FLOW_V4 or
+    FLOW_V6 read through FLOW_SOURCES, so JSON output and the wire cannot disagree): addresses as
+    text; an element whose condition does not hold (the other hook's interface, the ICMP type of a
+    flow that is not ICMP) and a zero flowEndReason (not ended) are left out."""
+    v4 = int(rec["ip_version"]) == 4
+    out: dict[str, int | str] = {}
+    for f in (FLOW_V4 if v4 else FLOW_V6).fields:
+        src = FLOW_SOURCES[f.name]
+        if src.when is not None and int(rec[src.when[0]]) != src.when[1]:
+            continue
+        value = rec[src.field]
+        if src.part is not None or value.shape:   # an address: IPv4-mapped or IPv6
+            raw = bytes(value)
+            out[f.name] = str(IPv4Address(raw[12:16])) if v4 else str(IPv6Address(raw))
+        else:
+            out[f.name] = int(value)
+    if not out.get("flowEndReason"):
+        out.pop("flowEndReason", None)
+    return out
+
+
 # A BIFLOW_RECORD names its forward half as FLOW_RECORD does; the reverse half has the RFC 5103 elements.
 BIFLOW_SOURCES: dict[str, Source] = {
     **FLOW_SOURCES,

@@ -155,6 +155,22 @@ def test_round_trip_through_independent_decoder(batches: list[Records], mtu: int
         assert decoded == expected_order(recs)
 
 
+@given(recs=flow_records(max_size=40))
+@SETTINGS
+def test_record_elements_are_what_the_data_record_carries(recs: Records) -> None:
+    """dump --json names a record's elements as the wire does: the independent expectation, less the
+    elements a condition zeroes (the other hook's interface, ICMP type of a non-ICMP flow, no end)."""
+    from exporter.ipfix.encoder import record_elements
+
+    for rec in recs:
+        want = {k: str(v) if k.endswith("Address") else v for k, v in expected_record(rec).items()}
+        icmp = int(rec["protocol"]) == (1 if int(rec["ip_version"]) == 4 else 58)
+        absent = {"egressInterface" if int(rec["direction"]) == 0 else "ingressInterface",
+                  *([] if icmp else [k for k in want if k.startswith("icmpTypeCode")]),
+                  *([] if int(rec["end_reason"]) else ["flowEndReason"])}
+        assert record_elements(rec) == {k: v for k, v in want.items() if k not in absent}
+
+
 def test_icmp_type_code_and_ports() -> None:
     recs = np.zeros(4, dtype=FLOW_RECORD)
     recs["ip_version"] = [4, 6, 4, 6]
