@@ -16,7 +16,7 @@ send to a loopback sink. Every flow is known and every flow is exported
 `rounds` scans; records/s per stage and in total, CPU time, peak RSS.
 
 `sweep`: real traffic through a veth pair into xdpflow and softflowd, see
-tools/sweep.py.
+tools/sweep/.
 
 `all`: the three in a row. `--short` runs fewer points and shorter windows
 (under 10 minutes together); each command writes CSV + JSON results, PNG
