@@ -155,6 +155,7 @@ class Metrics:
         self.scan_seconds = Histogram("xdpflow_scan_seconds", "Duration of one scan (drain to send)", registry=r,
                                       buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self._sent: dict[str, tuple[int, int, int]] = {}
+        self._paired = 0
         self.netdev = {k: Counter(f"xdpflow_netdev_{k}", h, ["interface"], registry=r)
                        for k, h in NETDEV_COUNTERS.items()}
         self.netdev |= {k: Counter(f"xdpflow_driver_{k}", h, ["interface"], registry=r)
@@ -181,6 +182,11 @@ class Metrics:
         self.send_errors.labels(collector).inc(max(0, errors - e0))
         self.queue_depth.labels(collector).set(queue)
         self._sent[collector] = (messages, octets, errors)
+
+    def biflow_paired(self, total: int) -> None:
+        """The biflow table counts uniflows paired since start; turn that into counter increments."""
+        self.biflow_reverse.inc(max(0, total - self._paired))
+        self._paired = total
 
     def kernel_deltas(self, delta: KernelDelta) -> None:
         """One scan's kernel counters; interfaces no longer attached lose their series."""

@@ -108,7 +108,6 @@ class Exporter:
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _links_changed: asyncio.Event = field(default_factory=asyncio.Event)
     _last_stats: dict[str, int] = field(default_factory=dict)
-    _paired_reported: int = 0
     kstats: KernelStats = field(default_factory=KernelStats)  # the kernel's own drop counters, beside ours
     _drop_warning: DropWarning = field(default_factory=DropWarning)
     readiness: Readiness | None = None
@@ -255,8 +254,7 @@ class Exporter:
             m.ignored_packets.inc(max(0, res.lost_packets))
             m.active_flows.set(len(self.table) if self.table is not None else 0)
             if isinstance(self.table, BiflowTable):
-                m.biflow_reverse.inc(self.table.paired - self._paired_reported)
-                self._paired_reported = self.table.paired
+                m.biflow_paired(self.table.paired)
             m.kernel_deltas(kernel)
             for ex in self.exports:
                 st = ex.sender.stats
