@@ -55,6 +55,15 @@ def _per_probe(ax: Any, lines: Sequence[dict[str, Any]], x: str, y: str, label: 
                     label=label.format(probe=LABELS.get(probe, probe)), **STYLE[probe])
 
 
+def _legend(ax: Any) -> None:
+    """A legend, or a note where the panel has no series (overhead needs the no-probe run)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no data for this panel in these runs", ha="center", va="center",
+                transform=ax.transAxes, color="grey")
+
+
 def _log_x(ax: Any, label: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel(label)
@@ -102,7 +111,7 @@ def write_plots(out_dir: Path, sweep_rows: Sequence[dict[str, Any]],
         a2.set_title("Probe overhead (softirq included) vs flows")
         for ax in (a1, a2):
             _flow_axis(ax)
-            ax.legend()
+            _legend(ax)
         save(fig, "cpu_vs_flows.png")
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -114,7 +123,7 @@ def write_plots(out_dir: Path, sweep_rows: Sequence[dict[str, Any]],
         ax.set_ylabel("MB")
         ax.set_title("Memory vs concurrent flows")
         _flow_axis(ax)
-        ax.legend()
+        _legend(ax)
         save(fig, "memory_vs_flows.png")
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -123,7 +132,7 @@ def write_plots(out_dir: Path, sweep_rows: Sequence[dict[str, Any]],
         ax.set_ylim(0, 1.05)
         ax.set_title("Accounted packets vs concurrent flows")
         _flow_axis(ax)
-        ax.legend()
+        _legend(ax)
         save(fig, "accounted_vs_flows.png")
 
     if len(rate_lines) > 1:
@@ -139,7 +148,7 @@ def write_plots(out_dir: Path, sweep_rows: Sequence[dict[str, Any]],
         a2.set_title("Probe overhead per packet vs packet rate")
         for ax in (a1, a2):
             _log_x(ax, "packets/s sent")
-            ax.legend()
+            _legend(ax)
         save(fig, "cpu_vs_rate.png")
 
     if pipeline_rows:
