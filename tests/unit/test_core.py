@@ -209,15 +209,20 @@ def test_compiled_encoder_is_the_reference(n: int, seed: int, mtu: int, refresh:
     assert a.templates_message(1.7e9 + 500) == b.templates_message(1.7e9 + 500)
 
 
-def test_compiled_encoder_is_the_reference_for_biflows() -> None:
-    rng = np.random.default_rng(2)
-    uni = random_records(2000, seed=3)
+def as_biflows(uni: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """BIFLOW_RECORDs whose forward halves are `uni` and whose reverse halves are `uni` shuffled."""
     recs = np.zeros(len(uni), dtype=BIFLOW_RECORD)
     for name in BIFLOW_RECORD.names or ():
         if name in (FLOW_RECORD.names or ()):
             recs[name] = uni[name]
         elif name.startswith("r_"):
             recs[name] = uni[name[2:]][rng.permutation(len(uni))]
+    return recs
+
+
+def test_compiled_encoder_is_the_reference_for_biflows() -> None:
+    rng = np.random.default_rng(2)
+    recs = as_biflows(random_records(2000, seed=3), rng)
     recs["fwd_ifindex"], recs["rev_ifindex"] = 3, 4
     recs["fwd_direction"], recs["rev_direction"] = rng.integers(0, 2, len(recs)), rng.integers(0, 2, len(recs))
     recs["biflow_direction"] = 1
@@ -228,13 +233,7 @@ def test_compiled_encoder_is_the_reference_for_biflows() -> None:
 def biflow_records(n: int, seed: int, one_sided: float) -> np.ndarray:
     """BIFLOW_RECORDs from random uniflows; a share of them saw one side only (sent as uniflows)."""
     rng = np.random.default_rng(seed)
-    uni = random_records(n, seed=seed, ipv6_share=0.3)
-    recs = np.zeros(len(uni), dtype=BIFLOW_RECORD)
-    for name in BIFLOW_RECORD.names or ():
-        if name in (FLOW_RECORD.names or ()):
-            recs[name] = uni[name]
-        elif name.startswith("r_"):
-            recs[name] = uni[name[2:]][rng.permutation(len(uni))]
+    recs = as_biflows(random_records(n, seed=seed, ipv6_share=0.3), rng)
     recs["r_packets"][rng.random(len(recs)) < one_sided / 2] = 0
     recs["packets"][rng.random(len(recs)) < one_sided / 2] = 0
     return recs
