@@ -15,6 +15,7 @@ range, which some callers word differently); the caller says which setting it wa
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -43,6 +44,14 @@ class PortRangeError(AddressError):
     """A port that is a number outside the range the caller allows."""
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _split(rest: str, bare_port: bool) -> tuple[str, str | None]:
     """(host, port text or None when there is no ":PORT")."""
     if any(c in rest for c in "/?#"):
@@ -51,7 +60,7 @@ def _split(rest: str, bare_port: bool) -> tuple[str, str | None]:
         host, close, tail = rest[1:].partition("]")
         if not close:
             raise AddressError("an IPv6 address needs its closing ']': [IPv6]:PORT")
-        if not _IPV6.fullmatch(host):
+        if not _IPV6.fullmatch(host) or not _is_ipv6(host.partition("%")[0]):
             raise AddressError(f"not an IPv6 address in brackets: {host!r}")
         if tail and not tail.startswith(":"):
             raise AddressError("expected [IPv6]:PORT")

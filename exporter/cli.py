@@ -67,7 +67,12 @@ def _cmd_dump(args: argparse.Namespace) -> int:
 
     if args.ready_file is not None and (why := ready_file_problem(args.ready_file)) is not None:
         raise CliError(f"--ready-file {args.ready_file}: {why}")
-    kernel = Config(interfaces=tuple(name for names in args.interface for name in names), mode=args.mode,
+    interfaces = tuple(name for names in args.interface for name in names)
+    if not interfaces:
+        raise CliError("--interface: name at least one interface to meter")
+    if twice := sorted({n for i, n in enumerate(interfaces) if n in interfaces[:i]}):
+        raise CliError(f"--interface: {', '.join(twice)} listed twice")
+    kernel = Config(interfaces=interfaces, mode=args.mode,
                     max_entries=args.max_entries, max_kernel_memory=args.max_kernel_memory,
                     scan_interval=args.scan_interval or Config.scan_interval, ready_file=args.ready_file)
     opts = dump.DumpOptions(kernel, seconds=args.seconds, json=args.json, flip=args.scan_interval is not None)

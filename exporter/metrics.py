@@ -56,7 +56,7 @@ RULE_LABEL_MAX = 200  # a rule listing a thousand CIDRs still gets a readable la
 
 
 class RuleCounter(Protocol):
-    """One filter rule's totals (xdp.loader.RuleCount)."""
+    """One filter rule's totals (xdp.rules.RuleCount)."""
 
     @property
     def rule(self) -> str: ...

@@ -148,8 +148,3 @@ def key_order(records: Records) -> npt.NDArray[np.intp]:
     """Permutation putting equal keys next to each other (by key hash, then key bytes)."""
     raw = np.ascontiguousarray(records).view(np.uint8).reshape(len(records), records.dtype.itemsize)[:, :KEY_SIZE]
     return order_by_hash(key_hash(raw), raw)
-
-
-def ipv4_of(addr16: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
-    """The last 4 bytes of IPv4-mapped addresses."""
-    return addr16[..., 12:16]

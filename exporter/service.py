@@ -344,7 +344,7 @@ class Exporter:
         log.info("reloaded", active_timeout=new.active_timeout, idle_timeout=new.idle_timeout,
                  filters=len(new.filters), sampling=new.sampling,
                  collectors=[str(e.sender.endpoint) for e in self.exports], interfaces=list(new.interfaces),
-                 changed=sorted(k for k in vars(new) if getattr(new, k) != getattr(old, k)))
+                 changed=sorted(k for k in vars(new) if _setting(new, k) != _setting(old, k)))
 
     def _state(self, ex: Export) -> ExporterState:
         st = ex.sender.stats
@@ -489,6 +489,11 @@ class Exporter:
                 await ex.sender.close()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+
+def _setting(cfg: Config, key: str) -> object:
+    """A setting as the service uses it: collectors by endpoint, so a respelling is no change."""
+    return cfg.endpoints() if key == "collectors" else getattr(cfg, key)
 
 
 def _delta(now: dict[str, int], before: dict[str, int]) -> dict[str, int]:

@@ -214,7 +214,7 @@ class Sink:
 
 def parse_listen(text: str) -> tuple[str, str, int]:
     try:
-        listen = parse_address(text, schemes=("udp", "tcp"))
+        listen = parse_address(text, schemes=("udp", "tcp"), min_port=0)   # 0: the kernel picks
     except AddressError:
         raise SystemExit(f"soak collect: --listen must be udp://HOST:PORT or tcp://HOST:PORT, got {text!r}") from None
     return listen.scheme, listen.host, listen.port

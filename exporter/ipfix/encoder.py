@@ -80,6 +80,7 @@ SET_HEADER = struct.Struct("!HH")
 MAX_MTU = 65535          # the message header's length field
 UDP_MAX_PAYLOAD = {4: 65507, 6: 65527}  # 65535 minus the IPv4 (20) or IPv6 (0: payload length) and UDP headers
 SEQUENCE_MODULUS = 1 << 32
+U64 = (1 << 64) - 1
 
 SequenceMode = Literal["rfc", "nfdump"]
 SEQUENCE_MODES: tuple[str, ...] = get_args(SequenceMode)
@@ -606,8 +607,8 @@ class Encoder:
                 if not template.scope_count:
                     flows_in_message += k
         per_message.append(flows_in_message)
-        packets.append(packets_in_message)
-        octets.append(octets_in_message)
+        packets.append(packets_in_message & U64)   # a message's groups wrap as the core's one uint64 does
+        octets.append(octets_in_message & U64)
         length = self.mtu - room
         messages.append(pack_header(IPFIX_VERSION, length, export_time, sequence, self.odid) + b"".join(parts))
         self._sequence = (sequence + in_message) % SEQUENCE_MODULUS

@@ -15,9 +15,10 @@ without decoding it again. Messages without a tag (the templates a sender writes
 counted, not reported. A stream sender keeps the `tags` sequence while any of its messages is
 queued and reads a tag only for a message it reports, so a lazy sequence stays lazy.
 
-The package follows the senders' parts: endpoint.py the collector address grammar and default
-ports; sender.py the `Sender` face and its counters; udp.py the UDP sender; stream.py the TCP
-sender (queue, reconnects, backoff); tls.py TLS on top of it. `make_sender` picks by scheme.
+The package follows the senders' parts: endpoint.py collector endpoints and their default ports
+(read with the one address grammar, exporter/address.py); sender.py the `Sender` face and its
+counters; udp.py the UDP sender; stream.py the TCP sender (queue, reconnects, backoff); tls.py TLS
+on top of it. `make_sender` picks by scheme.
 """
 
 from __future__ import annotations

@@ -47,4 +47,5 @@ def parse_endpoint(text: str, default_port: int | None = None) -> Endpoint:
                           default_port=DEFAULT_PORTS if default_port is None else default_port)
     except AddressError as e:
         raise EndpointError(f"collector {text!r}: {e}") from None
-    return Endpoint(a.scheme, a.host.lower(), a.port)   # host names are case-insensitive: one spelling
+    host, zone, name = a.host.partition("%")   # host names are case-insensitive, interface names are not
+    return Endpoint(a.scheme, host.lower() + zone + name, a.port)

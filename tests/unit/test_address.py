@@ -41,6 +41,10 @@ def test_each_reader_leaves_out_what_it_may(text: str, kw: dict[str, object], ex
     ("::1:4739", {}, "write an IPv6 address in brackets"),
     ("[::1", ENDPOINT, "IPv6"),
     ("[]:1", {}, "not an IPv6 address"),
+    ("[1]:1", {}, "not an IPv6 address"),
+    ("[1.2.3.4]:1", {}, "not an IPv6 address"),
+    ("[:]:1", {}, "not an IPv6 address"),
+    ("[.]:1", {}, "not an IPv6 address"),
     ("[::1]x", {}, "expected [IPv6]:PORT"),
     ("h:ipfix", ENDPOINT, "port 'ipfix' is not a number"),
     ("h:-1", {}, "is not a number"),
@@ -69,3 +73,11 @@ def test_a_port_out_of_range_is_its_own_error_and_comes_first(text: str, kw: dic
 def test_str_round_trips(host: str, port: int, scheme: str) -> None:
     a = Address(host, port, scheme)
     assert parse_address(str(a), **(ENDPOINT if scheme else {})) == a
+
+
+def test_a_collector_host_is_one_spelling_but_its_zone_keeps_its_case() -> None:
+    """Host names are case-insensitive (one Endpoint per collector); an IPv6 zone names an interface."""
+    from exporter.transport import parse_endpoint
+
+    assert parse_endpoint("UDP://Collector.Example:4739").host == "collector.example"
+    assert parse_endpoint("[FE80::1%Eth0]:9").host == "fe80::1%Eth0"

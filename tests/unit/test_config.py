@@ -148,7 +148,7 @@ def test_example_file_documents_every_key_at_its_default() -> None:
     assert load(path=str(EXAMPLE), need_interfaces=False).config == Config()
 
 
-def test_run_config_mapping() -> None:
+def test_config_settings_as_the_service_reads_them() -> None:
     cfg = load({"interfaces": ["eth0"], "collectors": ["udp://192.0.2.1:2055", "192.0.2.2"], "mtu": "1300",
                 "metrics": "9477", "tls_server_name": "collector.example"}).config
     assert cfg.interfaces == ("eth0",) and cfg.mtu == 1300
@@ -381,3 +381,19 @@ def test_every_command_takes_the_kernel_sizes_from_one_definition() -> None:
         "loader": (Datapath().max_entries, Datapath().memory_budget),
     }
     assert seen == dict.fromkeys(seen, (DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET))
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--interface", ""], "name at least one interface"),
+    (["--interface", ","], "name at least one interface"),
+    (["--interface", "lo", "--interface", "eth0,lo"], "lo listed twice"),
+])
+def test_dump_refuses_an_empty_or_repeated_interface_list(flags: list[str], message: str,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """dump builds its Config from its own flags: an empty list would meter nothing, a name given
+    twice would be attached twice (the second attach blaming a program xdpflow did not attach)."""
+    from exporter import cli
+
+    assert cli.main(["dump", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

@@ -308,3 +308,12 @@ def test_send_reports_each_failed_datagram_and_goes_on(udp_pair: tuple[socket.so
     assert all(e.errno == errno.ECONNREFUSED for _, e in failures)
     assert all(i < len(msgs) for i, _ in failures)
     assert port
+
+
+def test_message_totals_wrap_alike_in_both_encoders() -> None:
+    """Counters near 2^64 in IPv4 and IPv6 groups of one message: both encoders sum in one uint64."""
+    recs = random_records(8, seed=1, ipv6_share=0.5)
+    recs["packets"] = 1 << 63
+    recs["octets"] = (1 << 64) - 1
+    a, b = Encoder(compiled=False).encode(recs, 1.7e9), Encoder(compiled=True).encode(recs, 1.7e9)
+    assert [(t.packets, t.octets) for t in a.totals] == [(t.packets, t.octets) for t in b.totals]

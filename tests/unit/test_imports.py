@@ -60,6 +60,16 @@ def test_the_kernel_side_never_imports_the_exporter() -> None:
     assert offending(sources("xdp"), ("exporter", "collectors", "tools", "tests")) == []
 
 
+def test_the_collector_takes_only_the_address_grammar_from_the_exporter() -> None:
+    """collectors/ is the independent decoder the interop tests hold the encoder to: of the exporter
+    it may share only the HOST:PORT grammar (docs/design.md)."""
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {name}" for p in sources("collectors")
+           for line, name in imports(p)
+           if name.split(".")[0] in ("exporter", "xdp") and name not in ("exporter", "exporter.address")
+           and not name.startswith("exporter.address.")]
+    assert bad == []
+
+
 def test_nothing_in_the_product_imports_tools_or_tests() -> None:
     assert offending(sources(*PRODUCT), ("tools", "tests")) == []
 
