@@ -44,12 +44,12 @@ class PortRangeError(AddressError):
     """A port that is a number outside the range the caller allows."""
 
 
-def _is_ipv6(text: str) -> bool:
+def ip_version(host: str) -> int | None:
+    """4 or 6 when `host` is an IP address (an IPv6 one may carry a %zone), None for a name."""
     try:
-        ipaddress.IPv6Address(text)
+        return ipaddress.ip_address(host).version
     except ValueError:
-        return False
-    return True
+        return None
 
 
 def _split(rest: str, bare_port: bool) -> tuple[str, str | None]:
@@ -60,7 +60,7 @@ def _split(rest: str, bare_port: bool) -> tuple[str, str | None]:
         host, close, tail = rest[1:].partition("]")
         if not close:
             raise AddressError("an IPv6 address needs its closing ']': [IPv6]:PORT")
-        if not _IPV6.fullmatch(host) or not _is_ipv6(host.partition("%")[0]):
+        if not _IPV6.fullmatch(host) or ip_version(host) != 6:
             raise AddressError(f"not an IPv6 address in brackets: {host!r}")
         if tail and not tail.startswith(":"):
             raise AddressError("expected [IPv6]:PORT")

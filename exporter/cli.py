@@ -36,7 +36,7 @@ def add_kernel_options(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("kernel datapath")
     g.add_argument("--interface", "-i", action="append", required=True, metavar="IF",
-                   type=configmod.flag_type("interfaces"), help="interface to meter (repeat for several)")
+                   help="interface to meter (repeat for several)")
     g.add_argument("--mode", choices=("auto", "native", "generic"), default="auto",
                    help="XDP mode: native (driver), generic (any interface, slower) or auto: native where the "
                         "driver supports it, else generic (default: %(default)s)")
@@ -56,6 +56,7 @@ def add_log_options(p: argparse.ArgumentParser) -> None:
 
 def _cmd_dump(args: argparse.Namespace) -> int:
     from exporter import check, dump
+    from exporter import config as configmod
     from exporter.config import Config
     from exporter.readiness import ready_file_problem
 
@@ -67,11 +68,12 @@ def _cmd_dump(args: argparse.Namespace) -> int:
 
     if args.ready_file is not None and (why := ready_file_problem(args.ready_file)) is not None:
         raise CliError(f"--ready-file {args.ready_file}: {why}")
-    interfaces = tuple(name for names in args.interface for name in names)
+    try:
+        interfaces = configmod.read_flag("interfaces", args.interface)
+    except ValueError as e:
+        raise CliError(f"--interface: {e}") from None
     if not interfaces:
         raise CliError("--interface: name at least one interface to meter")
-    if twice := sorted({n for i, n in enumerate(interfaces) if n in interfaces[:i]}):
-        raise CliError(f"--interface: {', '.join(twice)} listed twice")
     kernel = Config(interfaces=interfaces, mode=args.mode,
                     max_entries=args.max_entries, max_kernel_memory=args.max_kernel_memory,
                     scan_interval=args.scan_interval or Config.scan_interval, ready_file=args.ready_file)

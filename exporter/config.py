@@ -19,14 +19,14 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from exporter import logs
 from exporter.address import AddressError, PortRangeError, parse_address
 from exporter.readiness import ready_file_problem
-from exporter.transport import DEFAULT_PORTS, SCHEMES, Endpoint, parse_endpoint
+from exporter.transport import Endpoint, endpoint_address, parse_endpoint
 from xdp import filters
 from xdp.sizing import DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET, human_bytes
 
@@ -177,7 +177,7 @@ ENDPOINT_FORMS = "SCHEME://HOST:PORT (udp, tcp, tls), HOST:PORT or [V6]:PORT"
 
 def _endpoint_problem(text: str) -> str | None:
     try:
-        parse_address(text, schemes=SCHEMES, default_scheme="udp", default_port=DEFAULT_PORTS)
+        endpoint_address(text)
     except PortRangeError as e:
         return str(e)
     except AddressError as e:
@@ -630,16 +630,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                            action="append" if is_list else "store", help=text.replace("%", "%%"), **optional)
 
 
+def read_flag(key: str, given: str | Sequence[str]) -> Any:
+    """A flag's value read by `key`'s own parser, a repeated list flag joined first as `run` joins it
+    (so `-i a -i b,a` is "a listed twice" everywhere); ValueError saying what is wrong."""
+    text = given if isinstance(given, str) else FIELDS[key].metadata["sep"].join(given)
+    try:
+        return FIELDS[key].metadata["parse"](text, True)
+    except Invalid as e:
+        raise ValueError("; ".join(f"{value} {problem}" if where.startswith("[") else problem
+                                   for where, value, problem in e.items)) from None
+
+
 def flag_type(key: str) -> Callable[[str], Any]:
     """An argparse type that reads a flag with `key`'s own parser: for commands whose flags are a few
     of the keys (dump), so a value means what it means in `run`."""
-    parse = FIELDS[key].metadata["parse"]
 
     def read(text: str) -> Any:
         try:
-            return parse(text, True)
-        except Invalid as e:
-            raise argparse.ArgumentTypeError("; ".join(item[2] for item in e.items)) from None
+            return read_flag(key, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
 
     read.__name__ = key
     return read

@@ -31,6 +31,7 @@ from exporter.transport.endpoint import (
     Endpoint,
     EndpointError,
     TransportSettingsError,
+    endpoint_address,
     parse_endpoint,
 )
 from exporter.transport.sender import OnConnect, OnNotSent, Sender, SenderStats, Tag
@@ -57,6 +58,7 @@ __all__ = [
     "TransportSettingsError",
     "UdpSender",
     "backoff_delay",
+    "endpoint_address",
     "make_sender",
     "make_tls_context",
     "parse_endpoint",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exporter.address import AddressError, parse_address
+from exporter.address import Address, AddressError, parse_address
 
 DEFAULT_PORT = 4739
 DEFAULT_TLS_PORT = 4740
@@ -38,13 +38,18 @@ class Endpoint:
         return f"{self.scheme}://{host}:{self.port}"
 
 
+def endpoint_address(text: str, default_port: int | None = None) -> Address:
+    """A collector address as the grammar reads it; AddressError (PortRangeError) saying what is wrong."""
+    return parse_address(text, schemes=SCHEMES, default_scheme="udp",
+                         default_port=DEFAULT_PORTS if default_port is None else default_port)
+
+
 def parse_endpoint(text: str, default_port: int | None = None) -> Endpoint:
     """HOST:PORT, [V6]:PORT, HOST, or SCHEME://HOST[:PORT] with scheme udp, tcp or tls (bare = udp)."""
     if not text.strip():
         raise EndpointError("empty collector address")
     try:
-        a = parse_address(text, schemes=SCHEMES, default_scheme="udp",
-                          default_port=DEFAULT_PORTS if default_port is None else default_port)
+        a = endpoint_address(text, default_port)
     except AddressError as e:
         raise EndpointError(f"collector {text!r}: {e}") from None
     host, zone, name = a.host.partition("%")   # host names are case-insensitive, interface names are not

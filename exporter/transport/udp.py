@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import os
 import socket
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ from typing import Generic
 
 import structlog
 
+from exporter.address import ip_version
 from exporter.transport.endpoint import Endpoint, EndpointError
 from exporter.transport.sender import (
     OnConnect,
@@ -132,7 +132,7 @@ class UdpSender(Generic[Tag]):
         self._sock = sock
         self._addr = addr
         self.stats.connections += 1
-        if not _is_address(self.endpoint.host):
+        if ip_version(self.endpoint.host) is None:
             self._resolver = loop.create_task(self._follow_name())
         return self
 
@@ -260,9 +260,3 @@ class UdpSender(Generic[Tag]):
             self._sock = None
 
 
-def _is_address(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
