@@ -177,11 +177,6 @@ class UdpSender(Generic[Tag]):
             self.stats.template_messages += 1
 
     @property
-    def local_port(self) -> int:
-        assert self._transport is not None
-        return int(self._transport.get_extra_info("sockname")[1])
-
-    @property
     def local_address(self) -> str | None:
         # Fixed by the socket's connect; a collector name that moves reconnects and calls on_connect,
         # whose owner reads this again.
