@@ -47,7 +47,10 @@ CLOCK_PROG = "xdpflow_clock"        # run through BPF_PROG_TEST_RUN at each flip
 # by user space; fence: the array-of-maps whose update waits an RCU grace period).
 MAPS = ("flows", "slots", "slot_alloc", "flow_cache", "control", "stats", "clock", "fence", "rule_sets",
         "src_prefixes", "dst_prefixes", "proto_masks", "sport_masks", "dport_masks", "vlan_masks", "iface_masks",
-        "iface_masks_high", "rule_hits")
+        "iface_masks_high", "rule_hits", "tunnel_exts", "dns_exts", "tcp_exts")
+# Extensions (flow.h): setting name -> the -D flag that compiles it in, and the array holding its entries.
+FEATURES = {"tunnels": ("XDPFLOW_TUNNELS", "tunnel_exts"), "dns": ("XDPFLOW_DNS", "dns_exts"),
+            "tcp_rtt": ("XDPFLOW_TCP_RTT", "tcp_exts")}
 
 BCC_MISSING = ("the bcc Python module is missing: apt-get install python3-bpfcc "
                "(and run `make venv` to link it into .venv)")
@@ -105,12 +108,23 @@ def run_python(argv: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
         return subprocess.Popen(argv, **popen)
 
 
-def load(max_entries: int, timeout: float = TIMEOUT) -> Loaded:
-    """Compile and load flow.c for `max_entries` flows per page in a child; raise CompileError on failure."""
+def feature_flags(features: Sequence[str]) -> list[str]:
+    """The -D flags compiling `features` (names of FEATURES) in; ValueError names an unknown one."""
+    unknown = sorted(set(features) - set(FEATURES))
+    if unknown:
+        raise ValueError(f"unknown extension {unknown[0]!r} (known: {', '.join(FEATURES)})")
+    return [f"-D{FEATURES[f][0]}" for f in sorted(set(features))]
+
+
+def load(max_entries: int, timeout: float = TIMEOUT, features: Sequence[str] = ()) -> Loaded:
+    """Compile and load flow.c for `max_entries` flows per page, with `features` (names of FEATURES)
+    compiled in, in a child; raise CompileError on failure."""
+    feature_flags(features)
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     with parent:
         try:
-            argv, env = child_command("--socket", str(child.fileno()), "--max-entries", str(max_entries))
+            argv, env = child_command("--socket", str(child.fileno()), "--max-entries", str(max_entries),
+                                      *(f"--feature={f}" for f in sorted(set(features))))
             proc = run_python(argv, env=env, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
         except OSError as e:
             raise CompileError(f"could not start the compiler process ({sys.executable}): "
@@ -222,7 +236,7 @@ def _quietly(fn: Callable[[], T]) -> T:
             raise RuntimeError(f"{e}: {detail[-1]}" if detail else str(e)) from None
 
 
-def build(max_entries: int) -> tuple[dict[str, Any], list[int]]:
+def build(max_entries: int, features: Sequence[str] = ()) -> tuple[dict[str, Any], list[int]]:
     """Compile and load; the header and the descriptors to send. Raises CompileError (one line)."""
     from xdp import headers
 
@@ -236,7 +250,7 @@ def build(max_entries: int) -> tuple[dict[str, Any], list[int]]:
         raise CompileError(BCC_MISSING) from None
     except OSError as e:  # the module is there, libbcc.so is not
         raise CompileError(f"{BCC_MISSING}: {e}") from None
-    cflags = [f"-I{HERE}", f"-DXDPFLOW_MAX_ENTRIES={max_entries}", "-w", *found.cflags]
+    cflags = [f"-I{HERE}", f"-DXDPFLOW_MAX_ENTRIES={max_entries}", *feature_flags(features), "-w", *found.cflags]
     try:
         with found.applied():
             bpf = _quiet_compile(BPF, SOURCE, cflags)
@@ -270,11 +284,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 description="Compile and load xdp/flow.c; send the descriptors over --socket.")
     p.add_argument("--socket", type=int, required=True, help="fd of a connected AF_UNIX SOCK_SEQPACKET socket")
     p.add_argument("--max-entries", type=int, required=True)
+    p.add_argument("--feature", action="append", default=[], choices=sorted(FEATURES))
     args = p.parse_args(argv)
     _die_with_parent()
     sock = socket.socket(fileno=args.socket)
     try:
-        header, fds = build(args.max_entries)
+        header, fds = build(args.max_entries, args.feature)
     except CompileError as e:
         header, fds = {"error": str(e)}, []
     try:

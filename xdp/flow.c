@@ -122,6 +122,29 @@ BPF_ARRAY(clock, struct xdpflow_clock, 1);     /* written by xdpflow_clock */
  * period before the syscall returns (the flip's fence, see xdp/loader.py). */
 BPF_ARRAY_OF_MAPS(fence, "clock", 1);
 
+/* Extensions (flow.h: struct tunnel_ext, dns_ext, tcp_ext): one entry per slot when compiled in. */
+#if defined(XDPFLOW_TUNNELS) || defined(XDPFLOW_DNS) || defined(XDPFLOW_TCP_RTT)
+#define XDPFLOW_EXT 1
+#endif
+#ifdef XDPFLOW_TUNNELS
+#define TUNNEL_EXTS (2 * XDPFLOW_MAX_ENTRIES)
+#else
+#define TUNNEL_EXTS 1
+#endif
+#ifdef XDPFLOW_DNS
+#define DNS_EXTS (2 * XDPFLOW_MAX_ENTRIES)
+#else
+#define DNS_EXTS 1
+#endif
+#ifdef XDPFLOW_TCP_RTT
+#define TCP_EXTS (2 * XDPFLOW_MAX_ENTRIES)
+#else
+#define TCP_EXTS 1
+#endif
+BPF_F_TABLE("array", u32, struct tunnel_ext, tunnel_exts, TUNNEL_EXTS, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", u32, struct dns_ext, dns_exts, DNS_EXTS, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", u32, struct tcp_ext, tcp_exts, TCP_EXTS, BPF_F_MMAPABLE);
+
 /* Rule sets and their tables, two of each (index: set, or set * slots + value). */
 BPF_ARRAY(rule_sets, struct rule_set, 2);
 BPF_LPM_TRIE(src_prefixes, struct prefix_key, __u64, 2 * XDPFLOW_MAX_PREFIXES);
@@ -155,6 +178,14 @@ struct parsed {
 	__u8 tos;
 	__u8 ttl;
 	__u8 has_ports;  /* TCP, UDP or SCTP header read (port selectors apply) */
+#ifdef XDPFLOW_EXT
+	const __u8 *l4;  /* the transport header (the inner packet's when decapsulated); 0: none read */
+	const void *end; /* the end of its IP packet */
+#endif
+#ifdef XDPFLOW_TUNNELS
+	struct tunnel_ext tun;  /* type XDPFLOW_TUNNEL_NONE: not decapsulated */
+	__u8 tun_malformed;     /* a tunnel header was found but the inner packet did not parse */
+#endif
 };
 
 static __always_inline __u16 rd16(const __u8 *p)
@@ -178,6 +209,10 @@ static __always_inline int parse_l4(struct flow_key *key, struct parsed *out,
 	__u8 proto = key->protocol;
 
 	out->hdr_len = l3_len;
+#ifdef XDPFLOW_EXT
+	out->l4 = l4;
+	out->end = end;
+#endif
 	if (proto == 6) {
 		if (PAST(l4, 20, end, data_end))
 			return FAIL;
@@ -297,6 +332,10 @@ static __always_inline int parse_ipv6(struct flow_key *key, struct parsed *out,
 	return parse_l4(key, out, cur, end, data_end, 58, cur - ip);
 }
 
+#ifdef XDPFLOW_TUNNELS
+#include "tunnel.h"   /* decapsulate(): uses parse_ipv4/parse_ipv6 above, called by parse() below */
+#endif
+
 /* Parse the frame at data: data_end bounds the bytes the program can read,
  * frame_len is the whole frame's length (XDP: data_end - data; TC: skb->len). */
 static __always_inline int parse(const void *data, const void *data_end, __u32 frame_len,
@@ -323,13 +362,20 @@ static __always_inline int parse(const void *data, const void *data_end, __u32 f
 	/* cur <= data_end <= data + frame_len: no underflow. */
 	__u32 room = frame_len - (__u32)(cur - (const __u8 *)data);
 	out->octets = room;  /* what a parse failure ignores; an IP header read replaces it */
+	int rc;
 	if (proto == ETH_P_IP_)
-		return parse_ipv4(key, out, cur, data_end, room);
-	if (proto == ETH_P_IPV6_)
-		return parse_ipv6(key, out, cur, data_end, room);
-	if (proto == ETH_P_8021Q_ || proto == ETH_P_8021AD_)
+		rc = parse_ipv4(key, out, cur, data_end, room);
+	else if (proto == ETH_P_IPV6_)
+		rc = parse_ipv6(key, out, cur, data_end, room);
+	else if (proto == ETH_P_8021Q_ || proto == ETH_P_8021AD_)
 		return FAIL;  /* VLAN stack deeper than we follow */
-	return NOT_IP;
+	else
+		return NOT_IP;
+#ifdef XDPFLOW_TUNNELS
+	if (rc == OK)
+		decapsulate(key, out, data_end);
+#endif
+	return rc;
 }
 
 /* Index of the single set bit of x. */
@@ -524,6 +570,46 @@ static __always_inline __u32 take_slot(__u32 page)
 	return slot < XDPFLOW_MAX_ENTRIES ? (__u32)slot : XDPFLOW_NO_SLOT;
 }
 
+#ifdef XDPFLOW_EXT
+/* bcc rewrites map calls (map.lookup()) only in this file, not in the headers it includes: every map
+ * an extension uses is reached through an accessor here. Each feature's block: its accessors, then
+ * its header. */
+#ifdef XDPFLOW_TUNNELS
+static __always_inline struct tunnel_ext *tunnel_ext_at(__u32 si) { return tunnel_exts.lookup(&si); }
+#include "tunnel_meter.h"
+#endif
+#ifdef XDPFLOW_DNS
+static __always_inline struct dns_ext *dns_ext_at(__u32 si) { return dns_exts.lookup(&si); }
+#endif
+#ifdef XDPFLOW_TCP_RTT
+static __always_inline struct tcp_ext *tcp_ext_at(__u32 si) { return tcp_exts.lookup(&si); }
+#endif
+#ifdef XDPFLOW_DNS
+#include "dns.h"
+#endif
+#ifdef XDPFLOW_TCP_RTT
+#include "tcprtt.h"
+#endif
+/* The extensions' part of metering a packet into slot si of the active page (fresh: the slot was just
+ * taken, so its extension entries hold a previous interval's data and must be initialised). */
+static __always_inline void extend(struct run *r, __u32 si, int fresh, const struct flow_key *key,
+				   const struct parsed *p)
+{
+#ifdef XDPFLOW_TUNNELS
+	tunnel_meter(r, si, fresh, key, p);
+#endif
+#ifdef XDPFLOW_DNS
+	dns_meter(r, si, fresh, key, p);
+#endif
+#ifdef XDPFLOW_TCP_RTT
+	tcp_meter(r, si, fresh, key, p);
+#endif
+}
+#define EXTEND(si, fresh) extend(r, si, fresh, key, p)
+#else
+#define EXTEND(si, fresh) do { } while (0)
+#endif
+
 /* Meter a parsed IP packet seen on `ifindex` in `direction`; segs: the frames
  * on the wire it stands for (1 but for GSO at egress).
  *
@@ -562,6 +648,7 @@ static __always_inline void meter(struct run *r, struct flow_key *key, struct pa
 		if (!s)
 			goto lost;
 		add(&s->value, p, segs, now);
+		EXTEND(si, 0);
 		return;
 	}
 
@@ -571,8 +658,10 @@ static __always_inline void meter(struct run *r, struct flow_key *key, struct pa
 		if (slot < XDPFLOW_MAX_ENTRIES) {
 			si = base + slot;
 			s = slots.lookup(&si);
-			if (s)
+			if (s) {
 				add(&s->value, p, segs, now);
+				EXTEND(si, 0);
+			}
 		}
 	} else {
 		slot = take_slot(r->page);
@@ -593,6 +682,7 @@ static __always_inline void meter(struct run *r, struct flow_key *key, struct pa
 				s->value.pad[0] = 0;
 				s->value.pad[1] = 0;
 				st->flows_created++;
+				EXTEND(si, 1);
 			}
 		} else {
 			st->flows_denied++;

@@ -34,7 +34,9 @@ struct flow_key {
 	__u8  protocol;      /* IE 4 protocolIdentifier */
 	__u8  ip_version;    /* IE 60 ipVersion (4 or 6) */
 	__u8  direction;     /* IE 61 flowDirection: XDPFLOW_INGRESS (0) or XDPFLOW_EGRESS (1) */
-	__u8  pad[3];        /* always zero */
+	__u8  segment[3];    /* tunnels (XDPFLOW_TUNNELS): the low 24 bits of the VNI or GRE key, little-endian,
+	                      * so the inner flows of two segments stay apart (struct tunnel_ext has the
+	                      * whole id); 0 when the packet was not decapsulated */
 };                           /* 48 bytes */
 
 #define XDPFLOW_INGRESS 0    /* metered by the XDP program (flow.c: xdpflow) */
@@ -141,7 +143,17 @@ struct flow_stats {
 	                             * is how many slots the interval needed */
 	__u64 parse_failure_octets; /* octets of the parse failures from the network header on (the IP
 	                             * total length once it was read): ignoredOctetTotalCount, IE 165 */
-};                                  /* 112 bytes */
+	/* Extensions (below; zero while a feature is not compiled in). Each packet they count is also
+	 * metered as above: these say what the extension made of it. */
+	__u64 tunnel_decapsulated;  /* packets metered as their inner flow */
+	__u64 tunnel_malformed;     /* tunnel packets whose inner headers did not parse: metered as the outer flow */
+	__u64 dns_messages;         /* DNS headers read (queries and responses) */
+	__u64 dns_malformed;        /* port-53 packets whose DNS header or question did not parse */
+	__u64 dns_responses_timed;  /* responses matched to their query (dns_ext.response_us) */
+	__u64 tcp_rtt_samples;      /* RTT samples taken (handshake or timestamp echo) */
+	__u64 tcp_retransmissions;  /* TCP segments seen again (tcp_ext.retransmissions) */
+	__u64 ext_state_full;       /* an extension's pending-state map was full: a sample not taken */
+};                                  /* 176 bytes */
 
 /* Run-time configuration: slot 0 of the array `control`, read once per run. gen counts the
  * flips; the active page is gen & 1 (gen starts at 1, so a zeroed ref or cache entry is never
@@ -211,6 +223,61 @@ struct rule_counter {
 	__u64 packets;
 	__u64 octets;
 };                               /* 16 bytes */
+
+/* Extensions (issue 14), each compiled in by its flag: XDPFLOW_TUNNELS, XDPFLOW_DNS, XDPFLOW_TCP_RTT
+ * (xdp/compile.py sets them from the settings; a change needs a reload of the program). Each keeps one
+ * struct per slot in its own mmap-able array (tunnel_exts, dns_exts, tcp_exts), indexed like `slots`
+ * (page * XDPFLOW_MAX_ENTRIES + slot): only the CPU that owns the slot writes it, it is initialised
+ * when the slot is taken, and the drain reads it with the slot. A feature compiled out keeps an array of
+ * one entry that no code touches, so its hit path is today's. */
+
+/* Tunnels: VXLAN (UDP 4789), Geneve (UDP 6081), GRE (IP protocol 47, with or without key). The flow
+ * key is the inner packet's; the outer packet's addresses and the segment id are kept here (the last
+ * packet's). Octets stay the outer packet's IP total length (what crossed the wire). */
+#define XDPFLOW_TUNNEL_NONE   0
+#define XDPFLOW_TUNNEL_VXLAN  1
+#define XDPFLOW_TUNNEL_GENEVE 2
+#define XDPFLOW_TUNNEL_GRE    3   /* GRE without key */
+#define XDPFLOW_TUNNEL_GRE_KEY 4  /* GRE with key: tunnel_id is the key */
+struct tunnel_ext {
+	__u8  outer_src[16];     /* outer source address (IPv4-mapped for IPv4) */
+	__u8  outer_dst[16];     /* outer destination address */
+	__u32 tunnel_id;         /* VXLAN/Geneve VNI (24 bits): IE 351 layer2SegmentId; GRE key: IE 296 greKey */
+	__u8  type;              /* XDPFLOW_TUNNEL_* (0: this flow was not tunnelled) */
+	__u8  outer_ip_version;  /* 4 or 6 */
+	__u8  pad[2];            /* always zero */
+};                               /* 40 bytes */
+
+/* DNS (UDP or TCP port 53, the DNS header within the first segment): the header and the first
+ * question of the slot's first DNS message, and the response time of a response matched to its
+ * query. Enterprise IEs: exporter/ipfix/templates.py says which. */
+#define XDPFLOW_DNS_NAME 64
+struct dns_ext {
+	__u16 id;                /* transaction id */
+	__u16 flags;             /* the header's flags word: QR, opcode, AA, TC, RD, RA, Z, rcode (low 4 bits) */
+	__u16 qtype;             /* QTYPE of the first question (0: none read) */
+	__u16 qcount;            /* QDCOUNT */
+	__u8  name_len;          /* octets of qname used (0: no name read) */
+	__u8  present;           /* 1: a DNS header was read into this entry */
+	__u8  pad[2];            /* always zero */
+	__u32 response_us;       /* response seen minus query seen, microseconds (0: not matched) */
+	__u8  qname[XDPFLOW_DNS_NAME]; /* first question's name, dotted ("www.example.com"), not terminated */
+};                               /* 80 bytes */
+
+/* TCP round trips (passive, transit traffic both ways of which cross the hooks). Handshake: SYN seen
+ * to SYN-ACK seen is the server side's delay, SYN-ACK seen to the client's ACK the client side's; both
+ * land in the slot of the packet that completes them. Timestamps: a TSval first seen in one direction,
+ * echoed in a TSecr of the other, is a round trip from the observation point to this flow's source
+ * and back (the echoing packet's slot gets it). */
+struct tcp_ext {
+	__u32 server_delay_us;   /* SYN -> SYN-ACK (0: not seen) */
+	__u32 client_delay_us;   /* SYN-ACK -> ACK (0: not seen) */
+	__u32 rtt_min_us;        /* least timestamp-echo round trip (0: no sample) */
+	__u32 rtt_samples;       /* timestamp-echo samples */
+	__u64 rtt_sum_us;        /* their sum (mean = sum / samples) */
+	__u32 retransmissions;   /* segments whose sequence range was seen before */
+	__u32 pad;               /* always zero */
+};                               /* 32 bytes */
 
 #define XDPFLOW_VLAN_MAX_DEPTH 2   /* 802.1Q / 802.1ad tags parsed */
 #define XDPFLOW_IPV6_MAX_EXT   6   /* IPv6 extension headers skipped before giving up */

@@ -20,7 +20,7 @@ FLOW_KEY = np.dtype([
     ("protocol", "u1"),
     ("ip_version", "u1"),
     ("direction", "u1"),     # IE 61 flowDirection: INGRESS (XDP) or EGRESS (TC)
-    ("pad", "u1", (3,)),
+    ("segment", "u1", (3,)),  # tunnels: low 24 bits of the VNI / GRE key (little-endian); 0: not tunnelled
 ])
 
 # flow_key.direction (XDPFLOW_INGRESS / XDPFLOW_EGRESS in flow.h): ifindex is
@@ -85,7 +85,53 @@ FLOW_STATS = np.dtype([
     ("sampled_out_octets", "<u8"),
     ("flows_denied", "<u8"),
     ("parse_failure_octets", "<u8"),
+    ("tunnel_decapsulated", "<u8"),
+    ("tunnel_malformed", "<u8"),
+    ("dns_messages", "<u8"),
+    ("dns_malformed", "<u8"),
+    ("dns_responses_timed", "<u8"),
+    ("tcp_rtt_samples", "<u8"),
+    ("tcp_retransmissions", "<u8"),
+    ("ext_state_full", "<u8"),
 ])
+
+# Extensions (flow.h): one entry per slot, in arrays indexed like the slots.
+TUNNEL_NONE, TUNNEL_VXLAN, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_GRE_KEY = range(5)
+
+TUNNEL_EXT = np.dtype([
+    ("outer_src", "u1", (16,)),
+    ("outer_dst", "u1", (16,)),
+    ("tunnel_id", "<u4"),
+    ("type", "u1"),
+    ("outer_ip_version", "u1"),
+    ("pad", "u1", (2,)),
+])
+
+DNS_NAME = 64
+DNS_EXT = np.dtype([
+    ("id", "<u2"),
+    ("flags", "<u2"),
+    ("qtype", "<u2"),
+    ("qcount", "<u2"),
+    ("name_len", "u1"),
+    ("present", "u1"),
+    ("pad", "u1", (2,)),
+    ("response_us", "<u4"),
+    ("qname", "u1", (DNS_NAME,)),
+])
+
+TCP_EXT = np.dtype([
+    ("server_delay_us", "<u4"),
+    ("client_delay_us", "<u4"),
+    ("rtt_min_us", "<u4"),
+    ("rtt_samples", "<u4"),
+    ("rtt_sum_us", "<u8"),
+    ("retransmissions", "<u4"),
+    ("pad", "<u4"),
+])
+
+# feature name (xdp/compile.py FEATURES) -> the dtype of its per-slot entries
+EXTENSIONS = {"tunnels": TUNNEL_EXT, "dns": DNS_EXT, "tcp_rtt": TCP_EXT}
 
 CONTROL = np.dtype([
     ("gen", "<u4"),          # page = gen & 1
@@ -120,4 +166,4 @@ RULE_COUNTER = np.dtype([
 STRUCTS = {"flow_key": FLOW_KEY, "flow_value": FLOW_VALUE, "flow_slot": FLOW_SLOT, "flow_ref": FLOW_REF,
            "flow_cache_entry": FLOW_CACHE_ENTRY, "slot_alloc": SLOT_ALLOC, "xdpflow_clock": CLOCK,
            "flow_stats": FLOW_STATS, "xdpflow_ctl": CONTROL, "rule_set": RULE_SET, "prefix_key": PREFIX_KEY,
-           "rule_counter": RULE_COUNTER}
+           "rule_counter": RULE_COUNTER, "tunnel_ext": TUNNEL_EXT, "dns_ext": DNS_EXT, "tcp_ext": TCP_EXT}

@@ -27,7 +27,7 @@ import mmap
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,7 +39,17 @@ from xdp import compile as xcompile
 from xdp.attach import Attachment, EgressAttachment, attach_egress, attach_xdp, detach_egress, detach_xdp
 from xdp.compile import CLOCK_PROG, EGRESS_PROG, XDP_PROG
 from xdp.errors import LoaderError
-from xdp.layout import CLOCK, CONTROL, FLOW_CACHE_ENTRY, FLOW_KEY, FLOW_REF, FLOW_SLOT, FLOW_STATS, SLOT_ALLOC
+from xdp.layout import (
+    CLOCK,
+    CONTROL,
+    EXTENSIONS,
+    FLOW_CACHE_ENTRY,
+    FLOW_KEY,
+    FLOW_REF,
+    FLOW_SLOT,
+    FLOW_STATS,
+    SLOT_ALLOC,
+)
 from xdp.rules import RuleCount, RuleSet, RuleSets
 from xdp.sizing import DEFAULT_MAX_ENTRIES, DEFAULT_MEMORY_BUDGET, human_bytes
 
@@ -66,15 +76,16 @@ CACHE_BITS = 12                      # flow.h XDPFLOW_CACHE_BITS: per-CPU cache 
 HTAB_ELEM_OVERHEAD = 48              # struct htab_elem's own fields (hash node, LRU node, hash), per entry
 
 
-def map_memory_bytes(max_entries: int, cpus: int | None = None) -> int:
+def map_memory_bytes(max_entries: int, cpus: int | None = None, features: Sequence[str] = ()) -> int:
     """Kernel memory of the flow maps: the LRU flow map (key, element overhead, one flow_ref per
-    possible CPU), two pages of max_entries slots, and the per-CPU cache. What the kernel really
-    charges, give or take the allocators' rounding."""
+    possible CPU), two pages of max_entries slots, the per-CPU cache, and two pages of entries for
+    each extension compiled in. What the kernel really charges, give or take the allocators' rounding."""
     cpus = possible_cpus() if cpus is None else cpus
     lru = max_entries * (FLOW_KEY.itemsize + HTAB_ELEM_OVERHEAD + 8 + cpus * FLOW_REF.itemsize)
     slots = PAGES * max_entries * FLOW_SLOT.itemsize
     cache = cpus * (1 << CACHE_BITS) * FLOW_CACHE_ENTRY.itemsize
-    return lru + slots + cache
+    ext = sum(PAGES * max_entries * EXTENSIONS[f].itemsize for f in set(features))
+    return lru + slots + cache + ext
 
 
 @dataclass(frozen=True)
@@ -116,13 +127,17 @@ class Datapath:
     rules: RuleSets = field(init=False)  # the rule sets' tables (load() gives it their maps)
     _ctl_lock: threading.Lock = field(default_factory=threading.Lock)
     load_seconds: float = 0.0       # compile + load in the child process
+    features: tuple[str, ...] = ()  # extensions compiled in (xdp/compile.py FEATURES), sorted
+    ext_fds: dict[str, int] = field(default_factory=dict)  # feature -> its per-slot array
 
     def __post_init__(self) -> None:
         self.rules = RuleSets({}, self.cpus)
+        xcompile.feature_flags(self.features)   # an unknown name fails here, before any compile
+        self.features = tuple(sorted(set(self.features)))
 
     @property
     def memory_bytes(self) -> int:
-        return map_memory_bytes(self.max_entries, self.cpus)
+        return map_memory_bytes(self.max_entries, self.cpus, self.features)
 
     @property
     def active_set(self) -> RuleSet:
@@ -155,7 +170,7 @@ class Datapath:
                  kernel_memory=human_bytes(need))
         t0 = time.monotonic()
         try:
-            got = xcompile.load(self.max_entries)
+            got = xcompile.load(self.max_entries, features=self.features)
         except xcompile.CompileError as e:
             raise LoaderError(str(e)) from None
         self.load_seconds = time.monotonic() - t0
@@ -173,6 +188,7 @@ class Datapath:
             self.clock_fd = fds["clock"]
             self.control_fd = fds["control"]
             self.stats_fd = fds["stats"]
+            self.ext_fds = {f: fds[xcompile.FEATURES[f][1]] for f in self.features}
             self.rules.fds = {name: fds[name] for name in ("rule_sets", "src_prefixes", "dst_prefixes", "proto_masks",
                                                       "sport_masks", "dport_masks", "vlan_masks", "iface_masks",
                                                       "iface_masks_high", "rule_hits")}
@@ -183,6 +199,7 @@ class Datapath:
             self._close_fds()
             raise
         log.info("program loaded", seconds=round(self.load_seconds, 2), headers=got.headers,
+                 extensions=",".join(self.features) or "none",
                  max_entries=self.max_entries, kernel_memory=human_bytes(need),
                  filter_tables=human_bytes(FILTER_TABLE_BYTES), egress=self.egress_prog_fd >= 0)
         return self
@@ -240,16 +257,25 @@ class Datapath:
         Each array is a view of a mapping of the slot array: use it before asking for the next one
         (the mapping goes with its last reference, so the process never holds more than a window).
         """
+        return self._windows(self.slots_fd, FLOW_SLOT, page, count, window)
+
+    def read_ext(self, feature: str, page: int, count: int,
+                 window: int = SLOT_WINDOW) -> Iterator[npt.NDArray[np.void]]:
+        """The entries of extension `feature` for slots 0..count-1 of idle `page`, in the same windows
+        as read_slots() (entry i belongs to slot i)."""
+        return self._windows(self.ext_fds[feature], EXTENSIONS[feature], page, count, window)
+
+    def _windows(self, fd: int, dtype: np.dtype[np.void], page: int, count: int,
+                 window: int) -> Iterator[npt.NDArray[np.void]]:
         if page == self.active:
             raise ValueError("refusing to read the active page: flip first")
-        size = FLOW_SLOT.itemsize
+        size = dtype.itemsize
         for first in range(0, count, window):
             n = min(window, count - first)
             start = (page * self.max_entries + first) * size
             offset = start - start % mmap.ALLOCATIONGRANULARITY
-            mm = mmap.mmap(self.slots_fd, start + n * size - offset, mmap.MAP_SHARED, mmap.PROT_READ,
-                           offset=offset)
-            yield np.frombuffer(mm, dtype=FLOW_SLOT, count=n, offset=start - offset)
+            mm = mmap.mmap(fd, start + n * size - offset, mmap.MAP_SHARED, mmap.PROT_READ, offset=offset)
+            yield np.frombuffer(mm, dtype=dtype, count=n, offset=start - offset)
             del mm
 
     def reset_slots(self, page: int) -> None:
@@ -367,6 +393,7 @@ class Datapath:
         self.rules.fds = {}
         self.prog_fd = self.egress_prog_fd = self.clock_prog_fd = self.control_fd = self.stats_fd = -1
         self.flows_fd = self.slots_fd = self.slot_alloc_fd = self.fence_fd = self.clock_fd = -1
+        self.ext_fds = {}
 
     def __enter__(self) -> Datapath:
         return self

@@ -136,5 +136,5 @@ def test_slots_are_written_whole(datapath: Datapath) -> None:
     m = pages.flip_and_merge(0, keep_slots=True)
     assert m.slots is not None and m.slots.dtype == FLOW_SLOT
     (slot,) = m.slots
-    assert not slot["key"]["pad"].any() and not slot["value"]["pad"].any()
+    assert not slot["key"]["segment"].any() and not slot["value"]["pad"].any()
     assert int(slot["key"]["src_port"]) == 3000 and int(slot["value"]["packets"]) == 4

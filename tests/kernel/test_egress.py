@@ -100,7 +100,7 @@ def drain_all(dp: Datapath) -> dict[Tuple5, dict[Where, dict[str, int]]]:
         d = pages.flip_and_merge(0, keep_slots=True)
         assert d.slots is not None
         keys = d.slots["key"]
-        assert not keys["pad"].any(), "flow_key.pad is not zero"
+        assert not keys["segment"].any(), "flow_key.segment is not zero"
         assert set(np.unique(keys["direction"]).tolist()) <= {INGRESS, EGRESS}
         recs = d.records
         assert d.stats["insert_failures"] == 0 and d.stats["parse_failures"] == 0, d.stats
