@@ -30,7 +30,7 @@ import numpy.typing as npt
 
 from exporter.merge import TimeBase, merge, to_records
 from exporter.records import FLOW_RECORD, Records
-from xdp.layout import FLOW_SLOT
+from xdp.layout import EXTENSIONS, FLOW_SLOT
 from xdp.loader import SLOT_WINDOW, ClockReading, Datapath
 
 
@@ -49,6 +49,11 @@ class Drained:
     def windows(self) -> Iterator[npt.NDArray[np.void]]:
         """The page's slots (FLOW_SLOT), a window at a time: use each before asking for the next."""
         return self.datapath.read_slots(self.page, self.slots, self.window)
+
+    def ext_windows(self, feature: str) -> Iterator[npt.NDArray[np.void]]:
+        """The page's entries of extension `feature` (xdp.layout.EXTENSIONS), in the windows of
+        windows(): entry i belongs to slot i."""
+        return self.datapath.read_ext(feature, self.page, self.slots, self.window)
 
     def records(self, offset_ns: int) -> Records:
         """Every slot as a FLOW_RECORD (times in epoch ms), unmerged: one per slot."""
@@ -71,6 +76,7 @@ class Merged:
     stats: dict[str, int]           # the page's kernel counters for the same interval
     slots: npt.NDArray[np.void] | None = None   # (entries,) FLOW_SLOT, the page's slots, when asked for
     timebase: TimeBase | None = None
+    exts: dict[str, npt.NDArray[np.void]] = field(default_factory=dict)  # feature -> (entries,) its entries, with slots
 
 
 @dataclass
@@ -104,15 +110,19 @@ class Pages:
         d = self.flip()
         try:
             slots = None
+            exts = {}
             if keep_slots:
                 parts = [w.copy() for w in d.windows()]
                 slots = np.concatenate(parts) if parts else np.zeros(0, dtype=FLOW_SLOT)
+                for f in d.datapath.features:
+                    got = [w.copy() for w in d.ext_windows(f)]
+                    exts[f] = np.concatenate(got) if got else np.zeros(0, dtype=EXTENSIONS[f])
                 records = merge(to_records(slots, d.timebase, offset_ns))
             else:
                 records = merge(d.records(offset_ns))
         finally:
             d.release()
-        return Merged(records, d.slots, d.page, d.flip_seconds, d.stats, slots, d.timebase)
+        return Merged(records, d.slots, d.page, d.flip_seconds, d.stats, slots, d.timebase, exts)
 
     def merge_all(self, offset_ns: int) -> list[Merged]:
         """Shutdown: read the page just written, then the other (both idle after two flips)."""

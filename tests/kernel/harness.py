@@ -74,6 +74,7 @@ class Harness:
     linear_max: int = 0
     egress_max: int = 0      # largest frame a sched_cls test run takes (0: not measured yet)
     last_slots: npt.NDArray[np.void] | None = None  # FLOW_SLOT of the last drain (one per flow and CPU)
+    last_exts: dict[str, npt.NDArray[np.void]] = field(default_factory=dict)  # extension entries, as last_slots
     drained_packets: int = 0
     drained_octets: int = 0
     dirty: bool = False
@@ -115,6 +116,7 @@ class Harness:
         slots = d.slots
         assert slots is not None and d.timebase is not None
         self.last_slots = slots
+        self.last_exts = d.exts
         assert not slots["value"]["pad"].any(), "flow_value.pad is not zero"
         assert (slots["value"]["packets"] > 0).all(), "a slot a program took holds no packet"
         recs = d.records
@@ -284,12 +286,13 @@ def _probe_egress_max(h: Harness) -> int:
     return largest
 
 
-def loaded_harness() -> Iterator[Harness]:
-    """A loaded program and its Harness for one test module, pinned to one CPU; checked and closed after."""
+def loaded_harness(features: Sequence[str] = ()) -> Iterator[Harness]:
+    """A loaded program (with `features`, xdp/compile.py FEATURES, compiled in) and its Harness for one
+    test module, pinned to one CPU; checked and closed after."""
     if os.geteuid() != 0:
         pytest.skip("BPF_PROG_TEST_RUN needs root")
     saved = os.sched_getaffinity(0)
-    dp = Datapath(max_entries=MAX_ENTRIES)
+    dp = Datapath(max_entries=MAX_ENTRIES, features=tuple(features))
     try:
         os.sched_setaffinity(0, {min(saved)})
         dp.load()
