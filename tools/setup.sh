@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PKGS=(python3-bpfcc linux-headers-amd64 netsniff-ng nfdump tshark pmacct softflowd iproute2 libcap2-bin gcc libc6-dev
-      python3-dev)
+      python3-dev dnsmasq-base)
 case "$(uname -m)" in
   aarch64) PKGS[1]=linux-headers-arm64 ;;
 esac
