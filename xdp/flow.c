@@ -333,7 +333,18 @@ static __always_inline int parse_ipv6(struct flow_key *key, struct parsed *out,
 }
 
 #ifdef XDPFLOW_TUNNELS
-#include "tunnel.h"   /* decapsulate(): uses parse_ipv4/parse_ipv6 above, called by parse() below */
+struct tunnel_scratch {
+	__u32 off;   /* the inner packet's offset in the frame */
+	__u32 room;  /* the outer packet's bytes from there on */
+};
+BPF_PERCPU_ARRAY(tunnel_scratch, struct tunnel_scratch, 1);
+/* bcc rewrites map calls only in this file: the header reaches its map through this accessor. */
+static __always_inline struct tunnel_scratch *tunnel_scratch_at(void)
+{
+	__u32 zero = 0;
+	return tunnel_scratch.lookup(&zero);
+}
+#include "tunnel.h"   /* decapsulate(): uses parse_ipv4/parse_ipv6 above, called by both programs after parse() */
 #endif
 
 /* Parse the frame at data: data_end bounds the bytes the program can read,
@@ -371,10 +382,6 @@ static __always_inline int parse(const void *data, const void *data_end, __u32 f
 		return FAIL;  /* VLAN stack deeper than we follow */
 	else
 		return NOT_IP;
-#ifdef XDPFLOW_TUNNELS
-	if (rc == OK)
-		decapsulate(key, out, data_end);
-#endif
 	return rc;
 }
 
@@ -742,6 +749,9 @@ int xdpflow(struct xdp_md *ctx)
 		not_metered(r.st, rc, 1, &p);
 		return XDP_PASS;
 	}
+#ifdef XDPFLOW_TUNNELS
+	decapsulate(&key, &p, data, data_end);
+#endif
 	meter(&r, &key, &p, ctx->ingress_ifindex, XDPFLOW_INGRESS, 1);
 	return XDP_PASS;
 }
@@ -778,6 +788,9 @@ int xdpflow_egress(struct __sk_buff *skb)
 		not_metered(r.st, rc, segs, &p);
 		return TC_ACT_UNSPEC_;
 	}
+#ifdef XDPFLOW_TUNNELS
+	decapsulate(&key, &p, data, data_end);  /* once, after either parse: the verifier walks it once per path */
+#endif
 	if (skb->vlan_present)
 		key.vlan_id = skb->vlan_tci & 0x0FFF;  /* the outer tag, not yet in the bytes */
 	meter(&r, &key, &p, skb->ifindex, XDPFLOW_EGRESS, segs);

@@ -202,9 +202,36 @@ def icmp(type_: int, code: int, rest: bytes = b"\x00\x01\x00\x01") -> bytes:
     return struct.pack("!BBH", type_, code, 0) + rest
 
 
-def gre(protocol: int = ETH_P_IP, payload: bytes = b"") -> bytes:
-    """A minimal GRE header (no checksum/key/sequence) carrying `payload`."""
-    return struct.pack("!HH", 0, protocol) + payload
+def gre(protocol: int = ETH_P_IP, payload: bytes = b"", *, key: int | None = None, checksum: bool = False,
+        seq: int | None = None, version: int = 0, routing: bool = False) -> bytes:
+    """A GRE header (RFC 2784/2890) carrying `payload`: minimal by default; the C, K and S words when
+    asked (checksum, key, seq), in that order."""
+    flags = (0x80 if checksum else 0) | (0x40 if routing else 0) | (0x20 if key is not None else 0) | \
+        (0x10 if seq is not None else 0)
+    out = struct.pack("!BBH", flags, version & 0x07, protocol)
+    if checksum:
+        out += bytes(4)
+    if key is not None:
+        out += struct.pack("!I", key)
+    if seq is not None:
+        out += struct.pack("!I", seq)
+    return out + payload
+
+
+ETH_P_TEB = 0x6558   # transparent Ethernet bridging: an Ethernet frame inside GRE or Geneve
+VXLAN_PORT = 4789
+GENEVE_PORT = 6081
+
+
+def vxlan(vni: int, inner: bytes, *, flags: int = 0x08) -> bytes:
+    """A VXLAN header (RFC 7348: flags, VNI in bytes 4..6) and the inner Ethernet frame: a UDP payload."""
+    return struct.pack("!B3xI", flags, (vni & 0xFFFFFF) << 8) + inner
+
+
+def geneve(vni: int, inner: bytes, *, protocol: int = ETH_P_TEB, options: bytes = b"", version: int = 0) -> bytes:
+    """A Geneve header (RFC 8926) with `options` (a multiple of 4 bytes) and the inner payload."""
+    b0 = ((version & 0x3) << 6) | ((len(options) // 4) & 0x3F)
+    return struct.pack("!BBHI", b0, 0, protocol, (vni & 0xFFFFFF) << 8) + options + inner
 
 
 # -- convenience --------------------------------------------------------------

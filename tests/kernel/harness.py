@@ -78,10 +78,15 @@ class Harness:
     drained_packets: int = 0
     drained_octets: int = 0
     dirty: bool = False
+    # The reference a frame is held to (refparser.parse; the extension tests give their own), and the
+    # extension's counters with what a frame must add to them (view, direction -> counter -> delta).
+    reference: Callable[[bytes, int, int], ref.Result] = ref.parse
+    extra_counters: tuple[str, ...] = ()
+    expect_extra: Callable[[bytes, int], dict[str, int]] | None = None
 
     def stats(self) -> dict[str, int]:
         s = self.dp.read_stats()
-        return {name: int(s[name]) for name in COUNTERS}
+        return {name: int(s[name]) for name in (*COUNTERS, *self.extra_counters)}
 
     def view(self, frame: bytes, direction: int = ref.INGRESS) -> bytes:
         """The bytes the program can read (data .. data_end) for this frame under PROG_TEST_RUN."""
@@ -170,7 +175,7 @@ class Harness:
         for i, frame in enumerate(batch):
             if cpus is not None:
                 os.sched_setaffinity(0, {cpus[i]})
-            want = ref.parse(self.view(frame, direction), LOOPBACK_IFINDEX, direction)
+            want = self.reference(self.view(frame, direction), LOOPBACK_IFINDEX, direction)
             results.append(want)
             where = f"frame {i}: {show_frame(frame)}; reference: {want}"
             if self.refused(frame, direction):
@@ -185,9 +190,11 @@ class Harness:
             assert r.retval == verdict, f"retval {r.retval:#x}; {where}"
             assert r.data_out == frame, f"frame modified; {where}"
             after = self.stats()
-            delta = {name: after[name] - before[name] for name in COUNTERS}
+            delta = {name: after[name] - before[name] for name in after}
             before = after
-            want_delta = dict.fromkeys(COUNTERS, 0)
+            want_delta = dict.fromkeys(after, 0)
+            if self.expect_extra is not None:
+                want_delta.update(self.expect_extra(self.view(frame, direction), direction))
             want_delta["frames"] = 1
             if want is Verdict.PARSE_FAILURE:
                 want_delta["parse_failures"] = 1

@@ -53,7 +53,7 @@ IPPROTO_SCTP = 132
 
 IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
 
-_KEY_STRUCT = struct.Struct("<16s16sHHIHBBB3x")  # struct flow_key, host (little-endian) order
+_KEY_STRUCT = struct.Struct("<16s16sHHIHBBB3s")  # struct flow_key, host (little-endian) order
 INGRESS = 0   # flow_key.direction: XDPFLOW_INGRESS / XDPFLOW_EGRESS in xdp/flow.h
 EGRESS = 1
 KEY_SIZE = _KEY_STRUCT.size
@@ -75,11 +75,12 @@ class FlowKey:
     protocol: int
     ip_version: int
     direction: int = INGRESS
+    segment: bytes = bytes(3)   # tunnels: the VNI / GRE key's low 24 bits, little-endian (ref_tunnel.py)
 
     def pack(self) -> bytes:
         """The 48 bytes of struct flow_key as the kernel stores it (little-endian host, pad zero)."""
         return _KEY_STRUCT.pack(self.src_addr, self.dst_addr, self.src_port, self.dst_port, self.ifindex,
-                                self.vlan_id, self.protocol, self.ip_version, self.direction)
+                                self.vlan_id, self.protocol, self.ip_version, self.direction, self.segment)
 
     @classmethod
     def unpack(cls, raw: bytes) -> FlowKey:
@@ -90,7 +91,7 @@ class FlowKey:
         """From a numpy record with FLOW_KEY's field names (a FLOW_KEY or FLOW_RECORD row)."""
         return cls(bytes(rec["src_addr"]), bytes(rec["dst_addr"]), int(rec["src_port"]), int(rec["dst_port"]),
                    int(rec["ifindex"]), int(rec["vlan_id"]), int(rec["protocol"]), int(rec["ip_version"]),
-                   int(rec["direction"]))
+                   int(rec["direction"]), bytes(rec["segment"]))
 
     def __str__(self) -> str:
         def addr(a: bytes) -> str:
@@ -98,8 +99,9 @@ class FlowKey:
                 return ".".join(str(b) for b in a[12:])
             return a.hex()
         way = "in" if self.direction == INGRESS else "out" if self.direction == EGRESS else f"dir {self.direction}"
+        seg = f" segment {int.from_bytes(self.segment, 'little')}" if any(self.segment) else ""
         return (f"v{self.ip_version} proto {self.protocol} {addr(self.src_addr)}:{self.src_port} -> "
-                f"{addr(self.dst_addr)}:{self.dst_port} {way} if {self.ifindex} vlan {self.vlan_id}")
+                f"{addr(self.dst_addr)}:{self.dst_port} {way} if {self.ifindex} vlan {self.vlan_id}{seg}")
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,10 @@ class Metered:
     tcp_flags: int
     tos: int
     ttl: int
+    # Where the transport header lies in the frame (-1: none read, a non-first fragment) and where the
+    # IP packet ends: what the extensions (tunnels, DNS, TCP) read from. Not part of what is metered.
+    l4: int = dataclasses.field(default=-1, compare=False)
+    end: int = dataclasses.field(default=0, compare=False)
 
 
 Result = Metered | Verdict
@@ -147,10 +153,22 @@ def _parse(frame: bytes, ifindex: int) -> Result:
         off += 4
         depth += 1
     if ethertype == ETH_P_IP:
-        return _ipv4(frame[off:], ifindex, vlan_id)
+        return _at(_ipv4(frame[off:], ifindex, vlan_id), off)
     if ethertype == ETH_P_IPV6:
-        return _ipv6(frame[off:], ifindex, vlan_id)
+        return _at(_ipv6(frame[off:], ifindex, vlan_id), off)
     return Verdict.NON_IP
+
+
+def _at(result: Result, off: int) -> Result:
+    """A result parsed from the IP header at `off` of the frame, its offsets made the frame's."""
+    if isinstance(result, Metered):
+        return dataclasses.replace(result, l4=result.l4 + off if result.l4 >= 0 else -1, end=result.end + off)
+    return result
+
+
+def parse_ip(ip: bytes, ifindex: int, vlan_id: int, version: int) -> Result:
+    """The IP packet at the start of `ip` (IPv4 or IPv6 by `version`), offsets relative to `ip`."""
+    return _ipv4(ip, ifindex, vlan_id) if version == 4 else _ipv6(ip, ifindex, vlan_id)
 
 
 def _ipv4(ip: bytes, ifindex: int, vlan_id: int) -> Result:
@@ -165,14 +183,16 @@ def _ipv4(ip: bytes, ifindex: int, vlan_id: int) -> Result:
     packet = ip[:total]
     protocol = packet[9]
     sport = dport = flags = 0
+    l4_at = -1
     if _u16(packet, 6) & 0x1FFF == 0:  # first (or only) fragment: the transport header is here
         l4 = _transport(protocol, packet[ihl:], IPPROTO_ICMP)
         if l4 is None:
             return Verdict.PARSE_FAILURE
         sport, dport, flags = l4
+        l4_at = ihl
     key = FlowKey(IPV4_MAPPED_PREFIX + packet[12:16], IPV4_MAPPED_PREFIX + packet[16:20], sport, dport, ifindex,
                   vlan_id, protocol, 4)
-    return Metered(key, total, flags, packet[1], packet[8])
+    return Metered(key, total, flags, packet[1], packet[8], l4_at, total)
 
 
 def _ipv6(ip: bytes, ifindex: int, vlan_id: int) -> Result:
@@ -185,9 +205,9 @@ def _ipv6(ip: bytes, ifindex: int, vlan_id: int) -> Result:
     tos = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
     ttl = packet[7]
 
-    def metered(protocol: int, sport: int, dport: int, flags: int) -> Metered:
+    def metered(protocol: int, sport: int, dport: int, flags: int, l4_at: int = -1) -> Metered:
         key = FlowKey(packet[8:24], packet[24:40], sport, dport, ifindex, vlan_id, protocol, 6)
-        return Metered(key, total, flags, tos, ttl)
+        return Metered(key, total, flags, tos, ttl, l4_at, total)
 
     nh = packet[6]
     pos = 40
@@ -215,7 +235,7 @@ def _ipv6(ip: bytes, ifindex: int, vlan_id: int) -> Result:
     l4 = _transport(nh, packet[pos:], IPPROTO_ICMPV6)
     if l4 is None:
         return Verdict.PARSE_FAILURE
-    return metered(nh, *l4)
+    return metered(nh, *l4, pos)
 
 
 def _transport(protocol: int, l4: bytes, icmp_protocol: int) -> tuple[int, int, int] | None:
