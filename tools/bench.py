@@ -294,6 +294,21 @@ def _kernel_frames() -> dict[str, bytes]:
     }
 
 
+def _tunnelled(kind: str, inner: bytes) -> bytes:
+    """`inner` (an Ethernet frame) in VXLAN (VNI 4242) or GRE with key 7 (its IP packet), over IPv4."""
+    import struct
+
+    if kind == "vxlan":
+        l4 = struct.pack("!HHHH", 50000, 4789, 16 + len(inner), 0) + struct.pack("!B3xI", 0x08, 4242 << 8) + inner
+        proto = 17
+    else:
+        l4 = struct.pack("!BBHI", 0x20, 0, 0x0800, 7) + inner[14:]
+        proto = 47
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 0, 0, 64, proto, 0, bytes([198, 18, 0, 1]),
+                     bytes([198, 18, 0, 2]))
+    return inner[:12] + b"\x08\x00" + ip + l4
+
+
 def _varied(frame: bytes, i: int) -> bytes:
     """The same IPv4 frame with source port i (offset 34): a new flow per i."""
     return frame[:34] + (i & 0xFFFF).to_bytes(2, "big") + frame[36:38] + (i >> 16 & 0xFFFF).to_bytes(2, "big") \
@@ -404,6 +419,16 @@ def bench_kernel(repeat: int = 1_000_000, rounds: int = 5, new_flows: int = 20_0
             out["new_flow_full_table_median_ns"], out["new_flow_full_table_over_cold_hit_ns"] = \
                 paired_new(dp.prog_fd, 5_000_000)
             out["full_table_stats"] = dp.read_stats()
+        # Extensions (issue 14): tunnel packets through the default program (metered as their outer
+        # flow), then plain and tunnel packets through the program with the feature compiled in.
+        tunnel_frames = {"vxlan_ipv4_tcp": _tunnelled("vxlan", frames["ipv4_tcp"]),
+                         "gre_key_ipv4_tcp": _tunnelled("gre", frames["ipv4_tcp"])}
+        with Datapath(max_entries=new_flows).load() as dp:
+            for name, frame in tunnel_frames.items():
+                out[f"hit_{name}"] = series(dp.prog_fd, frame)
+        with Datapath(max_entries=new_flows, features=("tunnels",)).load() as dp:
+            for name, frame in {**frames, **tunnel_frames}.items():
+                out[f"tunnels_hit_{name}"] = series(dp.prog_fd, frame)
     finally:
         empty.cleanup()
     return with_kernel_estimates(out)
