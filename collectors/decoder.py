@@ -29,9 +29,11 @@ Values: unsigned/signed integers of any reduced size become ``int``; addresses s
 IPv4-mapped as ``::ffff:a.b.c.d``); MACs ``aa:bb:..``; dateTimeSeconds/Milliseconds stay the raw
 epoch number; dateTimeMicro/Nanoseconds (NTP format) become an epoch count in micro/nanoseconds;
 float32/64 ``float``; boolean ``True`` for 1 and ``False`` for 2 (other octets stay ``int``);
-strings are UTF-8 with replacement; octet arrays and anything unknown (including RFC 6313 lists)
-are lowercase hex. Unknown elements are named ``_ipfix_<pen>_<id>``, the ``ipfix`` package's own
-convention; a repeated element in one template gets keys ``name``, ``name#2``, ...
+strings are UTF-8 with replacement, trailing NULs (padding) dropped; octet arrays and anything
+unknown (including RFC 6313 lists) are lowercase hex. Unknown elements are named
+``_ipfix_<pen>_<id>``, the ``ipfix`` package's own convention (ntop's tunnel elements, which xdpflow
+sends, are named as nProbe names them); a repeated element in one template gets keys ``name``,
+``name#2``, ...
 
 Bounded state. Parsing is linear in the input, but templates are kept, and a template field held
 costs ~300 octets of Python objects for the 4 (or 8) it took on the wire: unbounded, 20 datagrams
@@ -121,14 +123,29 @@ class ElementInfo:
     type_name: str
 
 
+# ntop's elements (PEN 35632) for a tunnel's outer header and id, as nProbe documents them; xdpflow's
+# tunnel templates carry them (docs/operations.md). Stated here, not taken from the exporter: this
+# decoder is the independent one the exporter's tests are held to.
+NTOP_PEN = 35632
+NTOP_ELEMENTS = {
+    (NTOP_PEN, 106): ElementInfo("UPSTREAM_TUNNEL_ID", "unsigned32"),
+    (NTOP_PEN, 114): ElementInfo("UNTUNNELED_IPV4_SRC_ADDR", "ipv4Address"),
+    (NTOP_PEN, 116): ElementInfo("UNTUNNELED_IPV4_DST_ADDR", "ipv4Address"),
+    (NTOP_PEN, 396): ElementInfo("UNTUNNELED_IPV6_SRC_ADDR", "ipv6Address"),
+    (NTOP_PEN, 397): ElementInfo("UNTUNNELED_IPV6_DST_ADDR", "ipv6Address"),
+}
+
+
 @cache
 def default_registry() -> Mapping[tuple[int, int], ElementInfo]:
-    """IANA and RFC 5103 elements known to the ``ipfix`` package, keyed by (enterprise, element id)."""
+    """IANA and RFC 5103 elements known to the ``ipfix`` package, and NTOP_ELEMENTS, keyed by
+    (enterprise, element id)."""
     import ipfix.ie
 
     ipfix.ie.use_iana_default()
     ipfix.ie.use_5103_default()
-    return MappingProxyType({(ie.pen, ie.num): ElementInfo(ie.name, ie.type.name) for ie in ipfix.ie.dump_infomodel()})
+    known = {(ie.pen, ie.num): ElementInfo(ie.name, ie.type.name) for ie in ipfix.ie.dump_infomodel()}
+    return MappingProxyType({**known, **NTOP_ELEMENTS})
 
 
 def _uint(b: bytes) -> Value:
@@ -144,7 +161,9 @@ def _hex(b: bytes) -> Value:
 
 
 def _string(b: bytes) -> Value:
-    return b.decode("utf-8", "replace")
+    # A fixed-length string field is NUL-padded (xdpflow's tunnelTechnology; nfdump and Wireshark
+    # stop at the first NUL too): the padding is not part of the value.
+    return b.rstrip(b"\0").decode("utf-8", "replace")
 
 
 def _float(b: bytes) -> Value:

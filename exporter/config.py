@@ -287,6 +287,10 @@ class Config:
                         "also meter what the interfaces send, with a TC egress program (flowDirection 1, "
                         "egressInterface); a forwarded packet then counts once per direction", KERNEL,
                         metavar="true|false")
+    tunnels: bool = _key(False, _boolean,
+                         "meter VXLAN (UDP 4789), Geneve (UDP 6081) and GRE packets as their inner flow, with the "
+                         "outer addresses and the VNI or GRE key beside it (templates 270-273); off: the outer "
+                         "flow only", KERNEL, metavar="true|false")
     biflow: bool = _key(False, _boolean,
                         "one record per conversation (RFC 5103): both directions, the initiator first, reverse "
                         "counters as enterprise 29305 elements", EXPORT, metavar="true|false")
@@ -300,7 +304,8 @@ class Config:
                                    metavar="N")
     mtu: int = _key(1400, _int_range(512, 65535),
                     "largest IPFIX message in bytes: at least the templates and a record need (534, biflow "
-                    "908), at most one UDP datagram's payload (65507 IPv4, 65527 IPv6)", EXPORT, metavar="N")
+                    "908, tunnels 1052), at most one UDP datagram's payload (65507 IPv4, 65527 IPv6)", EXPORT,
+                    metavar="N")
     template_refresh: float = _key(60.0, _seconds, "re-send templates at least this often (seconds)", EXPORT,
                                    metavar="S")
     template_refresh_messages: int = _key(100, _int_range(1, None), "... or every N messages", EXPORT, metavar="N")
@@ -521,7 +526,9 @@ def resolve(flags: Mapping[str, object] | None = None, *, config_path: str | Non
     if good("scan_interval", "idle_timeout") and values["scan_interval"] > values["idle_timeout"]:
         errors.append(cross("scan_interval", "idle_timeout", "longer than",
                             "scan_interval must be <= idle_timeout, or idle flows end late"))
-    if good("mtu", "biflow", "collectors"):
+    if good("tunnels", "biflow") and values["tunnels"] and values["biflow"]:
+        errors.append(cross("tunnels", "biflow", "set with", "tunnel records are uniflows: turn one of them off"))
+    if good("mtu", "biflow", "tunnels", "collectors") and not (values["tunnels"] and values["biflow"]):
         errors += _mtu_problems(values, sources)
     if good("tls_cert", "tls_key") and (values["tls_cert"] is None) != (values["tls_key"] is None):
         given, missing = ("tls_cert", "tls_key") if values["tls_cert"] else ("tls_key", "tls_cert")
@@ -541,9 +548,9 @@ def _mtu_problems(values: dict[str, Any], sources: dict[str, str]) -> list[str]:
     from exporter.ipfix.encoder import encoder_minimum_mtu, max_mtu
 
     mtu = values["mtu"]
-    least = encoder_minimum_mtu(values["biflow"])
+    least = encoder_minimum_mtu(values["biflow"], values["tunnels"])
     if mtu < least:
-        kind = "biflow templates" if values["biflow"] else "templates"
+        kind = "biflow templates" if values["biflow"] else "tunnel templates" if values["tunnels"] else "templates"
         return [_line("mtu", mtu, sources["mtu"], f"at least {least}: a message must hold the header, every one "
                       f"of the {kind} and one record")]
     for url in values["collectors"]:

@@ -39,6 +39,8 @@ from exporter.metrics import Metrics
 from exporter.readiness import Readiness, process_age_seconds
 from exporter.records import END_FORCED, FLOW_RECORD, Records
 from exporter.transport import Endpoint, EndpointError, Sender, StreamOptions, TlsOptions, make_sender
+from exporter.tunnels import FEATURE as TUNNELS
+from exporter.tunnels import NO_TUNNELS, TunnelStore
 from xdp import filters
 from xdp.loader import Datapath, LoaderError
 from xdp.sizing import human_bytes
@@ -49,7 +51,8 @@ log = structlog.get_logger("xdpflow.service")
 # biflow: the flow table holds another kind of record.
 # egress: it decides how biflows pair (exporter/biflow.py).
 # ready_file: written once, at the start; a new path would leave the old file behind.
-RESTART_ONLY = ("max_entries", "max_kernel_memory", "metrics", "mode", "biflow", "egress", "ready_file")
+# tunnels: compiled into the program.
+RESTART_ONLY = ("max_entries", "max_kernel_memory", "metrics", "mode", "biflow", "egress", "ready_file", "tunnels")
 
 
 @dataclass
@@ -112,6 +115,7 @@ class Exporter:
     _drop_warning: DropWarning = field(default_factory=DropWarning)
     readiness: Readiness | None = None
     startup: dict[str, float] = field(default_factory=dict)   # seconds per start step, for the "exporting" log
+    tunnels: TunnelStore | None = None   # the tunnelled flows' outer addresses and ids (cfg.tunnels)
 
     def _compile_filters(self, cfg: Config) -> filters.Tables:
         """The kernel tables for cfg.filters, interface names resolved now; FilterError if they don't compile."""
@@ -127,7 +131,9 @@ class Exporter:
             self.datapath.configure(tables, cfg.sampling)
 
     def _setup_kernel(self) -> None:
-        dp = Datapath(max_entries=self.cfg.max_entries, memory_budget=self.cfg.max_kernel_memory).load()
+        features = (TUNNELS,) if self.cfg.tunnels else ()
+        dp = Datapath(max_entries=self.cfg.max_entries, memory_budget=self.cfg.max_kernel_memory,
+                      features=features).load()
         self.datapath = dp
         self.startup["compile_and_load"] = round(dp.load_seconds, 3)
         t0 = time.monotonic()
@@ -171,6 +177,8 @@ class Exporter:
                     folded, packets, octets = len(records), int(records["packets"].sum()), \
                         int(records["octets"].sum())
                     res.ended.append(table.update(records, now_ms))
+                if self.tunnels is not None:
+                    self.tunnels.note_windows(zip(d.windows(), d.ext_windows(TUNNELS), strict=True))
             finally:
                 d.release()
             res.entries += d.slots
@@ -228,14 +236,16 @@ class Exporter:
         first = True
         while chunk is not None or first:
             records = chunk if chunk is not None else self._no_records
+            plain, tunnelled = self.tunnels.split(records) if self.tunnels is not None else (records, NO_TUNNELS)
             for ex, state in zip(self.exports, states, strict=True):
-                datagrams = ex.encoder.encode(records, now, options=state if first else None)
+                datagrams = ex.encoder.encode(plain, now, options=state if first else None, tunnelled=tunnelled)
                 ex.sender.send(datagrams, datagrams.flows, datagrams.totals)
                 sent += len(datagrams)
             res.exported += len(records)
             first = False
             chunk = next(chunks, None)
         del chunks, datagrams   # the expiry's buffer and the last chunk's messages go before the trim
+        self._prune_tunnels()
         self.scans += 1
         self.records_exported += res.exported
         await asyncio.to_thread(heap.trim)   # the scan's messages are freed: hand their pages back
@@ -267,6 +277,15 @@ class Exporter:
                   flip_ms=round(res.flip_seconds * 1000, 2), seconds=round(time.perf_counter() - t0, 4),
                   **{f"kernel_{k}": v for k, v in delta.items()}, **kernel.log_fields())
         return res
+
+    def _prune_tunnels(self) -> None:
+        """Entries of flows the table does not hold (it refused them when full) would stay forever."""
+        store, table = self.tunnels, self.table
+        if store is None or table is None or len(store) <= len(table):
+            return
+        gone = store.prune(table.flows())
+        if gone:
+            log.warning("tunnel entries dropped: their flows are not in the flow table (it was full)", entries=gone)
 
     def _start_metrics(self, host: str, port: int) -> None:
         dp = self.datapath
@@ -371,7 +390,7 @@ class Exporter:
         return Encoder(odid=cfg.observation_domain, mtu=cfg.mtu, template_refresh_s=cfg.template_refresh,
                        template_refresh_messages=cfg.template_refresh_messages,
                        sequence_mode=cfg.sequence_mode, biflow=cfg.biflow,  # type: ignore[arg-type]
-                       per_interface=cfg.egress, exporting_process_id=epid)
+                       per_interface=cfg.egress, tunnels=cfg.tunnels, exporting_process_id=epid)
 
     @staticmethod
     def _flow_table(cfg: Config) -> FlowTable | CoreTable:
@@ -428,6 +447,7 @@ class Exporter:
             self.exports = [await self._open_export(self.cfg, ep) for ep in self.cfg.endpoints()]
             self.startup["collectors"] = round(time.monotonic() - t0, 3)
             self.table = self._flow_table(self.cfg)
+            self.tunnels = TunnelStore() if self.cfg.tunnels else None
             await asyncio.to_thread(self._setup_kernel)
             assert self.datapath is not None
             if (listen := self.cfg.metrics_address()) is not None:
@@ -443,6 +463,7 @@ class Exporter:
                      scan_interval=self.cfg.scan_interval, active_timeout=self.cfg.active_timeout,
                      idle_timeout=self.cfg.idle_timeout, observation_domain=self.cfg.observation_domain,
                      filters=list(self.cfg.filters), sampling=self.cfg.sampling, biflow=self.cfg.biflow,
+                     tunnels=self.cfg.tunnels,
                      egress={e.ifname: e.method for e in self.datapath.egress_attachments},
                      startup_seconds={**self.startup, "since_process_start": round(process_age_seconds(), 3)})
             self._say_ready()

@@ -71,8 +71,9 @@ import numpy as np
 import numpy.typing as npt
 
 from exporter.ipfix.options import ExporterState, Interface, OptionsEncoder, RecordGroup, fixed_group
-from exporter.ipfix.templates import FLOW_V4, FLOW_V6, Template, biflow_templates, template_sets
+from exporter.ipfix.templates import FLOW_V4, FLOW_V6, TUNNEL_TEMPLATES, Template, biflow_templates, template_sets
 from exporter.records import BIFLOW_RECORD, EGRESS, FLOW_RECORD, INGRESS, Records
+from exporter.tunnels import NO_TUNNELS, TUNNEL_RECORD
 
 IPFIX_VERSION = 10
 MESSAGE_HEADER = struct.Struct("!HHIII")
@@ -143,6 +144,20 @@ FLOW_SOURCES: dict[str, Source] = {
     "flowStartMilliseconds": Source("first_ms"),
     "flowEndMilliseconds": Source("last_ms"),
     "flowEndReason": Source("end_reason"),
+}
+
+
+# A TUNNEL_RECORD (exporter/tunnels.py) is a FLOW_RECORD and the tunnel's export-ready columns.
+TUNNEL_SOURCES: dict[str, Source] = {
+    **FLOW_SOURCES,
+    "tunnelTechnology": Source("technology"),
+    "layer2SegmentId": Source("segment_id"),
+    "greKey": Source("gre_key"),
+    "UPSTREAM_TUNNEL_ID": Source("tunnel_id"),
+    "UNTUNNELED_IPV4_SRC_ADDR": Source("outer_src", part=(12, 16)),
+    "UNTUNNELED_IPV4_DST_ADDR": Source("outer_dst", part=(12, 16)),
+    "UNTUNNELED_IPV6_SRC_ADDR": Source("outer_src"),
+    "UNTUNNELED_IPV6_DST_ADDR": Source("outer_dst"),
 }
 
 
@@ -340,6 +355,7 @@ class Encoder:
         exporter_address: str | IPv4Address | IPv6Address | None = None,
         biflow: bool = False,
         per_interface: bool = False,
+        tunnels: bool = False,
         compiled: bool | None = None,
     ) -> None:
         if not 0 <= odid < SEQUENCE_MODULUS:
@@ -352,6 +368,8 @@ class Encoder:
             raise ValueError("template_refresh_messages must be >= 1")
         if sequence_mode not in SEQUENCE_MODES:
             raise ValueError(f"sequence_mode {sequence_mode!r} is not one of {', '.join(SEQUENCE_MODES)}")
+        if tunnels and biflow:
+            raise ValueError("tunnel records are uniflows: tunnels and biflow do not combine")
         self.odid = odid
         self.mtu = mtu
         self.template_refresh_s = float(template_refresh_s)
@@ -363,6 +381,10 @@ class Encoder:
         self._uniflow_templates: tuple[tuple[int, Template], ...] = ((4, FLOW_V4), (6, FLOW_V6))
         self._data_templates: tuple[tuple[int, Template], ...] = (
             tuple(zip((4, 6), biflow_templates(per_interface), strict=True)) if biflow else self._uniflow_templates)
+        # Tunnel templates, chosen by TUNNEL_RECORD.family: inner ip_version << 4 | outer ip_version.
+        self.tunnels = tunnels
+        self._tunnel_templates: tuple[tuple[int, Template], ...] = tuple(
+            ((inner << 4) | outer, t) for (inner, outer), t in TUNNEL_TEMPLATES.items()) if tunnels else ()
         # The compiled core (exporter/_core.c) encodes and frames when it is built; the numpy and
         # Python code below is the reference it is tested against (compiled=False forces it).
         from exporter import core
@@ -372,6 +394,7 @@ class Encoder:
         self._core = core.module() if (compiled is None and core.available()) or compiled else None
         self._programs = {v: field_program(t, self.record_dtype, self._sources) for v, t in self._data_templates}
         self._uniflow_programs = {v: field_program(t, FLOW_RECORD, FLOW_SOURCES) for v, t in self._uniflow_templates}
+        self._tunnel_programs = {v: field_program(t, TUNNEL_RECORD, TUNNEL_SOURCES) for v, t in self._tunnel_templates}
         self._options = OptionsEncoder(self.data_templates, odid, exporting_process_id, exporter_address)
         self._template_sets = b""
         self._by_id: dict[int, Template] = {}
@@ -405,7 +428,9 @@ class Encoder:
     def data_templates(self) -> tuple[Template, ...]:
         """The flow templates: a biflow encoder has the uniflow ones too, for one-sided biflows."""
         own = tuple(t for _, t in self._data_templates)
-        return own + tuple(t for _, t in self._uniflow_templates) if self.biflow else own
+        if self.biflow:
+            own += tuple(t for _, t in self._uniflow_templates)
+        return own + tuple(t for _, t in self._tunnel_templates)
 
     @property
     def options_templates(self) -> tuple[Template, ...]:
@@ -452,13 +477,17 @@ class Encoder:
         """Messages holding only the options records for `state` (templates first when due)."""
         return self.encode(np.zeros(0, dtype=self.record_dtype), now, options=state)
 
-    def encode(self, records: Records, now: float, options: ExporterState | None = None) -> Messages:
+    def encode(self, records: Records, now: float, options: ExporterState | None = None,
+               tunnelled: Records = NO_TUNNELS) -> Messages:
         """Encode a FLOW_RECORD (BIFLOW_RECORD) array, after the options records for `options` if given,
-        into messages <= mtu, with the flow records each message holds."""
+        into messages <= mtu, with the flow records each message holds; `tunnelled` (TUNNEL_RECORDs,
+        an encoder made with tunnels=True) follow the plain records."""
         export_time = self._export_time(now)
         if records.dtype != self.record_dtype:
             kind = "BIFLOW_RECORD" if self.biflow else "FLOW_RECORD"
             raise TypeError(f"expected a {kind} array, got dtype {records.dtype}")
+        if len(tunnelled) and (tunnelled.dtype != TUNNEL_RECORD or not self.tunnels):
+            raise TypeError("tunnelled records need TUNNEL_RECORDs and an encoder made with tunnels=True")
         groups: list[RecordGroup] = []
         if options is not None:
             names = options.interfaces != self._interfaces_sent or self._due_by_time(now)
@@ -471,29 +500,33 @@ class Encoder:
 
             records, uniflows = split_one_sided(records)
         if self._core is not None:
-            return self._encode_core(groups, records, uniflows, now, export_time)
+            return self._encode_core(groups, records, uniflows, tunnelled, now, export_time)
         runs: list[tuple[RecordGroup, CounterSums | None]] = [(g, None) for g in groups]
         if len(records):
             runs.extend(self._encode_groups(records, self._data_templates, self._sources))
         if len(uniflows):
             runs.extend(self._encode_groups(uniflows, self._uniflow_templates, FLOW_SOURCES))
+        if len(tunnelled):
+            runs.extend(self._encode_groups(tunnelled, self._tunnel_templates, TUNNEL_SOURCES, "family"))
         if not runs:
             return Messages()
         return self._build_py([r for r in runs if r[0].records > 0], now, export_time)
 
-    def _encode_core(self, groups: list[RecordGroup], records: Records, uniflows: Records, now: float,
-                     export_time: int) -> Messages:
+    def _encode_core(self, groups: list[RecordGroup], records: Records, uniflows: Records, tunnelled: Records,
+                     now: float, export_time: int) -> Messages:
         """encode() in the compiled core: data records encoded straight into the messages."""
         assert self._core is not None
         count_options = self.sequence_mode == "rfc"
         frames: list[tuple[Any, ...]] = [(g.template.template_id, g.record_length, g.payload, g.records, count_options,
                                           False) for g in groups if g.records > 0]
         options = len(frames)
-        for recs, templates, programs in ((records, self._data_templates, self._programs),
-                                          (uniflows, self._uniflow_templates, self._uniflow_programs)):
+        for recs, templates, programs, selector in (
+                (records, self._data_templates, self._programs, "ip_version"),
+                (uniflows, self._uniflow_templates, self._uniflow_programs, "ip_version"),
+                (tunnelled, self._tunnel_templates, self._tunnel_programs, "family")):
             if len(recs):
                 flat = np.ascontiguousarray(recs)
-                version_at = recs.dtype.fields["ip_version"][1]  # type: ignore[index]
+                version_at = recs.dtype.fields[selector][1]  # type: ignore[index]
                 counters = counter_offsets(recs.dtype)
                 frames += [(t.template_id, t.record_length, flat, programs[v], recs.dtype.itemsize,
                             version_at, v, True, True, *counters) for v, t in templates]
@@ -503,7 +536,7 @@ class Encoder:
         messages, flows, sums, sequence, sent, since, counts = self._core.frame(
             frames, self._template_sets, self.mtu, self.odid, export_time, self._sequence, due_by_time,
             self._messages_since_templates, self.template_refresh_messages)
-        if sum(counts[options:]) != len(records) + len(uniflows):
+        if sum(counts[options:]) != len(records) + len(uniflows) + len(tunnelled):
             raise ValueError("records with an ip_version other than 4 or 6")
         if not messages:
             return Messages()
@@ -512,8 +545,8 @@ class Encoder:
             self._templates_sent_at = now
         self._messages_since_templates = since
         self._sequence = sequence
-        self._count_output(len(messages), sum(len(m) for m in messages), len(records) + len(uniflows),
-                           sum(counts[:options]))
+        self._count_output(len(messages), sum(len(m) for m in messages),
+                           len(records) + len(uniflows) + len(tunnelled), sum(counts[:options]))
         packed = memoryview(sums).cast("Q")   # per message its packets, then its octets
         return Messages(messages, MessageTotals(flows, packed[0::2], packed[1::2]))
 
@@ -625,8 +658,9 @@ class Encoder:
 
     @staticmethod
     def _encode_groups(records: Records, templates: tuple[tuple[int, Template], ...],
-                       sources: dict[str, Source]) -> list[tuple[RecordGroup, CounterSums]]:
-        versions = records["ip_version"]
+                       sources: dict[str, Source],
+                       selector: str = "ip_version") -> list[tuple[RecordGroup, CounterSums]]:
+        versions = records[selector]
         groups: list[tuple[RecordGroup, CounterSums]] = []
         selected = 0
         for version, template in templates:
@@ -669,6 +703,7 @@ def minimum_mtu(templates: tuple[Template, ...]) -> int:
     return MESSAGE_HEADER.size + len(template_sets(templates)) + SET_HEADER.size + largest
 
 
-def encoder_minimum_mtu(biflow: bool = False) -> int:
+def encoder_minimum_mtu(biflow: bool = False, tunnels: bool = False) -> int:
     """minimum_mtu() of a session's encoder, once it knows its source address (template 261 names it)."""
-    return minimum_mtu(Encoder(biflow=biflow, exporter_address="::1", mtu=MAX_MTU, compiled=False).templates)
+    return minimum_mtu(Encoder(biflow=biflow, tunnels=tunnels, exporter_address="::1", mtu=MAX_MTU,
+                               compiled=False).templates)

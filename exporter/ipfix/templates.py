@@ -29,6 +29,8 @@ import ipfix.ie
 import ipfix.types
 import numpy as np
 
+from exporter.ipfix.elements import register as register_elements
+
 TEMPLATE_SET_ID = 2
 OPTIONS_TEMPLATE_SET_ID = 3
 MIN_DATA_SET_ID = 256
@@ -38,6 +40,7 @@ FLOW_KEY_BITS = 64
 
 ipfix.ie.use_iana_default()
 ipfix.ie.use_5103_default()  # the reverse elements of RFC 5103 (enterprise 29305), for biflows
+register_elements()          # the enterprise elements of the tunnel templates
 
 # Abstract data types (RFC 7011 6.1) that are numbers on the wire; every other
 # type is carried as raw octets. Only integers may use reduced-size encoding.
@@ -265,3 +268,32 @@ _BIFLOW_PER_INTERFACE = (_flow_template(262, "IPv4", biflow=True, per_interface=
 def biflow_templates(per_interface: bool) -> tuple[Template, Template]:
     """The (IPv4, IPv6) biflow templates; with `per_interface` the interfaces are flow keys."""
     return _BIFLOW_PER_INTERFACE if per_interface else (BIFLOW_V4, BIFLOW_V6)
+
+
+# Tunnels (issue 14): the flow template of the inner packet's family, then what the tunnel adds:
+# its technology as a fixed-length string ("vxlan", "geneve", "gre", NUL-padded), the VNI as
+# layer2SegmentId for VXLAN (type octet 0x01, RFC-less but IANA's definition) and 0 otherwise, the GRE
+# key (0 without one), the id whatever the technology (ntop's UPSTREAM_TUNNEL_ID) and the outer
+# packet's addresses in the outer family's ntop elements (exporter/ipfix/elements.py). Four templates:
+# (inner family, outer family). The segment (the id's low 24 bits) is part of the kernel's flow key,
+# so the id fields are flow keys too.
+TUNNEL_TECHNOLOGY_LENGTH = 6
+TUNNEL_FIELDS = ("tunnelTechnology", "layer2SegmentId", "greKey", "UPSTREAM_TUNNEL_ID")
+
+
+def _tunnel_template(template_id: int, inner: str, outer: str) -> Template:
+    base = _flow_template(template_id, inner)
+    out = [f"UNTUNNELED_{outer.upper()}_SRC_ADDR", f"UNTUNNELED_{outer.upper()}_DST_ADDR"]
+    extra = [Field(ie("tunnelTechnology"), TUNNEL_TECHNOLOGY_LENGTH)]
+    extra += [Field(e, int(e.length), key=True) for e in map(ie, TUNNEL_FIELDS[1:])]
+    extra += [Field(e, int(e.length)) for e in map(ie, out)]
+    return Template(template_id, base.fields + tuple(extra))
+
+
+# (inner ip_version, outer ip_version) -> template
+TUNNEL_TEMPLATES = {
+    (4, 4): _tunnel_template(270, "IPv4", "IPv4"),
+    (4, 6): _tunnel_template(271, "IPv4", "IPv6"),
+    (6, 4): _tunnel_template(272, "IPv6", "IPv4"),
+    (6, 6): _tunnel_template(273, "IPv6", "IPv6"),
+}
