@@ -35,6 +35,8 @@ KERNEL_COUNTERS = {
     "filtered_octets": "IP octets of packets a filter rule excluded",
     "sampled_out": "IP packets the sampler skipped (passed on, not metered)",
     "sampled_out_octets": "IP octets of packets the sampler skipped",
+    "tunnel_decapsulated": "Tunnel packets metered as their inner flow (tunnels = true)",
+    "tunnel_malformed": "Tunnel packets whose inner headers did not parse: metered as the outer flow",
 }
 # The kernel's and the driver's counters for each attached interface (IFLA_STATS64, ethtool), since attach.
 NETDEV_COUNTERS = {

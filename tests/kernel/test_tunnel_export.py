@@ -92,7 +92,8 @@ def overlay(v: VethPair) -> None:
         ip("link", "set", "vx0", "up", netns=ns)
 
 
-def export(tmp_path: Path, xdpflow_proc: Any, *extra: str) -> list[dict[str, Any]]:
+def export(tmp_path: Path, xdpflow_proc: Any, *extra: str) -> tuple[list[dict[str, Any]], int]:
+    """The collector's flow records, and the tunnel packets the kernel counted as decapsulated."""
     with VethPair() as v:
         overlay(v)
         col = JsonCollector(v.obs, PORT, tmp_path)
@@ -109,14 +110,15 @@ def export(tmp_path: Path, xdpflow_proc: Any, *extra: str) -> list[dict[str, Any
             exp.wait_for("scan", timeout=10, count=len(exp.events("scan")) + 2)
             rc, _ = exp.stop()
             assert rc == 0
-            return col.records()
+            return col.records(), sum(e.get("kernel_tunnel_decapsulated", 0) for e in exp.events("scan"))
         finally:
             col.stop()
 
 
 def test_inner_flows_are_exported_with_the_outer_addresses_and_the_vni_or_key(tmp_path: Path,
                                                                               xdpflow_proc: Any) -> None:
-    recs = export(tmp_path, xdpflow_proc, "--tunnels")
+    recs, decapsulated = export(tmp_path, xdpflow_proc, "--tunnels")
+    assert decapsulated == 4 * N     # the VXLAN stream and the three crafted ones; the overlay's ARP is not IP
     vx = [r for r in recs if r.get("destinationIPv4Address") == VX_OBS and r.get("destinationTransportPort") == 9999]
     assert len(vx) == 1, recs
     assert (vx[0]["sourceIPv4Address"], vx[0]["packetDeltaCount"], vx[0]["octetDeltaCount"]) == \
@@ -136,7 +138,8 @@ def test_inner_flows_are_exported_with_the_outer_addresses_and_the_vni_or_key(tm
 
 
 def test_without_tunnels_the_same_packets_are_the_outer_flows(tmp_path: Path, xdpflow_proc: Any) -> None:
-    recs = export(tmp_path, xdpflow_proc)
+    recs, decapsulated = export(tmp_path, xdpflow_proc)
+    assert decapsulated == 0
     assert not [r for r in recs if "tunnelTechnology" in r or r.get("sourceIPv4Address") == VX_GEN]
     vxlan = [r for r in recs if r.get("protocolIdentifier") == 17 and r.get("destinationTransportPort") == 4789]
     # The VXLAN stream (and the overlay's ARP, also in VXLAN) from source ports the kernel picked per flow.
