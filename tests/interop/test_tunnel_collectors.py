@@ -20,7 +20,7 @@ import pytest
 from exporter.ipfix.encoder import Encoder
 from exporter.records import FLOW_RECORD, Records
 from tests.interop.collecting import udp_frame, write_pcap
-from tests.unit.test_tunnel_records import tunnel_batch
+from tests.tunnels import tunnel_batch
 from tools.external import Nfacctd, Nfcapd
 
 pytestmark = pytest.mark.interop

@@ -8,8 +8,6 @@ compiled core and in the Python reference byte for byte.
 
 from __future__ import annotations
 
-import ipaddress
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -18,13 +16,9 @@ from hypothesis import strategies as st
 from collectors.decoder import Decoder
 from exporter.ipfix.encoder import Encoder
 from exporter.records import FLOW_RECORD, key_view
-from exporter.tunnels import TUNNEL_RECORD, TunnelStore, tunnel_records
-from xdp.layout import FLOW_SLOT, TUNNEL_EXT, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_GRE_KEY, TUNNEL_VXLAN
-
-
-def mapped(addr: str) -> bytes:
-    a = ipaddress.ip_address(addr)
-    return a.packed if a.version == 6 else bytes(10) + b"\xff\xff" + a.packed
+from exporter.tunnels import TUNNEL_RECORD, TunnelStore
+from tests.tunnels import mapped, tunnel_batch
+from xdp.layout import FLOW_SLOT, TUNNEL_EXT, TUNNEL_GRE, TUNNEL_GRE_KEY, TUNNEL_VXLAN
 
 
 def slots(ports: list[int], types: list[int], last_seen: list[int], packets: int = 1,
@@ -101,25 +95,6 @@ def test_split_is_a_partition_of_the_records(noted: list[tuple[int, int]], ended
     assert set(plain["src_port"].tolist()) == set(ended) - tunnelled
     assert bytes(key_view(tun[list(FLOW_RECORD.names)].astype(FLOW_RECORD))) == bytes(key_view(
         recs[np.isin(recs["src_port"], list(tunnelled))]))
-
-
-def tunnel_batch() -> np.ndarray:
-    r = np.zeros(4, dtype=FLOW_RECORD)
-    r["ip_version"] = [4, 4, 6, 6]
-    r["src_addr"][0] = np.frombuffer(mapped("198.19.0.1"), dtype=np.uint8)
-    r["src_addr"][2] = np.frombuffer(mapped("fd00:7::1"), dtype=np.uint8)
-    r["protocol"] = 17
-    r["packets"] = [1, 2, 3, 4]
-    r["octets"] = [100, 200, 300, 400]
-    e = np.zeros(4, dtype=TUNNEL_EXT)
-    e["type"] = [TUNNEL_VXLAN, TUNNEL_GRE_KEY, TUNNEL_GENEVE, TUNNEL_GRE]
-    e["tunnel_id"] = [4242, 7, 77, 0]
-    e["outer_ip_version"] = [4, 6, 4, 6]
-    for i, (src, dst) in enumerate([("198.18.0.1", "198.18.0.2"), ("fd00::1", "fd00::2"),
-                                    ("198.18.1.1", "198.18.1.2"), ("fd00::3", "fd00::4")]):
-        e["outer_src"][i] = np.frombuffer(mapped(src), dtype=np.uint8)
-        e["outer_dst"][i] = np.frombuffer(mapped(dst), dtype=np.uint8)
-    return tunnel_records(r, e)
 
 
 @pytest.mark.parametrize("compiled", [False, True])
