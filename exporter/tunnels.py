@@ -30,7 +30,7 @@ from xdp.layout import TUNNEL_EXT, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_GRE_KEY, TU
 
 FEATURE = "tunnels"
 
-TECHNOLOGY_LENGTH = 6   # exporter/ipfix/templates.py TUNNEL_TECHNOLOGY_LENGTH
+TECHNOLOGY_LENGTH = 6   # octets of tunnelTechnology in the tunnel templates (exporter/ipfix/templates.py)
 TECHNOLOGIES = {TUNNEL_VXLAN: "vxlan", TUNNEL_GENEVE: "geneve", TUNNEL_GRE: "gre", TUNNEL_GRE_KEY: "gre"}
 VXLAN_SEGMENT_TYPE = 0x01 << 56   # layer2SegmentId's top octet: 0x01 VXLAN (IANA IE 351)
 

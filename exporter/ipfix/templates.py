@@ -30,6 +30,7 @@ import ipfix.types
 import numpy as np
 
 from exporter.ipfix.elements import register as register_elements
+from exporter.tunnels import TECHNOLOGY_LENGTH
 
 TEMPLATE_SET_ID = 2
 OPTIONS_TEMPLATE_SET_ID = 3
@@ -277,14 +278,13 @@ def biflow_templates(per_interface: bool) -> tuple[Template, Template]:
 # packet's addresses in the outer family's ntop elements (exporter/ipfix/elements.py). Four templates:
 # (inner family, outer family). The segment (the id's low 24 bits) is part of the kernel's flow key,
 # so the id fields are flow keys too.
-TUNNEL_TECHNOLOGY_LENGTH = 6
 TUNNEL_FIELDS = ("tunnelTechnology", "layer2SegmentId", "greKey", "UPSTREAM_TUNNEL_ID")
 
 
 def _tunnel_template(template_id: int, inner: str, outer: str) -> Template:
     base = _flow_template(template_id, inner)
     out = [f"UNTUNNELED_{outer.upper()}_SRC_ADDR", f"UNTUNNELED_{outer.upper()}_DST_ADDR"]
-    extra = [Field(ie("tunnelTechnology"), TUNNEL_TECHNOLOGY_LENGTH)]
+    extra = [Field(ie("tunnelTechnology"), TECHNOLOGY_LENGTH)]
     extra += [Field(e, int(e.length), key=True) for e in map(ie, TUNNEL_FIELDS[1:])]
     extra += [Field(e, int(e.length)) for e in map(ie, out)]
     return Template(template_id, base.fields + tuple(extra))
